@@ -1,0 +1,1 @@
+//! ibex-authd: token and agent validation over gRPC.

@@ -1,0 +1,1 @@
+//! ibex-proxy library.
