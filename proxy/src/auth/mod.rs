@@ -1,0 +1,1 @@
+//! Token and agent caches, the authd bridge and the invalidation feed.

@@ -1,0 +1,1 @@
+//! The security chain, built in one place.

@@ -1,0 +1,1 @@
+//! Configuration from `IBEX_*` environment variables.

@@ -1,0 +1,1 @@
+//! Prometheus text rendering of per-worker counters.

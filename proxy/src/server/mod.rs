@@ -1,0 +1,1 @@
+//! Worker threads, listeners and the connection loop.
