@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Side-by-side: ibex-proxy's authenticated hot path vs nginx's fixed response.
+#
+# Needs the dev stack up (`make dev`: Postgres, Redis, authd and the seeded
+# credentials in .ibex/dev.env). Starts its own single-threaded ibex-proxy
+# (release build) and a one-worker nginx, both pinned to CPU 0; the load
+# generator runs pinned to CPU 1. For each server and rate it prints the
+# loadgen JSON plus the server's CPU µs per request, read from
+# /proc/<pid>/stat (utime+stime) before and after the run.
+#
+#   make dev && perf/compare.sh            # defaults: 1k and 10k rps, 10 s each
+#   RATES="1000 10000" DURATION=10 perf/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATES=${RATES:-"1000 10000"}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-32}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+NGINX_PORT=${NGINX_PORT:-18080}
+PROXY_PORT=${PROXY_PORT:-18081}
+
+[ -f .ibex/dev.env ] || { echo "run 'make dev' first" >&2; exit 1; }
+# shellcheck disable=SC1091
+set -a; . .ibex/env 2>/dev/null || true; . .ibex/dev.env; set +a
+
+cargo build --release -q -p ibex-proxy -p ibex-bench --bin ibex-proxy --bin loadgen
+work=$(mktemp -d)
+cleanup() { kill "${NGINX_PID:-}" "${PROXY_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+sed "s#__DIR__#$work#g; s#__PORT__#$NGINX_PORT#g" perf/nginx-static.conf > "$work/nginx.conf"
+taskset -c "$SERVER_CPU" nginx -c "$work/nginx.conf" -p "$work" &
+NGINX_PID=$!
+
+IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+  taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/proxy.out" 2> "$work/proxy.err" &
+PROXY_PID=$!
+for _ in $(seq 100); do grep -q IBEX_READY "$work/proxy.out" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$NGINX_PORT/" >/dev/null 2>&1 && break; sleep 0.1; done
+
+AUTH=(-H "Authorization: Bearer $IBEX_DEV_TOKEN" -H "X-IBEX-Agent-ID: $IBEX_DEV_AGENT_ID")
+# Warm the proxy's caches (token and agent) on its one worker.
+curl -fs "http://127.0.0.1:$PROXY_PORT/v1/internal/auth-probe" "${AUTH[@]}" >/dev/null
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+nginx_worker() { pgrep -P "$NGINX_PID" | head -1; }
+TCK=$(getconf CLK_TCK)
+
+run() { # name pid rate port path [headers...]
+  local name=$1 pid=$2 rate=$3 port=$4 path=$5; shift 5
+  local before after out
+  before=$(cpu_ticks "$pid")
+  out=$(taskset -c "$LOAD_CPU" target/release/loadgen --addr "127.0.0.1:$port" --path "$path" \
+        --rate "$rate" --duration "$DURATION" --connections "$CONNS" "$@")
+  after=$(cpu_ticks "$pid")
+  local reqs; reqs=$(echo "$out" | sed -E 's/.*"requests":([0-9]+).*/\1/')
+  local us; us=$(awk -v b="$before" -v a="$after" -v t="$TCK" -v n="$reqs" 'BEGIN{ if (n>0) printf "%.2f", (a-b)/t*1e6/n; else print "nan" }')
+  echo "{\"server\":\"$name\",\"rate\":$rate,\"cpu_us_per_req\":$us,\"loadgen\":$out}"
+}
+
+for rate in $RATES; do
+  run nginx "$(nginx_worker)" "$rate" "$NGINX_PORT" /
+  run ibex-proxy "$PROXY_PID" "$rate" "$PROXY_PORT" /v1/internal/auth-probe \
+      -H "Authorization: Bearer $IBEX_DEV_TOKEN" -H "X-IBEX-Agent-ID: $IBEX_DEV_AGENT_ID"
+done
+
+if command -v wrk >/dev/null; then
+  echo "# peak (wrk -t1 -c$CONNS -d${DURATION}s, pinned to CPU $LOAD_CPU)"
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:$NGINX_PORT/" | grep -E 'Requests/sec'
+  cat > "$work/auth.lua" <<LUA
+wrk.headers["Authorization"] = "Bearer $IBEX_DEV_TOKEN"
+wrk.headers["X-IBEX-Agent-ID"] = "$IBEX_DEV_AGENT_ID"
+LUA
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$work/auth.lua" \
+    "http://127.0.0.1:$PROXY_PORT/v1/internal/auth-probe" | grep -E 'Requests/sec|Non-2xx'
+fi
