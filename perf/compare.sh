@@ -39,9 +39,17 @@ PROXY_PID=$!
 for _ in $(seq 100); do grep -q IBEX_READY "$work/proxy.out" 2>/dev/null && break; sleep 0.1; done
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$NGINX_PORT/" >/dev/null 2>&1 && break; sleep 0.1; done
 
+# A dedicated org whose budget the run cannot exhaust, so every request goes
+# through the whole chain (rate limiter included) to the handler.
+CTL=target/release/ibexctl
+[ -x "$CTL" ] || CTL=target/debug/ibexctl
+ORG=$("$CTL" org create --name "perf-$$" --rpm 2000000000 | sed -E 's/.*"id": *"([^"]+)".*/\1/')
+AGENT=$("$CTL" agent create --org "$ORG" --name perf | sed -E 's/.*"id": *"([^"]+)".*/\1/')
+TOKEN=$("$CTL" token create --org "$ORG" --name perf --permissions all | sed -E 's/.*"token": *"([^"]+)".*/\1/')
+IBEX_DEV_TOKEN=$TOKEN IBEX_DEV_AGENT_ID=$AGENT
 AUTH=(-H "Authorization: Bearer $IBEX_DEV_TOKEN" -H "X-IBEX-Agent-ID: $IBEX_DEV_AGENT_ID")
 # Warm the proxy's caches (token and agent) on its one worker.
-curl -fs "http://127.0.0.1:$PROXY_PORT/v1/internal/auth-probe" "${AUTH[@]}" >/dev/null
+curl -fsS "http://127.0.0.1:$PROXY_PORT/v1/internal/auth-probe" "${AUTH[@]}" >/dev/null
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 nginx_worker() { pgrep -P "$NGINX_PID" | head -1; }
