@@ -234,7 +234,7 @@ impl Postgres {
             .id()
             .ok_or_else(|| anyhow!("postgres exited at once"))?;
         // Immediate shutdown if the test binary dies without dropping us.
-        let watchdog = Watchdog::spawn(&pid.to_string(), "QUIT")?;
+        let watchdog = Watchdog::spawn(&pid.to_string(), "QUIT", Some(root))?;
 
         let deadline = Instant::now() + START_DEADLINE;
         loop {

@@ -122,7 +122,7 @@ impl Redis {
         let pid = child
             .id()
             .ok_or_else(|| anyhow!("redis-server exited at once"))?;
-        let watchdog = Watchdog::spawn(&pid.to_string(), "KILL")?;
+        let watchdog = Watchdog::spawn(&pid.to_string(), "KILL", Some(self.dir.path()))?;
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             if let Some(status) = child.try_wait()? {

@@ -6,10 +6,28 @@
 //! died) `read` returns and the watchdog signals the service. Normal shutdown goes through the
 //! owner's `Drop`, which kills the watchdog first so it never fires on a recycled pid.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result};
 use std::os::unix::process::CommandExt;
+
+/// `$1` signal, `$2` target, `$3` directory to remove afterwards (may be empty).
+const SCRIPT: &str = r#"
+read -r _
+kill -s "$1" -- "$2" 2>/dev/null
+if [ -n "$3" ]; then
+    i=0
+    # Alive and not yet a zombie (our parent is gone, so reaping is up to init).
+    while kill -0 -- "$2" 2>/dev/null && ! grep -qs ') Z' "/proc/$2/stat" && [ "$i" -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    kill -s KILL -- "$2" 2>/dev/null
+    rm -rf -- "$3"
+fi
+exit 0
+"#;
 
 /// Signals `target` (a pid, or `-pgid` for a whole process group) with `signal` (e.g. `QUIT`,
 /// `KILL`) when this process exits.
@@ -19,13 +37,17 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    pub fn spawn(target: &str, signal: &str) -> Result<Watchdog> {
+    ///
+    /// With `remove`, it then waits (up to 10 s) for the target to exit and deletes that
+    /// directory: a killed test binary leaves no data dir behind either.
+    pub fn spawn(target: &str, signal: &str, remove: Option<&Path>) -> Result<Watchdog> {
         let child = Command::new("sh")
             .arg("-c")
-            .arg(r#"read -r _; kill -s "$1" -- "$2" 2>/dev/null; exit 0"#)
+            .arg(SCRIPT)
             .arg("ibex-watchdog")
             .arg(signal)
             .arg(target)
+            .arg(remove.map(Path::as_os_str).unwrap_or_default())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
