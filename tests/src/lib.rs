@@ -12,4 +12,5 @@ pub mod redis;
 pub mod watchdog;
 
 pub use pg::Postgres;
+pub use procs::{Authd, Proxy};
 pub use redis::Redis;
