@@ -5,16 +5,121 @@
 //! INTERFACE (the chain relies on exactly this; the implementation behind it
 //! is free): construct inside the worker's runtime, call `check` once per
 //! request that reached the limiter.
+//!
+//! How: each check runs one Lua script on Redis (`EVALSHA`, `EVAL` on
+//! `NOSCRIPT`) that increments `ibex:rl:{<org>}:<unix secs / 60>`, gives a
+//! new key a 61 s expiry and returns the count; the request is admitted
+//! while the count is at most the limit. Redis' count is atomic, so any
+//! number of proxies sharing it never admit more than the limit in a window.
+//! The command goes over the worker's own pipelined connection
+//! ([`conn`]); a per-call timeout and a circuit breaker ([`breaker`]) turn a
+//! dead or slow Redis into an immediate fail-open. Window arithmetic is in
+//! [`window`], the wire format in [`resp`].
+//!
+//! Needs a monoio runtime with the timer enabled (`enable_timer()`).
 
+pub mod breaker;
+pub mod conn;
+pub mod resp;
+pub mod window;
+
+use std::cell::RefCell;
+use std::fmt;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
-#[derive(Debug, Clone)]
+use self::breaker::{Breaker, Permit, WarnThrottle};
+use self::conn::{Conn, DriveTiming, Event, Phase, SendError, Target};
+use self::resp::Frame;
+use self::window::{Window, KEY_TTL_MS};
+
+/// The counter script. `KEYS[1]` the window's key, `ARGV[1]` its expiry in
+/// ms. Returns `{count, pttl}`. The expiry is set when the key is created
+/// (count 1), and re-set if a key somehow has none, so no counter outlives
+/// its window by more than the grace second.
+pub const SCRIPT: &str = "\
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local t = redis.call('PTTL', KEYS[1])
+if t < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); t = tonumber(ARGV[1]) end
+return {n, t}
+";
+
+#[derive(Clone)]
 pub struct RateLimitConfig {
-    /// `IBEX_REDIS_URL`, e.g. `redis://127.0.0.1:6379/0`.
+    /// `IBEX_REDIS_URL`, e.g. `redis://127.0.0.1:6379/0`. A password in it
+    /// (`redis://:pw@host`) is sent with AUTH and never logged.
     pub redis_url: String,
+    /// Longest a check waits for Redis before failing open.
+    pub timeout: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker fails every check open without asking Redis
+    /// before letting one probe through.
+    pub breaker_open: Duration,
+    /// Checks in flight on one worker's connection beyond which new checks
+    /// fail open at once.
+    pub max_pending: usize,
+    /// Longest a (re)connect plus handshake may take.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff: first delay, doubled up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// At most one "failing open" warning per interval, with a count.
+    pub warn_interval: Duration,
+}
+
+impl RateLimitConfig {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5);
+
+    /// Defaults for everything but the URL.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        Self {
+            redis_url: redis_url.into(),
+            timeout: Self::DEFAULT_TIMEOUT,
+            breaker_failures: 5,
+            breaker_open: Duration::from_secs(1),
+            max_pending: 4096,
+            connect_timeout: Duration::from_millis(500),
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_secs(2),
+            warn_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// Checks the URL so a bad one stops the process at startup instead of
+    /// failing every request open. The message never contains the URL.
+    pub fn validate(&self) -> Result<(), String> {
+        Target::parse(&self.redis_url).map(|_| ())
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self::new("redis://127.0.0.1:6379/0")
+    }
+}
+
+impl fmt::Debug for RateLimitConfig {
+    /// The URL may hold a password: print it only without one.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = if self.redis_url.contains('@') {
+            "redis://[REDACTED]"
+        } else {
+            &self.redis_url
+        };
+        f.debug_struct("RateLimitConfig")
+            .field("redis_url", &url)
+            .field("timeout", &self.timeout)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_open", &self.breaker_open)
+            .field("max_pending", &self.max_pending)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the chain needs to answer and to set the `X-RateLimit-*`,
@@ -28,7 +133,9 @@ pub struct RateDecision {
     pub remaining: Option<u32>,
     /// Unix seconds when the current window ends.
     pub reset_unix: u64,
-    /// Set when `admitted` is false: 1..=60 000.
+    /// Milliseconds until the current window ends, 1..=60 000, on every
+    /// decision; the chain sends it (`Retry-After`, `retry-after-ms`) when
+    /// `admitted` is false.
     pub retry_after_ms: u64,
     /// True when Redis was down/slow/breaker-open and the request was
     /// admitted without counting.
@@ -47,18 +154,121 @@ pub struct RateLimitStats {
     pub breaker_state: std::sync::atomic::AtomicU64,
 }
 
-pub struct RateLimiter {
-    #[allow(dead_code)]
+/// Why a check could not use Redis (for the throttled warning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    BreakerOpen,
+    NotConnected,
+    QueueFull,
+    Timeout,
+    ConnectionLost,
+    ErrorReply,
+    BadReply,
+}
+
+impl Failure {
+    fn as_str(self) -> &'static str {
+        match self {
+            Failure::BreakerOpen => "circuit breaker open",
+            Failure::NotConnected => "not connected",
+            Failure::QueueFull => "too many checks in flight",
+            Failure::Timeout => "timed out",
+            Failure::ConnectionLost => "connection lost",
+            Failure::ErrorReply => "Redis returned an error",
+            Failure::BadReply => "unexpected reply",
+        }
+    }
+}
+
+impl From<SendError> for Failure {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::NotConnected => Failure::NotConnected,
+            SendError::QueueFull => Failure::QueueFull,
+        }
+    }
+}
+
+type Clock = Rc<dyn Fn() -> u64>;
+
+struct Shared {
     config: Rc<RateLimitConfig>,
     stats: Arc<RateLimitStats>,
+    conn: Rc<Conn>,
+    breaker: RefCell<Breaker>,
+    warn: RefCell<WarnThrottle>,
+    /// Reused buffer for the key of the check being sent.
+    key: RefCell<String>,
+    sha: String,
+    ttl_arg: String,
+    clock: Clock,
+}
+
+pub struct RateLimiter {
+    config: Rc<RateLimitConfig>,
+    stats: Arc<RateLimitStats>,
+    shared: Rc<Shared>,
+    /// Dropping the limiter drops this, which stops its connection task.
+    _stop: futures::channel::oneshot::Sender<()>,
 }
 
 impl RateLimiter {
     /// Called on the worker thread, inside its monoio runtime.
     pub fn new(config: Rc<RateLimitConfig>) -> Self {
+        Self::with_clock(config, Rc::new(unix_now_ms))
+    }
+
+    /// Like [`RateLimiter::new`] with the wall clock replaced (tests):
+    /// `clock()` returns unix milliseconds and decides the window.
+    pub fn with_clock(config: Rc<RateLimitConfig>, clock: Rc<dyn Fn() -> u64>) -> Self {
+        let stats = Arc::new(RateLimitStats::default());
+        let conn = Rc::new(Conn::new(config.max_pending));
+        let timeout_ms = u64::try_from(config.timeout.as_millis()).unwrap_or(u64::MAX);
+        let shared = Rc::new(Shared {
+            config: config.clone(),
+            stats: stats.clone(),
+            conn: conn.clone(),
+            breaker: RefCell::new(Breaker::new(
+                config.breaker_failures,
+                u64::try_from(config.breaker_open.as_millis()).unwrap_or(u64::MAX),
+                timeout_ms.saturating_mul(2).max(10),
+            )),
+            warn: RefCell::new(WarnThrottle::new(
+                u64::try_from(config.warn_interval.as_millis()).unwrap_or(u64::MAX),
+            )),
+            key: RefCell::new(String::with_capacity(64)),
+            sha: redis::Script::new(SCRIPT).get_hash().to_string(),
+            ttl_arg: KEY_TTL_MS.to_string(),
+            clock,
+        });
+        let (stop, stopped) = futures::channel::oneshot::channel::<()>();
+        match Target::parse(&config.redis_url) {
+            Ok(target) => {
+                let timing = DriveTiming {
+                    connect_timeout: config.connect_timeout,
+                    backoff_min: config.reconnect_min,
+                    backoff_max: config.reconnect_max.max(config.reconnect_min),
+                };
+                let events = shared.clone();
+                monoio::spawn(conn::drive(
+                    conn,
+                    target,
+                    Rc::from(SCRIPT),
+                    timing,
+                    move |event| events.on_connection_event(event),
+                    async move {
+                        let _ = stopped.await;
+                    },
+                ));
+            }
+            // Never connects: every check fails open, `healthy()` stays false.
+            Err(msg) => tracing::error!(error = %msg, "rate limiter disabled: bad Redis URL"),
+        }
         Self {
             config,
-            stats: Arc::new(RateLimitStats::default()),
+            stats,
+            shared,
+            _stop: stop,
         }
     }
 
@@ -67,21 +277,166 @@ impl RateLimiter {
     }
 
     /// Count one request of `org` against `limit` per minute.
-    /// PLACEHOLDER until the Redis implementation lands: admits everything.
     pub async fn check(&self, org: &Uuid, limit: u32) -> RateDecision {
-        let _ = org;
-        RateDecision {
-            admitted: true,
-            limit,
-            remaining: None,
-            reset_unix: 0,
-            retry_after_ms: 0,
-            failed_open: true,
+        let s = &*self.shared;
+        s.stats.checks.fetch_add(1, Relaxed);
+        let now = (s.clock)();
+        let window = Window::at(now);
+        if limit == 0 {
+            s.stats.limited.fetch_add(1, Relaxed);
+            return window.refuse_all(limit);
+        }
+        let permit = s.breaker.borrow_mut().permit(now);
+        s.publish_breaker();
+        if permit == Permit::Reject {
+            return s.fail_open(window, limit, Failure::BreakerOpen, now);
+        }
+        match s.count(org, &window, now).await {
+            Ok(count) => {
+                s.breaker.borrow_mut().on_success();
+                s.publish_breaker();
+                let decision = window.decide(count, limit);
+                if !decision.admitted {
+                    s.stats.limited.fetch_add(1, Relaxed);
+                }
+                decision
+            }
+            Err(failure) => {
+                let now = (s.clock)();
+                s.stats.redis_errors.fetch_add(1, Relaxed);
+                s.breaker.borrow_mut().on_failure(now);
+                s.publish_breaker();
+                if failure == Failure::Timeout
+                    && s.conn.oldest_wait_ms(now) > self.config.breaker_open.as_millis() as u64
+                {
+                    // Redis kept the socket but stopped answering: start over.
+                    s.conn.request_reset();
+                }
+                s.fail_open(window, limit, failure, now)
+            }
         }
     }
 
-    /// Whether Redis answered recently (for `/ready`).
+    /// Whether Redis answered recently (for `/ready`): connected and the
+    /// breaker closed.
     pub fn healthy(&self) -> bool {
-        false
+        self.shared.conn.phase() == Phase::Up
+            && self.shared.breaker.borrow().state() == breaker::State::Closed
+    }
+}
+
+impl Shared {
+    /// Runs the script for this check and returns the window's count.
+    async fn count(&self, org: &Uuid, window: &Window, now: u64) -> Result<u64, Failure> {
+        let deadline = monoio::time::Instant::now() + self.config.timeout;
+        let rx = {
+            let mut key = self.key.borrow_mut();
+            key.clear();
+            window.write_key(org, &mut key);
+            self.conn.send(
+                &[
+                    b"EVALSHA",
+                    self.sha.as_bytes(),
+                    b"1",
+                    key.as_bytes(),
+                    self.ttl_arg.as_bytes(),
+                ],
+                now,
+            )?
+        };
+        let mut reply = Self::wait(deadline, rx).await?;
+        if reply.is_noscript() {
+            // Redis restarted or its script cache was flushed: send the body,
+            // which also caches it for the next EVALSHA.
+            let key = window.key(org);
+            let rx = self.conn.send(
+                &[
+                    b"EVAL",
+                    SCRIPT.as_bytes(),
+                    b"1",
+                    key.as_bytes(),
+                    self.ttl_arg.as_bytes(),
+                ],
+                now,
+            )?;
+            reply = Self::wait(deadline, rx).await?;
+        }
+        match reply {
+            Frame::Array(Some(items)) => match items.first() {
+                Some(&Frame::Integer(count)) if count >= 1 => Ok(count as u64),
+                _ => Err(Failure::BadReply),
+            },
+            Frame::Error(_) => Err(Failure::ErrorReply),
+            _ => Err(Failure::BadReply),
+        }
+    }
+
+    async fn wait(
+        deadline: monoio::time::Instant,
+        rx: futures::channel::oneshot::Receiver<Frame>,
+    ) -> Result<Frame, Failure> {
+        match monoio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(_)) => Err(Failure::ConnectionLost),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    fn fail_open(&self, window: Window, limit: u32, why: Failure, now: u64) -> RateDecision {
+        self.stats.failed_open.fetch_add(1, Relaxed);
+        if let Some(count) = self.warn.borrow_mut().note(now) {
+            tracing::warn!(
+                failed_open = count,
+                reason = why.as_str(),
+                "Redis unavailable: rate limiting is failing open"
+            );
+        }
+        window.fail_open(limit)
+    }
+
+    fn publish_breaker(&self) {
+        let state = self.breaker.borrow().state().as_metric();
+        self.stats.breaker_state.store(state, Relaxed);
+    }
+
+    fn on_connection_event(&self, event: Event<'_>) {
+        match event {
+            Event::Connected => tracing::info!("rate limiter connected to Redis"),
+            Event::ConnectFailed(err) | Event::Lost(err) => {
+                self.stats.redis_errors.fetch_add(1, Relaxed);
+                // Shares the throttle with fail-open warnings: one line per
+                // interval whatever the mix of causes.
+                if let Some(count) = self.warn.borrow_mut().note((self.clock)()) {
+                    tracing::warn!(events = count, error = %err, "Redis connection failed; rate limiting fails open until it is back");
+                }
+            }
+        }
+    }
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_config_hides_a_password_in_the_url() {
+        let cfg = RateLimitConfig::new("redis://:hunter2@127.0.0.1:6379/0");
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert!(format!("{:?}", RateLimitConfig::new("redis://127.0.0.1:1/2")).contains(":1/2"));
+        assert!(cfg.validate().is_ok());
+        assert!(RateLimitConfig::new("http://x").validate().is_err());
+    }
+
+    #[test]
+    fn script_hash_is_stable_sha1() {
+        let sha = redis::Script::new(SCRIPT).get_hash().to_string();
+        assert_eq!(sha.len(), 40);
+        assert!(sha.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 }
