@@ -154,8 +154,12 @@ impl Conn {
 
     /// Asks the driver to drop the connection and reconnect (a peer that
     /// stopped answering but kept the socket open).
+    /// Only an established connection can be reset: a request made while
+    /// (re)connecting concerns commands not yet sent.
     pub fn request_reset(&self) {
-        self.reset.notify();
+        if self.phase() == Phase::Up {
+            self.reset.notify();
+        }
     }
 
     pub fn pending_len(&self) -> usize {
@@ -209,6 +213,7 @@ pub async fn drive(
             match connected {
                 Ok(stream) => {
                     backoff = timing.backoff_min;
+                    conn.reset.clear();
                     conn.set_phase(Phase::Up);
                     on_event(Event::Connected);
                     let err = serve_connection(&conn, stream).await;

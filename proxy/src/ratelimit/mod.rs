@@ -201,7 +201,11 @@ struct Shared {
     key: RefCell<String>,
     sha: String,
     ttl_arg: String,
+    /// Wall clock (unix ms): decides the window.
     clock: Clock,
+    /// Monotonic origin for the breaker, the throttle and queue ages, which
+    /// must not jump with (or be frozen by) the wall clock.
+    started: std::time::Instant,
 }
 
 pub struct RateLimiter {
@@ -219,7 +223,8 @@ impl RateLimiter {
     }
 
     /// Like [`RateLimiter::new`] with the wall clock replaced (tests):
-    /// `clock()` returns unix milliseconds and decides the window.
+    /// `clock()` returns unix milliseconds and decides only the window;
+    /// timeouts and the breaker run on monotonic time.
     pub fn with_clock(config: Rc<RateLimitConfig>, clock: Rc<dyn Fn() -> u64>) -> Self {
         let stats = Arc::new(RateLimitStats::default());
         let conn = Rc::new(Conn::new(config.max_pending));
@@ -240,6 +245,7 @@ impl RateLimiter {
             sha: redis::Script::new(SCRIPT).get_hash().to_string(),
             ttl_arg: KEY_TTL_MS.to_string(),
             clock,
+            started: std::time::Instant::now(),
         });
         let (stop, stopped) = futures::channel::oneshot::channel::<()>();
         match Target::parse(&config.redis_url) {
@@ -280,12 +286,12 @@ impl RateLimiter {
     pub async fn check(&self, org: &Uuid, limit: u32) -> RateDecision {
         let s = &*self.shared;
         s.stats.checks.fetch_add(1, Relaxed);
-        let now = (s.clock)();
-        let window = Window::at(now);
+        let window = Window::at((s.clock)());
         if limit == 0 {
             s.stats.limited.fetch_add(1, Relaxed);
             return window.refuse_all(limit);
         }
+        let now = s.mono_ms();
         let permit = s.breaker.borrow_mut().permit(now);
         s.publish_breaker();
         if permit == Permit::Reject {
@@ -302,7 +308,7 @@ impl RateLimiter {
                 decision
             }
             Err(failure) => {
-                let now = (s.clock)();
+                let now = s.mono_ms();
                 s.stats.redis_errors.fetch_add(1, Relaxed);
                 s.breaker.borrow_mut().on_failure(now);
                 s.publish_breaker();
@@ -394,6 +400,10 @@ impl Shared {
         window.fail_open(limit)
     }
 
+    fn mono_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn publish_breaker(&self) {
         let state = self.breaker.borrow().state().as_metric();
         self.stats.breaker_state.store(state, Relaxed);
@@ -406,7 +416,7 @@ impl Shared {
                 self.stats.redis_errors.fetch_add(1, Relaxed);
                 // Shares the throttle with fail-open warnings: one line per
                 // interval whatever the mix of causes.
-                if let Some(count) = self.warn.borrow_mut().note((self.clock)()) {
+                if let Some(count) = self.warn.borrow_mut().note(self.mono_ms()) {
                     tracing::warn!(events = count, error = %err, "Redis connection failed; rate limiting fails open until it is back");
                 }
             }

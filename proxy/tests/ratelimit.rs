@@ -1,0 +1,369 @@
+//! The rate limiter against a real Redis (SPEC §4): exact counting, the
+//! limit shared by several workers (as by several proxies), per-org
+//! isolation, the key and its expiry, and failing open when Redis is down
+//! or stalled.
+//!
+//! Each limiter runs on its own thread with its own monoio runtime, as on a
+//! proxy worker; the test thread (tokio) owns the throwaway Redis. The
+//! limiters use a fixed or hand-moved clock so no test straddles a minute.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use ibex_e2e::Redis;
+use ibex_proxy::ratelimit::{RateDecision, RateLimitConfig, RateLimiter};
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Runs `f` on a new thread inside its own monoio runtime (timer on, like a
+/// proxy worker) and returns its output.
+#[expect(
+    clippy::expect_used,
+    reason = "a test helper: setup failure fails the test"
+)]
+async fn on_worker<F, Fut, T>(f: F) -> T
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    let thread = std::thread::spawn(move || {
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("monoio runtime");
+        rt.block_on(f())
+    });
+    tokio::task::spawn_blocking(move || thread.join().expect("worker panicked"))
+        .await
+        .expect("join")
+}
+
+/// Test settings: a generous timeout so a loaded debug build never fails
+/// open by accident, quick reconnects.
+fn config(url: &str) -> Rc<RateLimitConfig> {
+    Rc::new(RateLimitConfig {
+        timeout: Duration::from_secs(2),
+        breaker_open: Duration::from_millis(200),
+        reconnect_min: Duration::from_millis(10),
+        reconnect_max: Duration::from_millis(100),
+        ..RateLimitConfig::new(url)
+    })
+}
+
+/// Half a minute into the current minute: a whole window either side.
+fn mid_minute_ms() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now / 60_000 * 60_000 + 30_000
+}
+
+fn limiter_at(url: &str, clock: Rc<Cell<u64>>) -> RateLimiter {
+    RateLimiter::with_clock(config(url), Rc::new(move || clock.get()))
+}
+
+async fn until_healthy(limiter: &RateLimiter) {
+    let start = Instant::now();
+    while !limiter.healthy() {
+        assert!(start.elapsed() < DEADLINE, "limiter never connected");
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Checks until `done` holds for a decision, or panics at the deadline.
+async fn check_until(
+    limiter: &RateLimiter,
+    org: &Uuid,
+    limit: u32,
+    done: impl Fn(&RateDecision) -> bool,
+) -> RateDecision {
+    let start = Instant::now();
+    loop {
+        let d = limiter.check(org, limit).await;
+        if done(&d) {
+            return d;
+        }
+        assert!(start.elapsed() < DEADLINE, "never reached: last {d:?}");
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn remaining_decrements_exactly_and_the_61st_is_refused() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let now = mid_minute_ms();
+    let (decisions, stats) = on_worker(move || async move {
+        let limiter = limiter_at(&url, Rc::new(Cell::new(now)));
+        until_healthy(&limiter).await;
+        let org = Uuid::new_v4();
+        let mut out = Vec::new();
+        for _ in 0..61 {
+            out.push(limiter.check(&org, 60).await);
+        }
+        let zero = limiter.check(&Uuid::new_v4(), 0).await;
+        assert!(!zero.admitted, "a limit of 0 admits nothing");
+        let s = limiter.stats();
+        let counts = (
+            s.checks.load(std::sync::atomic::Ordering::Relaxed),
+            s.limited.load(std::sync::atomic::Ordering::Relaxed),
+            s.failed_open.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        (out, counts)
+    })
+    .await;
+
+    let reset = now / 60_000 * 60 + 60;
+    for (i, d) in decisions[..60].iter().enumerate() {
+        assert!(d.admitted && !d.failed_open, "check {}: {d:?}", i + 1);
+        assert_eq!(d.remaining, Some(59 - i as u32), "check {}", i + 1);
+        assert_eq!((d.limit, d.reset_unix), (60, reset));
+    }
+    let last = decisions[60];
+    assert!(!last.admitted && !last.failed_open, "{last:?}");
+    assert_eq!(last.remaining, Some(0));
+    assert_eq!(last.retry_after_ms, 30_000);
+    assert_eq!(last.reset_unix, reset);
+    assert_eq!(stats, (62, 2, 0));
+}
+
+#[tokio::test]
+async fn key_is_hash_tagged_per_org_and_window_and_expires_after_61s() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let now = mid_minute_ms();
+    let org = Uuid::new_v4();
+    on_worker(move || async move {
+        let limiter = limiter_at(&url, Rc::new(Cell::new(now)));
+        until_healthy(&limiter).await;
+        for _ in 0..3 {
+            assert!(!limiter.check(&org, 10).await.failed_open);
+        }
+    })
+    .await;
+
+    let key = format!("ibex:rl:{{{org}}}:{}", now / 60_000);
+    assert_eq!(redis.command(&["GET", &key]).await.unwrap(), "$1\r\n3\r\n");
+    let keys = redis.command(&["KEYS", "ibex:rl:*"]).await.unwrap();
+    assert_eq!(keys, format!("*1\r\n${}\r\n{key}\r\n", key.len()));
+    let pttl = redis.command(&["PTTL", &key]).await.unwrap();
+    let pttl: u64 = pttl.trim_start_matches(':').trim_end().parse().unwrap();
+    assert!(
+        (50_000..=61_000).contains(&pttl),
+        "expiry {pttl} ms, want about 61 s"
+    );
+}
+
+#[tokio::test]
+async fn an_exhausted_org_does_not_affect_another_and_a_new_window_starts_fresh() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    on_worker(move || async move {
+        let clock = Rc::new(Cell::new(mid_minute_ms()));
+        let limiter = limiter_at(&url, clock.clone());
+        until_healthy(&limiter).await;
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        for _ in 0..5 {
+            assert!(limiter.check(&a, 5).await.admitted);
+        }
+        assert!(!limiter.check(&a, 5).await.admitted);
+        let other = limiter.check(&b, 5).await;
+        assert!(other.admitted && !other.failed_open);
+        assert_eq!(other.remaining, Some(4));
+        assert!(!limiter.check(&a, 5).await.admitted, "still refused");
+
+        clock.set(clock.get() + 60_000);
+        let next = limiter.check(&a, 5).await;
+        assert!(next.admitted && !next.failed_open, "{next:?}");
+        assert_eq!(next.remaining, Some(4));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_workers_sharing_redis_never_admit_more_than_the_limit() {
+    const LIMIT: u32 = 150;
+    const PER_WORKER: usize = 200;
+    let redis = Redis::start().await.unwrap();
+    let org = Uuid::new_v4();
+    let now = mid_minute_ms();
+    let start = Arc::new(Barrier::new(2));
+    let worker = |url: String, start: Arc<Barrier>| {
+        on_worker(move || async move {
+            let limiter = Rc::new(limiter_at(&url, Rc::new(Cell::new(now))));
+            until_healthy(&limiter).await;
+            start.wait();
+            // Every check in flight at once on this worker's one connection.
+            let tasks: Vec<_> = (0..PER_WORKER)
+                .map(|_| {
+                    let limiter = limiter.clone();
+                    monoio::spawn(async move { limiter.check(&org, LIMIT).await })
+                })
+                .collect();
+            let decisions = futures::future::join_all(tasks).await;
+            assert!(
+                decisions.iter().all(|d| !d.failed_open),
+                "no check may fail open here"
+            );
+            decisions.iter().filter(|d| d.admitted).count()
+        })
+    };
+    let (a, b) = tokio::join!(
+        worker(redis.url(), start.clone()),
+        worker(redis.url(), start)
+    );
+    assert_eq!(a + b, LIMIT as usize, "admitted {a} + {b}");
+    let key = format!("ibex:rl:{{{org}}}:{}", now / 60_000);
+    let counted = redis.command(&["GET", &key]).await.unwrap();
+    assert_eq!(counted, format!("$3\r\n{}\r\n", 2 * PER_WORKER));
+}
+
+#[tokio::test]
+async fn a_flushed_script_cache_falls_back_to_eval() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let (to_test, mut from_worker) = mpsc::channel::<()>(1);
+    let (mut to_worker, from_test) = mpsc::channel::<()>(1);
+    let worker = on_worker(move || async move {
+        let (mut to_test, mut from_test) = (to_test, from_test);
+        let limiter = limiter_at(&url, Rc::new(Cell::new(mid_minute_ms())));
+        until_healthy(&limiter).await;
+        let org = Uuid::new_v4();
+        assert_eq!(limiter.check(&org, 10).await.remaining, Some(9));
+        to_test.send(()).await.unwrap();
+        from_test.next().await.unwrap();
+        let d = limiter.check(&org, 10).await;
+        assert!(!d.failed_open, "NOSCRIPT must be retried with EVAL: {d:?}");
+        assert_eq!(d.remaining, Some(8));
+        assert_eq!(limiter.check(&org, 10).await.remaining, Some(7));
+    });
+    let driver = async {
+        from_worker.next().await.unwrap();
+        assert_eq!(
+            redis.command(&["SCRIPT", "FLUSH"]).await.unwrap(),
+            "+OK\r\n"
+        );
+        to_worker.send(()).await.unwrap();
+    };
+    tokio::join!(worker, driver);
+}
+
+#[tokio::test]
+async fn fails_open_while_redis_is_down_and_recovers_after_restart() {
+    let mut redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let (to_test, mut from_worker) = mpsc::channel::<&'static str>(1);
+    let (mut to_worker, from_test) = mpsc::channel::<()>(1);
+    let worker = on_worker(move || async move {
+        let (mut to_test, mut from_test) = (to_test, from_test);
+        let limiter = limiter_at(&url, Rc::new(Cell::new(mid_minute_ms())));
+        until_healthy(&limiter).await;
+        let org = Uuid::new_v4();
+        assert_eq!(limiter.check(&org, 100).await.remaining, Some(99));
+
+        to_test.send("stop").await.unwrap();
+        from_test.next().await.unwrap();
+        let open = check_until(&limiter, &org, 100, |d| d.failed_open).await;
+        assert!(open.admitted, "Redis down must admit");
+        assert_eq!(open.remaining, None);
+        assert_eq!(open.limit, 100);
+        for _ in 0..50 {
+            let d = limiter.check(&org, 100).await;
+            assert!(d.admitted && d.failed_open, "{d:?}");
+        }
+        assert!(!limiter.healthy());
+        let stats = limiter.stats();
+        assert!(stats.failed_open.load(std::sync::atomic::Ordering::Relaxed) >= 51);
+        assert!(
+            stats
+                .redis_errors
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        assert_eq!(
+            stats
+                .breaker_state
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "consecutive failures open the breaker"
+        );
+
+        to_test.send("restart").await.unwrap();
+        from_test.next().await.unwrap();
+        // The restarted Redis is empty: counting starts again from 1.
+        let back = check_until(&limiter, &org, 100, |d| !d.failed_open).await;
+        assert!(back.admitted);
+        assert_eq!(back.remaining, Some(99));
+        until_healthy(&limiter).await;
+        assert_eq!(limiter.check(&org, 100).await.remaining, Some(98));
+    });
+    let driver = async {
+        assert_eq!(from_worker.next().await, Some("stop"));
+        redis.stop().await.unwrap();
+        to_worker.send(()).await.unwrap();
+        assert_eq!(from_worker.next().await, Some("restart"));
+        redis.restart().await.unwrap();
+        to_worker.send(()).await.unwrap();
+    };
+    tokio::join!(worker, driver);
+}
+
+#[tokio::test]
+async fn a_stalled_redis_times_out_trips_the_breaker_and_closes_it_again() {
+    let redis = Redis::start().await.unwrap();
+    let url = redis.url();
+    let (to_test, mut from_worker) = mpsc::channel::<()>(1);
+    let worker = on_worker(move || async move {
+        let mut to_test = to_test;
+        let limiter = RateLimiter::with_clock(
+            Rc::new(RateLimitConfig {
+                timeout: Duration::from_millis(50),
+                breaker_failures: 3,
+                ..(*config(&url)).clone()
+            }),
+            Rc::new({
+                let now = mid_minute_ms();
+                move || now
+            }),
+        );
+        until_healthy(&limiter).await;
+        let org = Uuid::new_v4();
+        assert!(!limiter.check(&org, 1000).await.failed_open);
+        to_test.send(()).await.unwrap();
+        // Redis is now busy in a script for ~1.5 s: checks time out.
+        let open = check_until(&limiter, &org, 1000, |d| d.failed_open).await;
+        assert!(open.admitted && open.remaining.is_none());
+        let stats = limiter.stats();
+        let start = Instant::now();
+        while stats
+            .breaker_state
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 1
+        {
+            assert!(start.elapsed() < DEADLINE, "breaker never opened");
+            limiter.check(&org, 1000).await;
+        }
+        assert!(!limiter.healthy());
+        // Once the script ends, a half-open probe closes the breaker.
+        check_until(&limiter, &org, 1000, |d| !d.failed_open).await;
+        until_healthy(&limiter).await;
+    });
+    let stall = async {
+        from_worker.next().await.unwrap();
+        let busy = "local s = redis.call('TIME') \
+                    while true do \
+                      local n = redis.call('TIME') \
+                      if (n[1] - s[1]) * 1000000 + (n[2] - s[2]) > 1500000 then break end \
+                    end \
+                    return 1";
+        assert_eq!(redis.command(&["EVAL", busy, "0"]).await.unwrap(), ":1\r\n");
+    };
+    tokio::join!(worker, stall);
+}
