@@ -1,14 +1,50 @@
 //! Forwarding to the OpenAI-compatible upstream (SPEC §3, §9): per-worker
-//! keep-alive pools over HTTP or HTTPS (rustls), streaming responses.
+//! keep-alive pools over HTTP or HTTPS (rustls), streaming responses,
+//! usage metering.
 //!
 //! INTERFACE (the chain relies on exactly this): one [`Upstream`] per worker,
-//! built inside its runtime; `forward` is called only after the whole
-//! security chain passed.
+//! built inside its runtime (with the timer enabled); `forward` is called
+//! only after the whole security chain passed.
+//!
+//! Layout: [`target`] parses the base URL; [`request`] renders the request
+//! head and strips what must not leave the proxy; [`conn`] opens and pools
+//! connections; [`response`] parses the response head strictly; [`body`]
+//! (with [`chunked`]) frames the body and streams it; [`usage`] meters it on
+//! the way; [`stats`] renders `/metrics`.
+//!
+//! Not here: authentication, rate limiting, `X-Request-ID` on the response
+//! and the error envelope (the chain's).
+
+mod body;
+mod chunked;
+mod conn;
+pub mod request;
+pub mod response;
+mod stats;
+mod target;
+pub mod usage;
 
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::http::{Request, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use monoio::buf::IoBufMut;
+use secrecy::ExposeSecret;
+
+use crate::error::ApiError;
+use crate::http::{Body, Request, Response};
+use body::{BodyError, BodyReader, Decoder, Record};
+use conn::{Conn, Connector, Pool};
+use request::HeadPrefix;
+use response::{Framing, ResponseHead};
+pub use stats::{render_prometheus, UpstreamStats};
+use usage::Scanner;
+
+/// Largest non-streamed body held in memory; a bigger one is refused (502).
+pub const MAX_FULL_BODY: usize = 32 * 1024 * 1024;
+/// Bodies up to this size are sent in the same write as the head.
+const COALESCE_BODY: usize = 16 * 1024;
 
 #[derive(Clone)]
 pub struct UpstreamConfig {
@@ -47,29 +83,283 @@ pub enum UpstreamError {
     Timeout,
 }
 
+impl UpstreamError {
+    /// The envelope the chain answers with.
+    pub fn api_error(self) -> ApiError {
+        match self {
+            UpstreamError::Unavailable => ApiError::UpstreamUnavailable,
+            UpstreamError::Timeout => ApiError::UpstreamTimeout,
+        }
+    }
+}
+
+/// Why a send on one connection failed.
+enum SendError {
+    /// The connection was dead before any response byte: the request may
+    /// be sent again on a fresh one. Carries the head back for the retry.
+    Stale(Vec<u8>),
+    Failed,
+}
+
 pub struct Upstream {
-    #[allow(dead_code)]
     config: Rc<UpstreamConfig>,
+    connector: Connector,
+    pool: Rc<Pool>,
+    stats: Arc<UpstreamStats>,
+    chat: HeadPrefix,
+    models: HeadPrefix,
 }
 
 impl Upstream {
-    /// Called on the worker thread, inside its monoio runtime.
+    /// Called on the worker thread, inside its monoio runtime. Fails on a
+    /// bad URL, a key that cannot go in a header, or unusable TLS roots.
     pub fn new(config: Rc<UpstreamConfig>) -> anyhow::Result<Self> {
-        Ok(Self { config })
+        let target = target::Target::parse(&config.url)?;
+        let key = config.api_key.expose_secret();
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!("IBEX_UPSTREAM_API_KEY must be printable ASCII without spaces");
+        }
+        let chat = HeadPrefix::new(
+            "POST",
+            &target.path_for(UpstreamRoute::ChatCompletions),
+            &target.authority,
+            key,
+        );
+        let models = HeadPrefix::new(
+            "GET",
+            &target.path_for(UpstreamRoute::Models),
+            &target.authority,
+            key,
+        );
+        let tls = match target.scheme {
+            target::Scheme::Https => Some(Arc::new(conn::tls_config(config.ca_file.as_deref())?)),
+            target::Scheme::Http => None,
+        };
+        let stats = Arc::new(UpstreamStats::default());
+        Ok(Self {
+            connector: Connector::new(target, tls)?,
+            pool: Rc::new(Pool::new(stats.clone())),
+            stats,
+            chat,
+            models,
+            config,
+        })
+    }
+
+    /// This worker's counters, for `/metrics` ([`render_prometheus`]).
+    pub fn stats(&self) -> Arc<UpstreamStats> {
+        self.stats.clone()
     }
 
     /// Forward `req` (already authorised). Returns the upstream's response
     /// (status and body passed through, streaming as chunks arrive) or an
-    /// error the chain renders as 502/504. The returned response must not
-    /// carry the upstream key; the chain adds `X-Request-ID`.
-    /// PLACEHOLDER until the implementation lands.
+    /// error the chain renders as 502/504. The returned response never
+    /// carries the upstream key; the chain adds `X-Request-ID`.
     pub async fn forward(
         &self,
         req: &Request,
         route: UpstreamRoute,
         ctx: ForwardCtx<'_>,
     ) -> Result<Response, UpstreamError> {
-        let _ = (req, route, ctx);
-        Err(UpstreamError::Unavailable)
+        let started = Instant::now();
+        let (prefix, body) = match route {
+            UpstreamRoute::ChatCompletions => (&self.chat, req.body.clone()),
+            UpstreamRoute::Models => (&self.models, Bytes::new()),
+        };
+        let mut head = Vec::with_capacity(512 + body.len().min(COALESCE_BODY));
+        let content_length = (route == UpstreamRoute::ChatCompletions).then_some(body.len());
+        request::render_head(&mut head, prefix, req, ctx.request_id, content_length);
+
+        let exchanged = monoio::time::timeout(self.config.timeout, self.exchange(head, body)).await;
+        let (conn, resp, rest) = match exchanged {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(self.failed(e, route, ctx, started)),
+            Err(_) => return Err(self.failed(UpstreamError::Timeout, route, ctx, started)),
+        };
+        let ttfb = started.elapsed();
+        self.stats.response(resp.status, ttfb);
+        self.respond(conn, resp, rest, route, ctx, started, ttfb)
+            .await
+    }
+
+    fn failed(
+        &self,
+        err: UpstreamError,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        started: Instant,
+    ) -> UpstreamError {
+        match err {
+            UpstreamError::Unavailable => self.stats.unavailable(),
+            UpstreamError::Timeout => self.stats.timeout(),
+        }
+        tracing::warn!(
+            target: "ibex::upstream",
+            request_id = ctx.request_id,
+            org = %ctx.org_id,
+            route = ?route,
+            error = ?err,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "upstream failed"
+        );
+        err
+    }
+
+    /// Sends the request on a pooled connection, or a fresh one; a pooled
+    /// connection found dead before any response byte is replaced once.
+    async fn exchange(
+        &self,
+        mut head: Vec<u8>,
+        body: Bytes,
+    ) -> Result<(Conn, ResponseHead, BytesMut), UpstreamError> {
+        if let Some(conn) = self.pool.take() {
+            self.stats.reused();
+            match send(conn, head, &body).await {
+                Ok(x) => return Ok(x),
+                Err(SendError::Stale(h)) => head = h,
+                Err(SendError::Failed) => return Err(UpstreamError::Unavailable),
+            }
+            self.stats.retried();
+        }
+        let conn = self.connector.connect().await.map_err(|e| {
+            tracing::debug!(target: "ibex::upstream", error = %e, "connect failed");
+            UpstreamError::Unavailable
+        })?;
+        self.stats.opened();
+        send(conn, head, &body)
+            .await
+            .map_err(|_| UpstreamError::Unavailable)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(
+        &self,
+        conn: Conn,
+        head: ResponseHead,
+        rest: BytesMut,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        started: Instant,
+        ttfb: Duration,
+    ) -> Result<Response, UpstreamError> {
+        let scanner = match route {
+            UpstreamRoute::Models => Scanner::Off,
+            UpstreamRoute::ChatCompletions if head.event_stream => Scanner::Sse(Box::default()),
+            UpstreamRoute::ChatCompletions => Scanner::Json(Box::default()),
+        };
+        let record = Record {
+            stats: self.stats.clone(),
+            request_id: ctx.request_id.into(),
+            org: *ctx.org_id,
+            route,
+            status: head.status,
+            started,
+            ttfb,
+            streamed: false,
+            bytes: 0,
+            scanner,
+            outcome: "client_gone",
+        };
+        let (decoder, stream) = match head.framing {
+            Framing::Empty => (Decoder::Length(0), false),
+            Framing::Length(n) => (Decoder::Length(n), head.event_stream),
+            Framing::Chunked => (Decoder::Chunked(chunked::ChunkedDecoder::new()), true),
+            Framing::Close => (Decoder::Close, true),
+        };
+        let too_large = matches!(head.framing, Framing::Length(n) if n > MAX_FULL_BODY as u64);
+        let mut reader = BodyReader::new(
+            conn,
+            rest,
+            decoder,
+            head.keep_alive,
+            self.config.idle_timeout,
+            self.pool.clone(),
+            record,
+        );
+        let body = if head.framing == Framing::Empty {
+            reader.next().await.ok();
+            Body::Empty
+        } else if stream {
+            Body::Stream(reader.into_stream())
+        } else if too_large {
+            drop(reader);
+            return Err(self.failed(UpstreamError::Unavailable, route, ctx, started));
+        } else {
+            match reader.read_full(MAX_FULL_BODY).await {
+                Ok(b) => Body::Full(b),
+                Err(e) => {
+                    drop(reader);
+                    let err = match e {
+                        BodyError::IdleTimeout => UpstreamError::Timeout,
+                        _ => UpstreamError::Unavailable,
+                    };
+                    return Err(self.failed(err, route, ctx, started));
+                }
+            }
+        };
+        Ok(Response {
+            status: head.status,
+            headers: head.headers,
+            body,
+            close: false,
+        })
+    }
+}
+
+/// Writes the request and reads up to the end of the final response head.
+/// Returns the connection, the head and any body bytes read after it.
+async fn send(
+    mut conn: Conn,
+    mut head: Vec<u8>,
+    body: &Bytes,
+) -> Result<(Conn, ResponseHead, BytesMut), SendError> {
+    let head_len = head.len();
+    let separate_body = body.len() > COALESCE_BODY;
+    if !separate_body {
+        head.extend_from_slice(body);
+    }
+    let (res, mut head) = conn.write_all(head).await;
+    head.truncate(head_len);
+    if res.is_err() {
+        return Err(SendError::Stale(head));
+    }
+    if separate_body {
+        let (res, _) = conn.write_all(body.clone()).await;
+        if res.is_err() {
+            return Err(SendError::Stale(head));
+        }
+    }
+
+    let mut buf = BytesMut::with_capacity(body::READ_SIZE);
+    let mut got_any = false;
+    loop {
+        buf.reserve(body::READ_SIZE);
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = conn.read(buf.slice_mut(len..cap)).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(n) if n > 0 => {}
+            // Closed or reset before a single response byte: the pooled
+            // connection was already dead when we picked it.
+            _ if !got_any => return Err(SendError::Stale(head)),
+            _ => return Err(SendError::Failed),
+        }
+        got_any = true;
+        // Skip interim 1xx heads; stop at the final one.
+        loop {
+            match response::parse_head(&buf) {
+                Ok(None) => break,
+                Ok(Some((h, n))) => {
+                    buf.advance(n);
+                    if h.status >= 200 {
+                        return Ok((conn, h, buf));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(target: "ibex::upstream", error = ?e, "bad upstream response head");
+                    return Err(SendError::Failed);
+                }
+            }
+        }
     }
 }
