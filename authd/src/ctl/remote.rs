@@ -1,0 +1,212 @@
+//! ibexctl's management commands: gRPC calls to authd, authorised by `--token` (a PAT) or
+//! `IBEX_ADMIN_KEY`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use ibex_proto::pb::{self, auth_service_client::AuthServiceClient};
+use secrecy::ExposeSecret;
+use serde_json::json;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{time_json, AgentCommand, Global, OrgCommand, TokenCommand};
+use crate::authz::ADMIN_KEY_HEADER;
+use crate::perms;
+use crate::service::agent_status_name;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn client(global: &Global) -> anyhow::Result<AuthServiceClient<Channel>> {
+    let channel = Endpoint::from_shared(global.authd.clone())
+        .context("IBEX_AUTHD_GRPC is not a valid URL")?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to authd at {}", global.authd))?;
+    Ok(AuthServiceClient::new(channel))
+}
+
+/// Wraps a message with the caller's credential.
+fn request<T>(global: &Global, message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = &global.token {
+        let value = MetadataValue::try_from(format!("Bearer {}", token.expose_secret()))
+            .context("--token contains characters not allowed in a header")?;
+        request.metadata_mut().insert("authorization", value);
+    } else if let Some(key) = &global.admin_key {
+        let value = MetadataValue::try_from(key.expose_secret())
+            .context("IBEX_ADMIN_KEY contains characters not allowed in a header")?;
+        request.metadata_mut().insert(ADMIN_KEY_HEADER, value);
+    } else {
+        anyhow::bail!("no credential: set IBEX_ADMIN_KEY or pass --token <PAT>");
+    }
+    Ok(request)
+}
+
+fn rpc_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+pub async fn org(global: &Global, cmd: OrgCommand) -> anyhow::Result<String> {
+    let OrgCommand::Create { name, rpm } = cmd;
+    let response = client(global)
+        .await?
+        .create_org(request(
+            global,
+            pb::CreateOrgRequest {
+                name,
+                rpm_limit: rpm.unwrap_or(0),
+            },
+        )?)
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    Ok(json!({ "id": response.org_id, "rpm_limit": response.rpm_limit }).to_string())
+}
+
+pub async fn agent(global: &Global, cmd: AgentCommand) -> anyhow::Result<String> {
+    let mut client = client(global).await?;
+    match cmd {
+        AgentCommand::Create { org, name } => {
+            let response = client
+                .create_agent(request(
+                    global,
+                    pb::CreateAgentRequest { org_id: org, name },
+                )?)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            Ok(json!({ "id": response.agent_id, "status": "active" }).to_string())
+        }
+        AgentCommand::SetStatus { org, agent, status } => {
+            let wanted = crate::service::agent_status_from_name(&status);
+            anyhow::ensure!(
+                agent_status_name(wanted).is_some(),
+                "--status must be active, paused, archived or suspended"
+            );
+            let response = client
+                .set_agent_status(request(
+                    global,
+                    pb::SetAgentStatusRequest {
+                        org_id: org,
+                        agent_id: agent,
+                        status: wanted as i32,
+                    },
+                )?)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            Ok(json!({ "id": response.agent_id, "status": status }).to_string())
+        }
+    }
+}
+
+/// `90d`, `1h`, `2s` → milliseconds.
+pub fn parse_expires_in(text: &str) -> anyhow::Result<i64> {
+    let duration = humantime::parse_duration(text)
+        .with_context(|| format!("--expires-in {text:?}: expected e.g. 90d, 1h, 2s"))?;
+    anyhow::ensure!(!duration.is_zero(), "--expires-in must be > 0");
+    i64::try_from(duration.as_millis()).context("--expires-in is too large")
+}
+
+pub async fn token(global: &Global, cmd: TokenCommand) -> anyhow::Result<String> {
+    match cmd {
+        TokenCommand::Create {
+            org,
+            name,
+            agent,
+            permissions,
+            expires_in,
+        } => {
+            let permissions = perms::parse(&permissions).context("--permissions")?;
+            let expires_in_ms = expires_in.as_deref().map(parse_expires_in).transpose()?;
+            let response = client(global)
+                .await?
+                .create_token(request(
+                    global,
+                    pb::CreateTokenRequest {
+                        org_id: org,
+                        name,
+                        agent_id: agent.unwrap_or_default(),
+                        user_id: String::new(),
+                        permissions,
+                        expires_in_ms: expires_in_ms.unwrap_or(0),
+                    },
+                )?)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            Ok(json!({
+                "id": response.token_id,
+                "token": response.token,
+                "permissions": response.permissions,
+                "expires_at": time_json(response.expires_at_unix_ms),
+            })
+            .to_string())
+        }
+        TokenCommand::Revoke { org, id } => {
+            let response = client(global)
+                .await?
+                .revoke_token(request(
+                    global,
+                    pb::RevokeTokenRequest {
+                        org_id: org,
+                        token_id: id,
+                    },
+                )?)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            Ok(json!({
+                "id": response.token_id,
+                "revoked_at": time_json(response.revoked_at_unix_ms),
+            })
+            .to_string())
+        }
+        TokenCommand::List { org } => {
+            let response = client(global)
+                .await?
+                .list_tokens(request(global, pb::ListTokensRequest { org_id: org })?)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let tokens: Vec<_> = response
+                .tokens
+                .into_iter()
+                .map(|t| {
+                    let opt = |s: String| if s.is_empty() { None } else { Some(s) };
+                    json!({
+                        "id": t.id,
+                        "org_id": t.org_id,
+                        "name": t.name,
+                        "agent_id": opt(t.agent_id),
+                        "user_id": opt(t.user_id),
+                        "permissions": t.permissions,
+                        "created_at": time_json(t.created_at_unix_ms),
+                        "expires_at": time_json(t.expires_at_unix_ms),
+                        "revoked_at": time_json(t.revoked_at_unix_ms),
+                        "last_used_at": time_json(t.last_used_at_unix_ms),
+                    })
+                })
+                .collect();
+            Ok(json!({ "tokens": tokens }).to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_durations() {
+        assert_eq!(parse_expires_in("2s").ok(), Some(2_000));
+        assert_eq!(parse_expires_in("1h").ok(), Some(3_600_000));
+        assert_eq!(parse_expires_in("90d").ok(), Some(90 * 86_400_000));
+        assert!(parse_expires_in("soon").is_err());
+        assert!(parse_expires_in("0s").is_err());
+    }
+}

@@ -1,0 +1,423 @@
+//! The `ibex.auth.v1.AuthService` gRPC service (SPEC §6): request decoding, authorisation and
+//! status codes. Decisions live in [`crate::validator`], queries in [`crate::store`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use ibex_proto::pb::{self, auth_service_server::AuthService};
+use secrecy::ExposeSecret;
+use tokio::sync::watch;
+use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::authz::{self, AdminKeyDigest, Caller};
+use crate::cache::VerifiedToken;
+use crate::feed::Feed;
+use crate::hasher;
+use crate::pat;
+use crate::perms;
+use crate::store::{self, NewToken, StoreError};
+use crate::validator::{Outcome, ValidateError, Validator};
+
+/// Names are bounded so no input grows memory or rows without limit.
+pub const MAX_NAME_LEN: usize = 200;
+
+pub struct Service {
+    pub validator: Arc<Validator>,
+    pub admin: Option<AdminKeyDigest>,
+    pub default_rpm: u32,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+fn uuid_arg(field: &str, value: &str) -> Result<Uuid, Status> {
+    Uuid::try_parse(value).map_err(|_| Status::invalid_argument(format!("{field} must be a UUID")))
+}
+
+fn optional_uuid(field: &str, value: &str) -> Result<Option<Uuid>, Status> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        uuid_arg(field, value).map(Some)
+    }
+}
+
+fn name_arg(field: &str, value: &str, required: bool) -> Result<String, Status> {
+    let value = value.trim();
+    if required && value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    if value.chars().count() > MAX_NAME_LEN {
+        return Err(Status::invalid_argument(format!(
+            "{field} is longer than {MAX_NAME_LEN} characters"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+fn store_status(err: StoreError, not_found: &str) -> Status {
+    match err {
+        StoreError::NotFound => Status::not_found(not_found.to_owned()),
+        StoreError::Invalid(what) => Status::invalid_argument(what),
+        other => {
+            tracing::error!(error = %other, "database error");
+            Status::unavailable("database unavailable")
+        }
+    }
+}
+
+/// A PAT caller gets PERMISSION_DENIED for anything outside its org, including ids that do not
+/// exist in it (it must not learn which ids exist elsewhere); the operator gets NOT_FOUND.
+fn scoped_not_found(caller: &Caller, err: StoreError, what: &str) -> Status {
+    match (caller, err) {
+        (Caller::Pat(_), StoreError::NotFound) => {
+            Status::permission_denied(format!("{what} is not in the caller's org"))
+        }
+        (_, err) => store_status(err, &format!("{what} not found")),
+    }
+}
+
+pub fn agent_status_name(status: pb::AgentStatus) -> Option<&'static str> {
+    match status {
+        pb::AgentStatus::Active => Some("active"),
+        pb::AgentStatus::Paused => Some("paused"),
+        pb::AgentStatus::Archived => Some("archived"),
+        pb::AgentStatus::Suspended => Some("suspended"),
+        pb::AgentStatus::Unspecified | pb::AgentStatus::NotFound => None,
+    }
+}
+
+pub fn agent_status_from_name(name: &str) -> pb::AgentStatus {
+    match name {
+        "active" => pb::AgentStatus::Active,
+        "paused" => pb::AgentStatus::Paused,
+        "archived" => pb::AgentStatus::Archived,
+        "suspended" => pb::AgentStatus::Suspended,
+        _ => pb::AgentStatus::NotFound,
+    }
+}
+
+fn opt_ms(value: Option<i64>) -> i64 {
+    value.unwrap_or(0)
+}
+
+fn opt_id(value: Option<Uuid>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_default()
+}
+
+impl Service {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        authz::caller(request.metadata(), self.admin.as_ref(), &self.validator).await
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::InvalidationEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AuthService for Service {
+    async fn validate_token(
+        &self,
+        request: Request<pb::ValidateTokenRequest>,
+    ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
+        let token = request.into_inner().token;
+        let outcome = match self.validator.validate(&token).await {
+            Ok(outcome) => outcome,
+            Err(ValidateError::Busy) => {
+                return Err(Status::resource_exhausted(
+                    "argon2 pool saturated; retry later",
+                ))
+            }
+            Err(ValidateError::Unavailable(err)) => {
+                tracing::error!(error = %err, "token validation failed");
+                return Err(Status::unavailable("database unavailable"));
+            }
+        };
+        let status = |status: pb::TokenStatus| pb::ValidateTokenResponse {
+            status: status as i32,
+            ..Default::default()
+        };
+        Ok(Response::new(match outcome {
+            Outcome::Valid(t) => pb::ValidateTokenResponse {
+                status: pb::TokenStatus::Valid as i32,
+                org_id: t.org_id.to_string(),
+                token_id: t.token_id.to_string(),
+                permissions: t.permissions,
+                expires_at_unix_ms: opt_ms(t.expires_at_ms),
+                agent_id: opt_id(t.agent_id),
+                user_id: opt_id(t.user_id),
+                org_rpm_limit: t.rpm_limit,
+            },
+            Outcome::Invalid => status(pb::TokenStatus::Invalid),
+            Outcome::Revoked => status(pb::TokenStatus::Revoked),
+            Outcome::Expired => status(pb::TokenStatus::Expired),
+        }))
+    }
+
+    async fn validate_agent(
+        &self,
+        request: Request<pb::ValidateAgentRequest>,
+    ) -> Result<Response<pb::ValidateAgentResponse>, Status> {
+        let req = request.into_inner();
+        let not_found = || {
+            Response::new(pb::ValidateAgentResponse {
+                status: pb::AgentStatus::NotFound as i32,
+            })
+        };
+        let (Ok(org), Ok(agent)) = (Uuid::try_parse(&req.org_id), Uuid::try_parse(&req.agent_id))
+        else {
+            return Ok(not_found());
+        };
+        match store::agent_status(&self.validator.pool, org, agent).await {
+            Ok(Some(status)) => Ok(Response::new(pb::ValidateAgentResponse {
+                status: agent_status_from_name(&status) as i32,
+            })),
+            Ok(None) => Ok(not_found()),
+            Err(err) => Err(store_status(err, "agent not found")),
+        }
+    }
+
+    async fn create_org(
+        &self,
+        request: Request<pb::CreateOrgRequest>,
+    ) -> Result<Response<pb::CreateOrgResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        if !caller.is_admin() {
+            return Err(Status::permission_denied(
+                "CreateOrg needs the operator key",
+            ));
+        }
+        let req = request.into_inner();
+        let name = name_arg("name", &req.name, true)?;
+        let rpm = if req.rpm_limit == 0 {
+            self.default_rpm
+        } else {
+            req.rpm_limit
+        };
+        let id = store::create_org(&self.validator.pool, &name, rpm, &caller.actor())
+            .await
+            .map_err(|e| store_status(e, "org not found"))?;
+        tracing::info!(org = %id, rpm, "org created");
+        Ok(Response::new(pb::CreateOrgResponse {
+            org_id: id.to_string(),
+            rpm_limit: rpm,
+        }))
+    }
+
+    async fn create_agent(
+        &self,
+        request: Request<pb::CreateAgentRequest>,
+    ) -> Result<Response<pb::CreateAgentResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let req = request.get_ref();
+        let org = uuid_arg("org_id", &req.org_id)?;
+        caller.require(org, perms::AGENTS_MANAGE)?;
+        let name = name_arg("name", &req.name, true)?;
+        let id = store::create_agent(&self.validator.pool, org, &name, &caller.actor())
+            .await
+            .map_err(|e| store_status(e, "org not found"))?;
+        tracing::info!(%org, agent = %id, "agent created");
+        Ok(Response::new(pb::CreateAgentResponse {
+            agent_id: id.to_string(),
+            status: pb::AgentStatus::Active as i32,
+        }))
+    }
+
+    async fn set_agent_status(
+        &self,
+        request: Request<pb::SetAgentStatusRequest>,
+    ) -> Result<Response<pb::SetAgentStatusResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let req = request.get_ref();
+        let org = uuid_arg("org_id", &req.org_id)?;
+        caller.require(org, perms::AGENTS_MANAGE)?;
+        let agent = uuid_arg("agent_id", &req.agent_id)?;
+        let status = pb::AgentStatus::try_from(req.status)
+            .ok()
+            .and_then(agent_status_name)
+            .ok_or_else(|| {
+                Status::invalid_argument("status must be active, paused, archived or suspended")
+            })?;
+        store::set_agent_status(&self.validator.pool, org, agent, status, &caller.actor())
+            .await
+            .map_err(|e| scoped_not_found(&caller, e, "agent"))?;
+        tracing::info!(%org, %agent, status, "agent status changed");
+        Ok(Response::new(pb::SetAgentStatusResponse {
+            agent_id: agent.to_string(),
+            status: req.status,
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let req = request.get_ref();
+        let org = uuid_arg("org_id", &req.org_id)?;
+        caller.require(org, perms::TOKENS_MANAGE)?;
+        let permissions = perms::check_known(req.permissions)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let agent_id = optional_uuid("agent_id", &req.agent_id)?;
+        let user_id = optional_uuid("user_id", &req.user_id)?;
+        if let Caller::Pat(manager) = &caller {
+            // Never beyond the manager's own grant.
+            if !perms::covers(manager.permissions, permissions) {
+                return Err(Status::permission_denied(
+                    "a token cannot grant permissions its creator lacks",
+                ));
+            }
+            if manager.agent_id.is_some() && manager.agent_id != agent_id {
+                return Err(Status::permission_denied(
+                    "a token bound to an agent can only create tokens bound to that agent",
+                ));
+            }
+        }
+        if req.expires_in_ms < 0 {
+            return Err(Status::invalid_argument("expires_in_ms must be ≥ 0"));
+        }
+        let expires_in_ms = (req.expires_in_ms > 0).then_some(req.expires_in_ms);
+        let name = name_arg("name", &req.name, false)?;
+
+        let issued = pat::issue(Uuid::new_v4());
+        let phc = self
+            .validator
+            .hasher
+            .hash(issued.secret.clone())
+            .await
+            .map_err(|e: hasher::HashError| {
+                tracing::error!(error = %e, "hashing failed");
+                Status::internal("hashing failed")
+            })?;
+        let epoch = self.validator.cache.epoch();
+        let new = NewToken {
+            id: issued.id,
+            org_id: org,
+            name: &name,
+            agent_id,
+            user_id,
+            permissions,
+            expires_in_ms,
+            secret_hash: &phc,
+        };
+        let (expires_at_ms, rpm_limit) =
+            store::create_token(&self.validator.pool, &new, &caller.actor())
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotFound => {
+                        Status::not_found("org not found, or the agent/user is not in that org")
+                    }
+                    other => store_status(other, "org not found"),
+                })?;
+        self.validator.warm(
+            epoch,
+            issued.digest(),
+            &phc,
+            VerifiedToken {
+                token_id: issued.id,
+                org_id: org,
+                permissions,
+                agent_id,
+                user_id,
+                expires_at_ms,
+                rpm_limit,
+            },
+        );
+        tracing::info!(%org, token = %issued.id, permissions, "token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token_id: issued.id.to_string(),
+            token: issued.token.expose_secret().to_owned(),
+            permissions,
+            expires_at_unix_ms: opt_ms(expires_at_ms),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let req = request.get_ref();
+        let org = uuid_arg("org_id", &req.org_id)?;
+        caller.require(org, perms::TOKENS_MANAGE)?;
+        let id = uuid_arg("token_id", &req.token_id)?;
+        let revoked_at = store::revoke_token(&self.validator.pool, org, id, &caller.actor())
+            .await
+            .map_err(|e| scoped_not_found(&caller, e, "token"))?;
+        // Our own cache at once; other instances through the NOTIFY feed.
+        self.validator.cache.invalidate_token(id);
+        tracing::info!(%org, token = %id, "token revoked");
+        Ok(Response::new(pb::RevokeTokenResponse {
+            token_id: id.to_string(),
+            revoked_at_unix_ms: revoked_at,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let org = uuid_arg("org_id", &request.get_ref().org_id)?;
+        caller.require(org, perms::TOKENS_MANAGE)?;
+        let rows = store::list_tokens(&self.validator.pool, org)
+            .await
+            .map_err(|e| store_status(e, "org not found"))?;
+        let tokens = rows
+            .into_iter()
+            .map(|t| pb::TokenInfo {
+                id: t.id.to_string(),
+                org_id: org.to_string(),
+                name: t.name,
+                agent_id: opt_id(t.agent_id),
+                user_id: opt_id(t.user_id),
+                permissions: t.permissions,
+                created_at_unix_ms: t.created_at_ms,
+                expires_at_unix_ms: opt_ms(t.expires_at_ms),
+                revoked_at_unix_ms: opt_ms(t.revoked_at_ms),
+                last_used_at_unix_ms: opt_ms(t.last_used_at_ms),
+            })
+            .collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    type WatchInvalidationsStream = EventStream;
+
+    async fn watch_invalidations(
+        &self,
+        request: Request<pb::WatchInvalidationsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let subscriber: String = request
+            .get_ref()
+            .subscriber
+            .chars()
+            .take(MAX_NAME_LEN)
+            .collect();
+        let feed: &Arc<Feed> = &self.validator.feed;
+        let rx = feed.subscribe();
+        // First event: a heartbeat, if the LISTEN connection is healthy right now; otherwise the
+        // stream stays silent until the listener reconnects and heartbeats again.
+        let first = feed
+            .is_healthy()
+            .then(|| Ok(feed.event(Feed::heartbeat_kind())));
+        tracing::info!(%subscriber, subscribers = feed.subscribers(), "invalidation subscriber joined");
+        let events = BroadcastStream::new(rx).map(|event| {
+            event.map_err(|BroadcastStreamRecvError::Lagged(n)| {
+                Status::data_loss(format!("subscriber fell {n} events behind; resubscribe"))
+            })
+        });
+        // An error ends the stream (the subscriber must resubscribe and flush); so does shutdown.
+        let mut failed = false;
+        let events = events.take_while(move |event| {
+            let go = !failed;
+            failed |= event.is_err();
+            futures::future::ready(go)
+        });
+        let mut shutdown = self.shutdown.clone();
+        let stop = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        let stream = futures::stream::iter(first).chain(events).take_until(stop);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
