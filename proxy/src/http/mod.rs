@@ -10,6 +10,13 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
+pub mod chunked;
+mod parse;
+pub(crate) mod write;
+
+pub use parse::{parse_head, BodyFraming, Head, Limits, ParseError, MAX_HEADER_COUNT};
+pub use write::{write_head, BodyKind, DateCache};
+
 /// The request methods the proxy routes on; anything else is `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {

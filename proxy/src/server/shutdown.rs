@@ -1,0 +1,95 @@
+//! The process-wide stop signal (SIGTERM, SIGINT or a [`ShutdownHandle`])
+//! and each worker's local view of it.
+//!
+//! The cross-thread part is a `tokio::sync::watch` (runtime-agnostic; monoio's
+//! `sync` feature lets another thread wake a monoio task). Inside a worker the
+//! connections see a plain `Cell` plus a `Notify`, so the request path pays no
+//! atomic to ask "are we draining?".
+
+use std::cell::Cell;
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
+
+/// Stops a running [`super::Server`] like SIGTERM does. `Clone + Send`.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    pub(crate) fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// Begins the drain: workers stop accepting, idle connections close,
+    /// in-flight requests finish (bounded by `drain_timeout`).
+    pub fn shutdown(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_shutdown(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+}
+
+/// One worker's drain state, shared by its accept loop and connections.
+#[derive(Default)]
+pub(crate) struct WorkerDrain {
+    draining: Cell<bool>,
+    /// Woken once when draining starts (idle connections, the accept loop).
+    started: Notify,
+    /// Open connections on this worker.
+    open: Cell<usize>,
+    /// Woken when `open` drops to zero.
+    all_closed: Notify,
+}
+
+impl WorkerDrain {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    pub(crate) fn start(&self) {
+        self.draining.set(true);
+        self.started.notify_waiters();
+    }
+
+    /// Resolves once draining has started (immediately if it already has).
+    pub(crate) async fn started(&self) {
+        let notified = self.started.notified();
+        if self.draining.get() {
+            return;
+        }
+        notified.await;
+    }
+
+    pub(crate) fn open(&self) -> usize {
+        self.open.get()
+    }
+
+    pub(crate) fn conn_opened(&self) {
+        self.open.set(self.open.get() + 1);
+    }
+
+    pub(crate) fn conn_closed(&self) {
+        let n = self.open.get().saturating_sub(1);
+        self.open.set(n);
+        if n == 0 {
+            self.all_closed.notify_one();
+        }
+    }
+
+    /// Resolves when no connection is open.
+    pub(crate) async fn all_closed(&self) {
+        while self.open.get() > 0 {
+            self.all_closed.notified().await;
+        }
+    }
+}
