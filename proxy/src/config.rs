@@ -1,1 +1,242 @@
-//! Configuration from `IBEX_*` environment variables.
+//! Configuration from `IBEX_*` environment variables (SPEC §9), parsed once
+//! into one typed struct. Every field is also a `--flag`, and `--help` lists
+//! each variable with its default. A bad value is reported by clap with the
+//! variable's name and the process exits non-zero (status 2).
+//!
+//! Not here: anything derived per worker (see `chain::wiring`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+use secrecy::SecretString;
+
+/// Deployment environment; `production` tightens nothing in the proxy yet but
+/// is logged so operators can see what a process believes it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Environment {
+    Development,
+    Test,
+    Staging,
+    Production,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "ibex-proxy",
+    version,
+    about = "IBEX Harness edge proxy: thread-per-core HTTP/1.1 with token auth, agent identity, \
+             permissions and per-org rate limits in front of an OpenAI-compatible upstream"
+)]
+pub struct Config {
+    /// Address every worker binds (SO_REUSEPORT).
+    #[arg(long, env = "IBEX_PROXY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Worker threads, one monoio runtime each (default: available cores).
+    #[arg(long, env = "IBEX_PROXY_THREADS", default_value_t = default_threads(),
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+
+    /// Pin each worker to one CPU of the process affinity mask.
+    #[arg(long, env = "IBEX_PROXY_PIN_CPUS", default_value_t = false, action = ArgAction::Set)]
+    pub pin_cpus: bool,
+
+    /// authd gRPC address (token/agent validation and the invalidation feed).
+    #[arg(long, env = "IBEX_AUTHD_GRPC", default_value = "http://127.0.0.1:9091",
+          value_parser = parse_http_url)]
+    pub authd_grpc: String,
+
+    /// Redis holding the per-org rate-limit counters.
+    #[arg(long, env = "IBEX_REDIS_URL", default_value = "redis://127.0.0.1:6379/0",
+          value_parser = parse_redis_url)]
+    pub redis_url: String,
+
+    /// Deadline for one authd validation on a cache miss; past it → 503 AUTH_UNAVAILABLE.
+    #[arg(long, env = "IBEX_AUTH_VALIDATE_TIMEOUT", default_value = "50ms",
+          value_parser = parse_positive_duration)]
+    pub auth_validate_timeout: Duration,
+
+    /// How stale the invalidation feed may be before cached credentials are
+    /// re-validated (and revocations must be enforced within).
+    #[arg(long, env = "IBEX_REVOCATION_SLA_MS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub revocation_sla_ms: u64,
+
+    /// Requests per minute for an org whose own limit is 0.
+    #[arg(long, env = "IBEX_DEFAULT_RPM", default_value_t = 600,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub default_rpm: u32,
+
+    /// Largest request body accepted (413 above it).
+    #[arg(long, env = "IBEX_MAX_BODY_BYTES", default_value_t = 4_194_304,
+          value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
+    pub max_body_bytes: u64,
+
+    /// OpenAI-style base URL with its version path, e.g. https://api.openai.com/v1.
+    /// Unset: chat and models answer 501 PROVIDER_NOT_CONFIGURED.
+    #[arg(long, env = "IBEX_UPSTREAM_URL", value_parser = parse_http_url)]
+    pub upstream_url: Option<String>,
+
+    /// The proxy's own upstream key (never printed).
+    #[arg(long, env = "IBEX_UPSTREAM_API_KEY", hide_env_values = true,
+          value_parser = parse_secret)]
+    pub upstream_api_key: Option<SecretString>,
+
+    /// PEM bundle that replaces the platform roots for the upstream TLS.
+    #[arg(long, env = "IBEX_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+
+    /// Deadline until the upstream's response headers (504 past it).
+    #[arg(long, env = "IBEX_UPSTREAM_TIMEOUT", default_value = "60s",
+          value_parser = parse_positive_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Longest silence between upstream body chunks.
+    #[arg(long, env = "IBEX_UPSTREAM_IDLE_TIMEOUT", default_value = "30s",
+          value_parser = parse_positive_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Deployment environment.
+    #[arg(long = "env", env = "IBEX_ENV", value_enum, default_value_t = Environment::Development)]
+    pub environment: Environment,
+
+    /// Log level or tracing filter (JSON logs on stderr).
+    #[arg(long, env = "IBEX_LOG", default_value = "info", value_parser = parse_log_filter)]
+    pub log: String,
+}
+
+impl Config {
+    pub fn revocation_sla(&self) -> Duration {
+        Duration::from_millis(self.revocation_sla_ms)
+    }
+}
+
+fn default_threads() -> u16 {
+    std::thread::available_parallelism()
+        .map(|n| u16::try_from(n.get()).unwrap_or(u16::MAX))
+        .unwrap_or(1)
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 50ms, 2s, 1m)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_http_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("has no host".into());
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+fn parse_redis_url(s: &str) -> Result<String, String> {
+    if !(s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("unix://")) {
+        return Err("must start with redis://, rediss:// or unix://".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_secret(s: &str) -> Result<SecretString, String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(SecretString::from(s.to_owned()))
+}
+
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use secrecy::ExposeSecret;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let mut all = vec!["ibex-proxy"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all)
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert!(c.threads >= 1);
+        assert!(!c.pin_cpus);
+        assert_eq!(c.authd_grpc, "http://127.0.0.1:9091");
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
+        assert_eq!(c.auth_validate_timeout, Duration::from_millis(50));
+        assert_eq!(c.revocation_sla(), Duration::from_millis(300));
+        assert_eq!(c.default_rpm, 600);
+        assert_eq!(c.max_body_bytes, 4_194_304);
+        assert!(c.upstream_url.is_none());
+        assert_eq!(c.upstream_timeout, Duration::from_secs(60));
+        assert_eq!(c.upstream_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.environment, Environment::Development);
+        assert_eq!(c.log, "info");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_name() {
+        for args in [
+            &["--auth-validate-timeout", "fast"][..],
+            &["--auth-validate-timeout", "0ms"],
+            &["--threads", "0"],
+            &["--listen", "nowhere"],
+            &["--upstream-url", "ftp://x"],
+            &["--redis-url", "localhost"],
+            &["--env", "prod-ish"],
+            &["--pin-cpus", "maybe"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.to_string().contains(args[0]), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn help_lists_every_variable_and_hides_the_key() {
+        let help = Config::command().render_long_help().to_string();
+        for var in [
+            "IBEX_PROXY_LISTEN",
+            "IBEX_PROXY_THREADS",
+            "IBEX_PROXY_PIN_CPUS",
+            "IBEX_AUTHD_GRPC",
+            "IBEX_REDIS_URL",
+            "IBEX_AUTH_VALIDATE_TIMEOUT",
+            "IBEX_REVOCATION_SLA_MS",
+            "IBEX_DEFAULT_RPM",
+            "IBEX_MAX_BODY_BYTES",
+            "IBEX_UPSTREAM_URL",
+            "IBEX_UPSTREAM_API_KEY",
+            "IBEX_UPSTREAM_CA_FILE",
+            "IBEX_UPSTREAM_TIMEOUT",
+            "IBEX_UPSTREAM_IDLE_TIMEOUT",
+            "IBEX_ENV",
+            "IBEX_LOG",
+        ] {
+            assert!(help.contains(var), "{var} missing from --help");
+        }
+        assert!(help.contains("[default: 50ms]"));
+    }
+
+    #[test]
+    fn upstream_key_is_redacted_in_debug() {
+        let c = parse(&["--upstream-api-key", "sk-very-secret"]).unwrap();
+        let key = c.upstream_api_key.as_ref().unwrap();
+        assert_eq!(key.expose_secret(), "sk-very-secret");
+        assert!(!format!("{c:?}").contains("sk-very-secret"));
+    }
+}

@@ -1,1 +1,27 @@
-//! Token and agent caches, the authd bridge and the invalidation feed.
+//! Authentication and agent identity for the chain: per-core token and agent
+//! caches, the flood guard, single-flight, the authd bridge and the
+//! invalidation feed.
+//!
+//! Layout: [`step`] is what the chain calls; [`core`] is one worker's state
+//! and trust rule; [`cache`], [`bounded`], [`flight`], [`guard`] are its
+//! parts; [`backend`] is the authd interface and [`bridge`] its tonic
+//! implementation; [`principal`] holds the proofs the steps hand on;
+//! [`secret`] keeps the bearer out of logs.
+
+pub mod backend;
+pub mod bounded;
+pub mod bridge;
+pub mod cache;
+pub mod clock;
+pub mod core;
+pub mod flight;
+pub mod guard;
+pub mod principal;
+pub mod secret;
+pub mod step;
+
+pub use backend::{AgentAnswer, AuthBackend, TokenAnswer, Unavailable, ValidToken};
+pub use clock::{Clock, FakeClock, SystemClock};
+pub use core::{AuthCore, AuthSettings, FeedEvent};
+pub use principal::{Principal, TokenGrant};
+pub use step::Authenticator;

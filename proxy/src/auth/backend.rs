@@ -1,0 +1,70 @@
+//! What the auth step asks authd on a cache miss, as a trait so the chain can
+//! be driven in tests (and benches) without a network. The production
+//! implementation is [`crate::auth::bridge::BridgeClient`].
+
+use futures::future::LocalBoxFuture;
+use uuid::Uuid;
+
+use super::secret::BearerToken;
+
+/// A token authd vouched for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidToken {
+    pub org: Uuid,
+    pub token_id: Uuid,
+    pub permissions: u64,
+    /// Unix ms; `None` = never expires.
+    pub expires_at_ms: Option<i64>,
+    /// The agent the token is bound to; `None` = any agent of the org.
+    pub agent: Option<Uuid>,
+    /// The org's requests per minute; 0 = the proxy's default.
+    pub rpm: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenAnswer {
+    Valid(ValidToken),
+    /// Malformed, unknown id or wrong secret (indistinguishable by design).
+    Invalid,
+    Revoked,
+    Expired,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentAnswer {
+    Active,
+    /// Paused, archived or suspended.
+    Inactive,
+    /// Unknown, or of another org (indistinguishable by design).
+    NotFound,
+}
+
+/// authd could not answer (down, overloaded, timed out, nonsense reply).
+/// Always fails closed: 503 AUTH_UNAVAILABLE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+pub type Answer<T> = Result<T, Unavailable>;
+
+pub trait AuthBackend {
+    fn validate_token(&self, token: &BearerToken) -> LocalBoxFuture<'static, Answer<TokenAnswer>>;
+    fn validate_agent(
+        &self,
+        org: Uuid,
+        agent: Uuid,
+    ) -> LocalBoxFuture<'static, Answer<AgentAnswer>>;
+}
+
+/// A backend that refuses to be asked: for benches of the hit path, where a
+/// call would mean the cache was not warm.
+pub struct NoBackend;
+
+impl AuthBackend for NoBackend {
+    fn validate_token(&self, _: &BearerToken) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
+        Box::pin(async { Err(Unavailable) })
+    }
+
+    fn validate_agent(&self, _: Uuid, _: Uuid) -> LocalBoxFuture<'static, Answer<AgentAnswer>> {
+        Box::pin(async { Err(Unavailable) })
+    }
+}

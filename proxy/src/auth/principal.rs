@@ -1,0 +1,72 @@
+//! Proof that a request passed the auth steps. Only this module's parent can
+//! build these types, so a handler that takes a [`Principal`] cannot be
+//! reached without the token and agent checks having run, in order.
+
+use uuid::Uuid;
+
+use super::backend::ValidToken;
+use crate::error::ApiError;
+
+/// The token step's result: a verified, unexpired token. Input to the agent step.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenGrant {
+    pub(super) token: ValidToken,
+}
+
+impl TokenGrant {
+    pub fn org(&self) -> Uuid {
+        self.token.org
+    }
+}
+
+/// An authenticated caller: token verified, agent active and allowed.
+#[derive(Debug, Clone, Copy)]
+pub struct Principal {
+    org: Uuid,
+    token_id: Uuid,
+    permissions: u64,
+    agent: Uuid,
+    rpm: u32,
+}
+
+impl Principal {
+    pub(super) fn new(token: &ValidToken, agent: Uuid) -> Self {
+        Self {
+            org: token.org,
+            token_id: token.token_id,
+            permissions: token.permissions,
+            agent,
+            rpm: token.rpm,
+        }
+    }
+
+    pub fn org(&self) -> Uuid {
+        self.org
+    }
+
+    pub fn token_id(&self) -> Uuid {
+        self.token_id
+    }
+
+    pub fn permissions(&self) -> u64 {
+        self.permissions
+    }
+
+    pub fn agent(&self) -> Uuid {
+        self.agent
+    }
+
+    /// The org's requests per minute as authd reported it (0 = use the default).
+    pub fn rpm(&self) -> u32 {
+        self.rpm
+    }
+
+    /// The permission step: every bit of `needed` must be granted.
+    pub fn require(&self, needed: u64) -> Result<(), ApiError> {
+        if self.permissions & needed == needed {
+            Ok(())
+        } else {
+            Err(ApiError::InsufficientPermissions)
+        }
+    }
+}

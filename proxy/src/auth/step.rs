@@ -1,0 +1,237 @@
+//! The auth steps of the chain: token, agent header, agent. Each returns the
+//! typed proof the next step needs ([`TokenGrant`] → [`Principal`]) or the
+//! refusal to render. Cache hits answer without I/O; misses go through
+//! single-flight to the [`AuthBackend`] with `IBEX_AUTH_VALIDATE_TIMEOUT`.
+
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use super::backend::{AgentAnswer, AuthBackend, TokenAnswer, Unavailable, ValidToken};
+use super::cache::TokenLookup;
+use super::core::AuthCore;
+use super::principal::{Principal, TokenGrant};
+use super::secret::{BearerToken, TokenDigest};
+use crate::error::ApiError;
+use crate::http::Headers;
+
+pub const AGENT_HEADER: &str = "X-IBEX-Agent-ID";
+
+pub struct Authenticator<B> {
+    core: Rc<AuthCore>,
+    backend: B,
+}
+
+/// `Authorization: Bearer <value>`; the scheme is case-insensitive (RFC 9110
+/// §11.1). `None` for a missing header, another scheme or an empty value.
+pub fn bearer(headers: &Headers) -> Option<BearerToken> {
+    let v = headers.get("authorization")?;
+    if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let start = 7 + v[7..].iter().take_while(|&&c| c == b' ').count();
+    let end = v.len()
+        - v[start..]
+            .iter()
+            .rev()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count();
+    if start >= end {
+        return None;
+    }
+    Some(BearerToken::new(v.slice(start..end)))
+}
+
+/// The agent header step: present and non-empty, then a UUID.
+pub fn agent_header(headers: &Headers) -> Result<Uuid, ApiError> {
+    let v = headers
+        .get(AGENT_HEADER)
+        .map(|v| v.trim_ascii())
+        .unwrap_or_default();
+    if v.is_empty() {
+        return Err(ApiError::MissingAgentId);
+    }
+    Uuid::try_parse_ascii(v).map_err(|_| ApiError::InvalidAgentId)
+}
+
+impl<B: AuthBackend> Authenticator<B> {
+    pub fn new(core: Rc<AuthCore>, backend: B) -> Self {
+        Self { core, backend }
+    }
+
+    pub fn core(&self) -> &Rc<AuthCore> {
+        &self.core
+    }
+
+    /// The token step. Order inside it matters:
+    /// 1. shape check — a non-PAT costs nothing and counts as a guess;
+    /// 2. the cache — a trusted valid entry passes even from an address the
+    ///    flood guard blocks (its owner must not suffer from a flood);
+    /// 3. the flood guard — before any authd call;
+    /// 4. authd through single-flight.
+    pub async fn token(&self, headers: &Headers, peer: IpAddr) -> Result<TokenGrant, ApiError> {
+        let core = &*self.core;
+        let bearer = bearer(headers).ok_or(ApiError::MissingToken)?;
+        let now = core.clock.now();
+        if !bearer.is_well_formed() {
+            return Err(core.refuse_guess(peer, now));
+        }
+        let key = bearer.digest();
+        let lookup = core.tokens.borrow_mut().lookup(&key, now);
+        let known_credential = match lookup {
+            TokenLookup::Positive(e) if core.trusts(e.validated_at, now) => {
+                core.metrics.token_cache_hits.inc();
+                return self.grant(e.token);
+            }
+            // Known to be a real credential, but the feed cannot vouch for it
+            // any more: re-validate (and let it past the flood guard).
+            TokenLookup::Positive(_) => true,
+            TokenLookup::Negative(err) => {
+                core.metrics.token_negative_hits.inc();
+                return Err(match err {
+                    ApiError::InvalidToken => core.refuse_guess(peer, now),
+                    _ if core.guard_blocks(peer, now) => ApiError::RateLimited,
+                    other => other,
+                });
+            }
+            TokenLookup::Miss => false,
+        };
+        if !known_credential && core.guard_blocks(peer, now) {
+            return Err(ApiError::RateLimited);
+        }
+        core.metrics.token_cache_misses.inc();
+        match self.validate_token(key, &bearer).await? {
+            TokenAnswer::Valid(t) => self.grant(t),
+            TokenAnswer::Invalid => Err(core.refuse_guess(peer, core.clock.now())),
+            TokenAnswer::Revoked => Err(ApiError::TokenRevoked),
+            TokenAnswer::Expired => Err(ApiError::TokenExpired),
+        }
+    }
+
+    /// The agent step: the agent must be active in the token's org and, for
+    /// a bound token, be the bound agent. The lookup runs even when the
+    /// binding already fails, so "not yours" and "unknown" take the same path.
+    pub async fn agent(&self, grant: TokenGrant, agent: Uuid) -> Result<Principal, ApiError> {
+        let core = &*self.core;
+        let t = grant.token;
+        let now = core.clock.now();
+        let cached = core.agents.borrow_mut().lookup(t.org, agent, now);
+        let answer = match cached {
+            Some(e) if e.answer != AgentAnswer::Active || core.trusts(e.validated_at, now) => {
+                core.metrics.agent_cache_hits.inc();
+                e.answer
+            }
+            _ => {
+                core.metrics.agent_cache_misses.inc();
+                self.validate_agent(t.org, agent).await?
+            }
+        };
+        if t.agent.is_some_and(|bound| bound != agent) {
+            return Err(ApiError::AgentNotAuthorized);
+        }
+        match answer {
+            AgentAnswer::Active => Ok(Principal::new(&t, agent)),
+            AgentAnswer::Inactive => Err(ApiError::AgentSuspended),
+            AgentAnswer::NotFound => Err(ApiError::AgentNotAuthorized),
+        }
+    }
+
+    /// Expiry is re-checked on every use, cached or fresh.
+    fn grant(&self, token: ValidToken) -> Result<TokenGrant, ApiError> {
+        match token.expires_at_ms {
+            Some(exp) if self.core.clock.unix_ms() >= exp => Err(ApiError::TokenExpired),
+            _ => Ok(TokenGrant { token }),
+        }
+    }
+
+    async fn validate_token(
+        &self,
+        key: TokenDigest,
+        bearer: &BearerToken,
+    ) -> Result<TokenAnswer, ApiError> {
+        let core = self.core.clone();
+        let (answer, _) = self
+            .core
+            .token_flights
+            .run(key, || {
+                let call = self.backend.validate_token(bearer);
+                async move {
+                    core.metrics.authd_token_calls.inc();
+                    let (started, epoch) = (core.clock.now(), core.epoch());
+                    let answer = timed(&core, started, call).await;
+                    if let Ok(a) = answer {
+                        cache_token(&core, key, a, started, epoch);
+                    }
+                    answer
+                }
+            })
+            .await;
+        answer.map_err(|Unavailable| ApiError::AuthUnavailable)
+    }
+
+    async fn validate_agent(&self, org: Uuid, agent: Uuid) -> Result<AgentAnswer, ApiError> {
+        let core = self.core.clone();
+        let (answer, _) = self
+            .core
+            .agent_flights
+            .run((org, agent), || {
+                let call = self.backend.validate_agent(org, agent);
+                async move {
+                    core.metrics.authd_agent_calls.inc();
+                    let (started, epoch) = (core.clock.now(), core.epoch());
+                    let answer = timed(&core, started, call).await;
+                    if let Ok(a) = answer {
+                        // Refusals are safe to keep whatever happened meanwhile.
+                        if a != AgentAnswer::Active || core.epoch() == epoch {
+                            core.agents.borrow_mut().insert(org, agent, a, started);
+                        }
+                    }
+                    answer
+                }
+            })
+            .await;
+        answer.map_err(|Unavailable| ApiError::AuthUnavailable)
+    }
+}
+
+/// One authd call under `IBEX_AUTH_VALIDATE_TIMEOUT`, measured.
+async fn timed<T>(
+    core: &AuthCore,
+    started: Instant,
+    call: impl std::future::Future<Output = Result<T, Unavailable>>,
+) -> Result<T, Unavailable> {
+    let answer = monoio::time::timeout(core.settings.validate_timeout, call)
+        .await
+        .unwrap_or(Err(Unavailable));
+    let took = core.clock.now().saturating_duration_since(started);
+    core.metrics
+        .authd_latency
+        .observe_us(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+    if answer.is_err() {
+        core.metrics.authd_errors.inc();
+    }
+    answer
+}
+
+/// Caches authd's answer. A valid answer from a call that started before the
+/// latest invalidation on this worker is not cached: it may predate the
+/// revocation the invalidation announced.
+fn cache_token(
+    core: &AuthCore,
+    key: TokenDigest,
+    answer: TokenAnswer,
+    started: Instant,
+    epoch: u64,
+) {
+    let now = core.clock.now();
+    let mut tokens = core.tokens.borrow_mut();
+    match answer {
+        TokenAnswer::Valid(t) if core.epoch() == epoch => tokens.insert_valid(key, t, started),
+        TokenAnswer::Valid(_) => {}
+        TokenAnswer::Invalid => tokens.insert_refused(key, ApiError::InvalidToken, now),
+        TokenAnswer::Revoked => tokens.insert_refused(key, ApiError::TokenRevoked, now),
+        TokenAnswer::Expired => tokens.insert_refused(key, ApiError::TokenExpired, now),
+    }
+}

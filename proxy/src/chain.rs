@@ -1,1 +1,0 @@
-//! The security chain, built in one place.
