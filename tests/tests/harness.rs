@@ -54,3 +54,53 @@ async fn redis_stop_and_restart_on_the_same_port() {
     assert_eq!(redis.port(), port);
     assert_eq!(redis.command(&["PING"]).await.expect("ping"), "+PONG\r\n");
 }
+
+/// Serves each canned response to one connection, in order, after reading the request head.
+#[expect(
+    clippy::expect_used,
+    reason = "test helper: a failure here is a failed test"
+)]
+async fn canned_server(responses: Vec<&'static [u8]>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        for response in responses {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut buf).await.expect("read");
+                assert!(n > 0, "client closed early");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            sock.write_all(response).await.expect("write");
+            sock.shutdown().await.expect("shutdown");
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn http_client_reads_length_chunked_and_close_delimited_bodies() {
+    use ibex_e2e::http::Request;
+    let addr = canned_server(vec![
+        b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nX-Request-ID: r1\r\nContent-Length: 51\r\n\r\n{\"error\":{\"code\":\"MISSING_TOKEN\",\"message\":\"no\"}}  ",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+    ])
+    .await;
+
+    let first = Request::get("/v1/models").send(addr).await.expect("first");
+    assert_eq!(first.status, 401);
+    assert_eq!(first.header("x-request-id"), Some("r1"));
+    assert_eq!(first.error_code().as_deref(), Some("MISSING_TOKEN"));
+
+    let second = Request::post("/x", "{}").send(addr).await.expect("second");
+    assert_eq!(second.text(), "hello world");
+
+    let third = Request::get("/y").send(addr).await.expect("third");
+    assert_eq!(third.text(), "until close");
+}
