@@ -48,9 +48,10 @@ pub struct Config {
           value_parser = parse_http_url)]
     pub authd_grpc: String,
 
-    /// Redis holding the per-org rate-limit counters.
+    /// Redis holding the per-org rate-limit counters (may hold a password:
+    /// its value is never printed).
     #[arg(long, env = "IBEX_REDIS_URL", default_value = "redis://127.0.0.1:6379/0",
-          value_parser = parse_redis_url)]
+          hide_env_values = true, value_parser = parse_redis_url)]
     pub redis_url: String,
 
     /// Deadline for one authd validation on a cache miss; past it → 503 AUTH_UNAVAILABLE.

@@ -1,1 +1,91 @@
-fn main() {}
+//! `ibex-proxy`: parse the config, start the authd bridge, bind, announce
+//! `IBEX_READY http=<addr>` on stdout, serve until SIGTERM, drain, exit 0.
+//! Everything per request lives in `ibex_proxy::chain`.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use anyhow::Context;
+use clap::Parser;
+use ibex_proxy::auth::bridge::{Bridge, BridgeConfig};
+use ibex_proxy::chain::wiring::Wiring;
+use ibex_proxy::config::Config;
+use ibex_proxy::http::Limits;
+use ibex_proxy::ratelimit::RateLimitConfig;
+use ibex_proxy::server::{Server, ServerConfig};
+use ibex_proxy::upstream::Upstream;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "ibex-proxy stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    check_before_serving(&config)?;
+    let bridge = Bridge::start(BridgeConfig {
+        authd_url: config.authd_grpc.clone(),
+        subscriber: format!("ibex-proxy:{}", std::process::id()),
+    })
+    .context("IBEX_AUTHD_GRPC")?;
+    let server = Server::bind(ServerConfig {
+        listen: config.listen,
+        threads: usize::from(config.threads),
+        pin_cpus: config.pin_cpus,
+        limits: Limits {
+            body_bytes: usize::try_from(config.max_body_bytes)?,
+            ..Limits::default()
+        },
+        ..ServerConfig::default()
+    })
+    .with_context(|| format!("binding {}", config.listen))?;
+    let addr = server.local_addr();
+    tracing::info!(http = %addr, threads = config.threads, env = ?config.environment, "ibex-proxy serving");
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "IBEX_READY http={addr}")?;
+    stdout.flush()?;
+    drop(stdout);
+
+    let wiring = Wiring::new(config, bridge);
+    server.run(move |worker| match wiring.build_worker(worker) {
+        Ok(chain) => chain,
+        Err(e) => {
+            // Checked before serving; reaching this is a bug or a race with
+            // the filesystem. A worker without its chain must not serve.
+            tracing::error!(worker, error = format!("{e:#}"), "cannot build worker");
+            std::process::exit(1);
+        }
+    })?;
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+/// What would make every worker fail is refused before the ready line.
+fn check_before_serving(config: &Config) -> anyhow::Result<()> {
+    RateLimitConfig::new(config.redis_url.clone())
+        .validate()
+        .map_err(|e| anyhow::anyhow!("IBEX_REDIS_URL: {e}"))?;
+    if let Some(upstream) = Wiring::upstream_config(config) {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()?
+            .block_on(async { Upstream::new(Rc::new(upstream)).map(drop) })
+            .context("IBEX_UPSTREAM_*")?;
+    }
+    Ok(())
+}

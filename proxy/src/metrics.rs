@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::ratelimit::RateLimitStats;
 use crate::routes::RouteId;
+use crate::upstream::{render_prometheus as render_upstream, UpstreamStats};
 
 /// A single-writer counter.
 #[derive(Debug, Default)]
@@ -107,6 +108,7 @@ pub struct BridgeStats {
 struct Worker {
     metrics: Arc<WorkerMetrics>,
     ratelimit: Option<Arc<RateLimitStats>>,
+    upstream: Option<Arc<UpstreamStats>>,
 }
 
 /// Every worker's counters, for the scrape. Locked only to register a worker
@@ -122,9 +124,14 @@ impl Registry {
         &self,
         metrics: Arc<WorkerMetrics>,
         ratelimit: Option<Arc<RateLimitStats>>,
+        upstream: Option<Arc<UpstreamStats>>,
     ) {
         if let Ok(mut w) = self.workers.lock() {
-            w.push(Worker { metrics, ratelimit });
+            w.push(Worker {
+                metrics,
+                ratelimit,
+                upstream,
+            });
         }
     }
 
@@ -290,6 +297,12 @@ impl Registry {
             );
         }
 
+        let upstream: Vec<Arc<UpstreamStats>> =
+            workers.iter().filter_map(|w| w.upstream.clone()).collect();
+        if !upstream.is_empty() {
+            render_upstream(&upstream, &mut out);
+        }
+
         if let Ok(bridge) = self.bridge.lock() {
             if let Some(b) = bridge.as_ref() {
                 header(
@@ -371,8 +384,8 @@ mod tests {
         let reg = Registry::default();
         let a = Arc::new(WorkerMetrics::default());
         let b = Arc::new(WorkerMetrics::default());
-        reg.register_worker(a.clone(), Some(Arc::new(RateLimitStats::default())));
-        reg.register_worker(b.clone(), None);
+        reg.register_worker(a.clone(), Some(Arc::new(RateLimitStats::default())), None);
+        reg.register_worker(b.clone(), None, None);
         a.request(RouteId::InternalProbe, 200, 40);
         b.request(RouteId::InternalProbe, 200, 4_000);
         b.request(RouteId::Unmatched, 401, 10);

@@ -196,11 +196,13 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
         span.in_scope(|| {
             tracing::info!(
                 target: "ibex_proxy::access",
+                request_id = rid.as_str(),
                 method = method_str(method),
                 route = matched.id().template(),
                 status = resp.status,
                 latency_us,
                 org = org.map(tracing::field::display),
+                "request"
             )
         });
         resp

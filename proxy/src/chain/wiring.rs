@@ -63,13 +63,15 @@ impl Wiring {
         monoio::spawn(self.bridge.subscribe().run(core.clone()));
 
         let limiter = RateLimiter::new(Rc::new(RateLimitConfig::new(cfg.redis_url.clone())));
-        self.registry
-            .register_worker(metrics, Some(limiter.stats()));
-
         let upstream = match Self::upstream_config(cfg) {
             Some(u) => Some(Upstream::new(Rc::new(u))?),
             None => None,
         };
+        self.registry.register_worker(
+            metrics,
+            Some(limiter.stats()),
+            upstream.as_ref().map(Upstream::stats),
+        );
         tracing::debug!(worker, "worker chain built");
         Ok(Chain::new(
             Authenticator::new(core, self.bridge.client()),
