@@ -10,8 +10,10 @@ pub mod http;
 pub mod pg;
 pub mod procs;
 pub mod redis;
+pub mod stack;
 pub mod watchdog;
 
 pub use pg::Postgres;
 pub use procs::{Authd, Proxy};
 pub use redis::Redis;
+pub use stack::{Seed, Stack};

@@ -167,8 +167,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts the proxy against `authd_grpc` and `redis_url` with `IBEX_PROXY_THREADS=2` and
-    /// `IBEX_LOG=info`; `extra_env` overrides any of them.
+    /// Starts the proxy against `authd_grpc` and `redis_url` with `IBEX_PROXY_THREADS=2`,
+    /// `IBEX_LOG=info` and `IBEX_AUTH_VALIDATE_TIMEOUT=2s`; `extra_env` overrides any of them.
     pub async fn start(
         authd_grpc: SocketAddr,
         redis_url: &str,
@@ -180,6 +180,10 @@ impl Proxy {
             ("IBEX_REDIS_URL".to_owned(), redis_url.to_owned()),
             ("IBEX_PROXY_THREADS".to_owned(), "2".to_owned()),
             ("IBEX_LOG".to_owned(), "info".to_owned()),
+            // A cold validation costs an Argon2id verify plus, on first use, a gRPC connection;
+            // on a loaded 2-core CI box that can exceed the 50 ms production default. Tests of
+            // the timeout itself set it explicitly.
+            ("IBEX_AUTH_VALIDATE_TIMEOUT".to_owned(), "2s".to_owned()),
         ];
         merge_env(&mut env, extra_env);
         let mut service = Service::new("ibex-proxy", env)?;

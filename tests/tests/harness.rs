@@ -104,3 +104,65 @@ async fn http_client_reads_length_chunked_and_close_delimited_bodies() {
     let third = Request::get("/y").send(addr).await.expect("third");
     assert_eq!(third.text(), "until close");
 }
+
+#[tokio::test]
+async fn whole_stack_serves_the_seeded_probe() {
+    use ibex_e2e::http::Request;
+    let stack = ibex_e2e::Stack::start().await.expect("start the stack");
+    let probe = Request::get("/v1/internal/auth-probe")
+        .auth(&stack.seed.token, &stack.seed.agent_id)
+        .send(stack.proxy.addr)
+        .await
+        .expect("probe");
+    assert_eq!(probe.status, 200, "{}", probe.dump());
+    let body = probe.json().expect("json");
+    assert_eq!(body["org_id"], stack.seed.org_id);
+    assert_eq!(body["agent_id"], stack.seed.agent_id);
+
+    let anonymous = Request::get("/v1/internal/auth-probe")
+        .send(stack.proxy.addr)
+        .await
+        .expect("anonymous");
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(anonymous.error_code().as_deref(), Some("MISSING_TOKEN"));
+
+    // The operator path works through the spawned authd.
+    let list = stack
+        .authd
+        .ibexctl_json(&["token", "list", "--org", &stack.seed.org_id])
+        .await
+        .expect("token list");
+    assert!(list["tokens"].is_array(), "{list}");
+    let secret = stack.seed.token.rsplit('_').next().expect("secret part");
+    assert!(!list.to_string().contains(secret));
+    assert!(!stack.authd.log_contents().contains(secret));
+    assert!(!stack.proxy.log_contents().contains(secret));
+}
+
+#[tokio::test]
+async fn authd_and_proxy_restart_on_their_ports() {
+    use ibex_e2e::http::Request;
+    let mut stack = ibex_e2e::Stack::start().await.expect("start the stack");
+    let (grpc, http, proxy) = (
+        stack.authd.grpc_addr,
+        stack.authd.http_addr,
+        stack.proxy.addr,
+    );
+
+    stack.authd.kill();
+    assert!(!stack.authd.is_running());
+    stack.authd.restart().await.expect("restart authd");
+    assert!(stack.authd.is_running());
+    assert_eq!((stack.authd.grpc_addr, stack.authd.http_addr), (grpc, http));
+
+    stack.proxy.restart().await.expect("restart proxy");
+    assert_eq!(stack.proxy.addr, proxy);
+    let probe = Request::get("/v1/internal/auth-probe")
+        .auth(&stack.seed.token, &stack.seed.agent_id)
+        .send(stack.proxy.addr)
+        .await
+        .expect("probe");
+    assert_eq!(probe.status, 200, "{}", probe.dump());
+    // Both runs of each process are in its log.
+    assert_eq!(stack.authd.log_contents().matches("IBEX_READY").count(), 2);
+}
