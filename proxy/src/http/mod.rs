@@ -14,6 +14,9 @@ pub mod chunked;
 mod parse;
 pub(crate) mod write;
 
+#[cfg(test)]
+mod tests;
+
 pub use parse::{parse_head, BodyFraming, Head, Limits, ParseError, MAX_HEADER_COUNT};
 pub use write::{write_head, BodyKind, DateCache};
 

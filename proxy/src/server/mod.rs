@@ -13,6 +13,9 @@ mod conn;
 mod runtime;
 mod shutdown;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
