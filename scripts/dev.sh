@@ -120,8 +120,10 @@ pg_up() {
     load_env
     local bindir
     bindir="$(pg_bindir)"
+    [ -z "${PG_CHECKED:-}" ] || return 0
+    PG_CHECKED=1
     if pg_running; then
-        say "Postgres already running on 127.0.0.1:$PG_PORT"
+        say "Postgres running on 127.0.0.1:$PG_PORT"
         return
     fi
     mkdir -p "$PGDIR" "$PGSOCK"
@@ -165,7 +167,7 @@ redis_up() {
     local pid
     pid="$(redis_pid)"
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        say "Redis already running on 127.0.0.1:$REDIS_PORT"
+        say "Redis running on 127.0.0.1:$REDIS_PORT"
         return
     fi
     if port_busy "$REDIS_PORT"; then
