@@ -1,0 +1,126 @@
+//! Smoke test through real processes (throwaway Postgres and Redis, the real
+//! `ibex-authd`, `ibexctl` and `ibex-proxy` binaries): the seeded dev token
+//! reaches the auth probe with the rate-limit headers, `/ready` turns green,
+//! tenant isolation holds on the org probe, a revocation made through authd
+//! is refused by the proxy, and the token never appears in the proxy's log.
+//!
+//! Needs the binaries: `cargo build --workspace --bins` first (as `make test` does).
+
+use std::time::{Duration, Instant};
+
+use ibex_e2e::http::Request;
+use ibex_e2e::procs::{migrate, seed};
+use ibex_e2e::{Authd, Postgres, Proxy, Redis};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+const DEV_TOKEN_ID: &str = "00000000-0000-0000-0000-000000000004";
+
+#[tokio::test]
+async fn seeded_token_end_to_end() -> anyhow::Result<()> {
+    let pg = Postgres::start().await?;
+    migrate(&pg).await?;
+    let dev = seed(&pg).await?;
+    let (token, agent, org) = (
+        dev["IBEX_DEV_TOKEN"].clone(),
+        dev["IBEX_DEV_AGENT_ID"].clone(),
+        dev["IBEX_DEV_ORG_ID"].clone(),
+    );
+    let redis = Redis::start().await?;
+    let authd = Authd::start(&pg, &[]).await?;
+    let proxy = Proxy::start(authd.grpc_addr, &redis.url(), &[]).await?;
+
+    let health = Request::get("/health").send(proxy.addr).await?;
+    assert_eq!(health.status, 200, "{}", health.dump());
+
+    // Ready once the invalidation feed and Redis are up.
+    let started = Instant::now();
+    loop {
+        let r = Request::get("/ready").send(proxy.addr).await?;
+        if r.status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "never ready: {}", r.dump());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let probe = Request::get("/v1/internal/auth-probe").auth(&token, &agent);
+    let r = probe.send(proxy.addr).await?;
+    assert_eq!(r.status, 200, "{}", r.dump());
+    let body = r.json()?;
+    assert_eq!(body["org_id"], org.as_str());
+    assert_eq!(body["agent_id"], agent.as_str());
+    assert_eq!(body["token_id"], DEV_TOKEN_ID);
+    assert!(r.header("X-Request-ID").is_some());
+    assert!(r.header("X-RateLimit-Limit").is_some(), "{}", r.dump());
+    assert!(r.header("X-RateLimit-Remaining").is_some(), "{}", r.dump());
+    assert!(
+        r.header("x-ratelimit-reset-requests").is_some(),
+        "{}",
+        r.dump()
+    );
+
+    // Cached now: a second request answers the same.
+    assert_eq!(probe.send(proxy.addr).await?.status, 200);
+
+    // Tenant isolation on the org probe.
+    let own = Request::get(&format!("/v1/orgs/{org}/auth-probe")).auth(&token, &agent);
+    assert_eq!(own.send(proxy.addr).await?.status, 200);
+    let other =
+        Request::get(&format!("/v1/orgs/{}/auth-probe", uuid::Uuid::new_v4())).auth(&token, &agent);
+    let r = other.send(proxy.addr).await?;
+    assert_eq!(
+        (r.status, r.error_code().as_deref()),
+        (403, Some("PERMISSION_DENIED"))
+    );
+
+    // Anonymous probing of routes: 401 before 404.
+    let r = Request::get("/v1/does-not-exist").send(proxy.addr).await?;
+    assert_eq!(
+        (r.status, r.error_code().as_deref()),
+        (401, Some("MISSING_TOKEN"))
+    );
+    let r = Request::get("/v1/does-not-exist")
+        .auth(&token, &agent)
+        .send(proxy.addr)
+        .await?;
+    assert_eq!(
+        (r.status, r.error_code().as_deref()),
+        (404, Some("NOT_FOUND"))
+    );
+
+    // Revocation through authd reaches the proxy's cache.
+    authd
+        .ibexctl_json(&["token", "revoke", "--org", &org, "--id", DEV_TOKEN_ID])
+        .await?;
+    let started = Instant::now();
+    loop {
+        let r = probe.send(proxy.addr).await?;
+        if r.status == 401 {
+            assert_eq!(
+                r.error_code().as_deref(),
+                Some("TOKEN_REVOKED"),
+                "{}",
+                r.dump()
+            );
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.dump());
+        assert!(
+            started.elapsed() < DEADLINE,
+            "revocation never reached the proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let log = proxy.log_contents();
+    assert!(
+        log.contains("\"route\":\"/v1/internal/auth-probe\""),
+        "no access log line"
+    );
+    let secret = token.rsplit('_').next().unwrap_or(&token);
+    assert!(
+        !log.contains(&token) && !log.contains(secret),
+        "the token reached the proxy log"
+    );
+    Ok(())
+}
