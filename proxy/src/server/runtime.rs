@@ -217,7 +217,10 @@ async fn supervise(
             None => break,
         }
     }
-    if failure.is_none() && exited == 0 {
+    if failure.is_none() && exited > 0 {
+        failure = Some(std::io::Error::other("a worker exited while starting"));
+    }
+    if failure.is_none() {
         tracing::info!(threads, "serving");
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),

@@ -620,3 +620,17 @@ fn bind_failure_is_reported() {
     assert!(Server::bind(cfg).is_err());
     drop(srv);
 }
+
+#[test]
+fn a_worker_that_dies_while_starting_fails_run() {
+    let server = Server::bind(test_config()).unwrap();
+    let (tx, _rx) = mpsc::channel();
+    let tx = Arc::new(Mutex::new(tx));
+    let result = server.run(move |worker| {
+        assert_ne!(worker, 1, "worker 1 cannot start (deliberate test panic)");
+        TestService {
+            entered: tx.clone(),
+        }
+    });
+    assert!(result.is_err());
+}
