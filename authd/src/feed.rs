@@ -24,6 +24,8 @@ use uuid::Uuid;
 use crate::cache::VerifiedCache;
 
 pub const CHANNEL: &str = "ibex_invalidation";
+/// `application_name` of the LISTEN connection (visible in `pg_stat_activity`).
+pub const APPLICATION_NAME: &str = "ibex-authd-listen";
 /// Heartbeat interval announced to subscribers (`Heartbeat.interval_ms`).
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
 /// The LISTEN connection counts as healthy this long after its last successful `SELECT 1`.
@@ -162,6 +164,8 @@ impl Feed {
         cache: Arc<VerifiedCache>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut config = config;
+        config.application_name(APPLICATION_NAME);
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = Instant::now();
