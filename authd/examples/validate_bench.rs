@@ -1,0 +1,196 @@
+//! ValidateToken over loopback gRPC: warm (cached digest) and cold (Argon2id) latency, and warm
+//! throughput. Starts a throwaway Postgres (`ibex_e2e::Postgres`), migrates it and runs two authd
+//! instances in-process on 127.0.0.1:0 (A creates tokens and so has them cached; B has never seen
+//! them, so its first validation of each is cold). The client shares the machine's cores with
+//! authd and Postgres, so figures are end-to-end, not server-only.
+//!
+//! Run (release; results go to perf/results/authd.md by hand):
+//!   cargo run --release -p ibex-authd --example validate_bench
+//! Options via env: BENCH_WARM_SECS (default 5), BENCH_COLD (default 200), BENCH_CONC (default 32).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use ibex_authd::authz::{AdminKeyDigest, ADMIN_KEY_HEADER};
+use ibex_authd::server::{self, Settings};
+use ibex_e2e::Postgres;
+use ibex_proto::pb::{self, auth_service_client::AuthServiceClient};
+use secrecy::SecretString;
+use tonic::transport::Channel;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const KEY: &str = "bench-admin-key";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(label: &str, mut times: Vec<Duration>) {
+    times.sort();
+    println!(
+        "{label}: n={} p50={:?} p99={:?} max={:?}",
+        times.len(),
+        pct(&times, 0.50),
+        pct(&times, 0.99),
+        times[times.len() - 1]
+    );
+}
+
+async fn start(pg: &Postgres) -> server::Running {
+    server::start(Settings {
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        database: pg.app_url().parse().unwrap(),
+        admin: AdminKeyDigest::new(&SecretString::from(KEY)),
+        default_rpm: 600,
+        hash_workers: std::thread::available_parallelism().map_or(1, usize::from),
+    })
+    .await
+    .expect("authd")
+}
+
+async fn connect(addr: std::net::SocketAddr) -> AuthServiceClient<Channel> {
+    AuthServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+fn admin<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert(ADMIN_KEY_HEADER, KEY.parse().unwrap());
+    request
+}
+
+async fn validate(client: &mut AuthServiceClient<Channel>, token: &str) -> i32 {
+    client
+        .validate_token(pb::ValidateTokenRequest {
+            token: token.to_owned(),
+        })
+        .await
+        .expect("validate")
+        .into_inner()
+        .status
+}
+
+#[tokio::main]
+async fn main() {
+    let warm_secs = env_or("BENCH_WARM_SECS", 5);
+    let cold_n = env_or("BENCH_COLD", 200) as usize;
+    let conc = env_or("BENCH_CONC", 32) as usize;
+
+    let pg = Postgres::start().await.expect("postgres");
+    let mut owner = pg.admin_client().await.expect("owner");
+    ibex_authd::ctl::migrate::apply(&mut owner, None)
+        .await
+        .expect("migrate");
+    let a = start(&pg).await;
+    let b = start(&pg).await;
+    let mut client_a = connect(a.grpc_addr).await;
+    let mut client_b = connect(b.grpc_addr).await;
+    while !b.validator.feed.is_healthy() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let org = client_a
+        .create_org(admin(pb::CreateOrgRequest {
+            name: "bench".into(),
+            rpm_limit: 0,
+        }))
+        .await
+        .expect("org")
+        .into_inner()
+        .org_id;
+    let mut tokens = Vec::with_capacity(cold_n);
+    for _ in 0..cold_n.max(1) {
+        let t = client_a
+            .create_token(admin(pb::CreateTokenRequest {
+                org_id: org.clone(),
+                permissions: 3,
+                ..Default::default()
+            }))
+            .await
+            .expect("token")
+            .into_inner()
+            .token;
+        tokens.push(t);
+    }
+    let hot = tokens[0].clone();
+
+    // Warm latency: one caller, sequential.
+    for _ in 0..1000 {
+        validate(&mut client_a, &hot).await;
+    }
+    let mut warm = Vec::with_capacity(20_000);
+    for _ in 0..20_000 {
+        let t = Instant::now();
+        assert_eq!(validate(&mut client_a, &hot).await, 1);
+        warm.push(t.elapsed());
+    }
+    summary("warm sequential (1 caller)", warm);
+
+    // Warm throughput: `conc` callers over 4 HTTP/2 connections.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(a.grpc_addr).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(warm_secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..conc)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            let hot = hot.clone();
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    assert_eq!(validate(&mut client, &hot).await, 1);
+                    times.push(t.elapsed());
+                }
+                times
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("task"));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "warm throughput ({conc} callers, 4 connections): {:.0} validations/s",
+        all.len() as f64 / secs
+    );
+    summary(&format!("warm under load ({conc} callers)"), all);
+
+    // Cold: authd B has never verified these tokens; sequential, one Argon2id each.
+    let mut cold = Vec::with_capacity(cold_n);
+    for token in &tokens {
+        let t = Instant::now();
+        assert_eq!(validate(&mut client_b, token).await, 1);
+        cold.push(t.elapsed());
+    }
+    summary("cold valid token (Argon2id verify + 2 queries)", cold);
+    let mut unknown = Vec::with_capacity(cold_n);
+    for _ in 0..cold_n {
+        let token = format!("ibex_pat_{}_{}", uuid::Uuid::new_v4(), "x".repeat(48));
+        let t = Instant::now();
+        assert_eq!(validate(&mut client_b, &token).await, 2);
+        unknown.push(t.elapsed());
+    }
+    summary("cold unknown id (dummy Argon2id verify)", unknown);
+
+    b.stop().await.expect("stop b");
+    a.stop().await.expect("stop a");
+}
