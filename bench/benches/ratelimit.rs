@@ -34,9 +34,11 @@
 //! see perf/results/ratelimit.md (filled in by the measuring run)
 //! ```
 
+use std::cell::Cell;
 use std::future::Future;
 use std::hint::black_box;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -51,11 +53,17 @@ use uuid::Uuid;
 /// Never reached: every check is admitted, so both designs do the same work.
 const LIMIT: u32 = u32::MAX;
 const IN_FLIGHT: [usize; 2] = [8, 64];
+/// Far above the 5 ms default: on a loaded machine a check that fails open
+/// (or a breaker that opens) would be measured as a free check, so the
+/// bench waits instead and reports any fail-open.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The comparison design: a tokio thread owning a `MultiplexedConnection`.
 struct Bridge {
     tx: tokio::sync::mpsc::UnboundedSender<Request>,
     timeout: Duration,
+    /// Checks that got no count (they would fail open).
+    failures: Cell<u64>,
 }
 
 struct Request {
@@ -109,7 +117,8 @@ impl Bridge {
         ready_rx.recv()??;
         Ok(Self {
             tx,
-            timeout: RateLimitConfig::DEFAULT_TIMEOUT,
+            timeout: CHECK_TIMEOUT,
+            failures: Cell::new(0),
         })
     }
 
@@ -119,11 +128,15 @@ impl Bridge {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let key = window.key(org);
         if self.tx.send(Request { key, reply }).is_err() {
+            self.failures.set(self.failures.get() + 1);
             return true;
         }
         match monoio::time::timeout(self.timeout, rx).await {
             Ok(Ok(Ok((count, _pttl)))) => window.decide(count as u64, limit).admitted,
-            _ => true,
+            _ => {
+                self.failures.set(self.failures.get() + 1);
+                true
+            }
         }
     }
 }
@@ -269,12 +282,13 @@ fn cpu_report<D: monoio::Driver>(
     let org = Uuid::new_v4();
     println!("\nCPU per check ({CHECKS} checks each; /proc/<pid>/stat, 1/{ticks} s ticks)");
     println!(
-        "{:<34} {:>10} {:>14} {:>14}",
-        "design", "wall µs", "proxy CPU µs", "redis CPU µs"
+        "{:<34} {:>10} {:>14} {:>14} {:>7}",
+        "design", "wall µs", "proxy CPU µs", "redis CPU µs", "failed"
     );
     for n in [1usize, 64] {
         for design in ["pipelined_monoio", "tokio_bridge"] {
             let (cpu0, redis0) = (cpu_seconds("self", ticks), cpu_seconds(redis_pid, ticks));
+            let failed0 = limiter.stats().failed_open.load(Relaxed) + bridge.failures.get();
             let wall = match design {
                 "pipelined_monoio" => {
                     let limiter = limiter.clone();
@@ -296,25 +310,26 @@ fn cpu_report<D: monoio::Driver>(
                 }
             };
             let cpu = cpu_seconds("self", ticks) - cpu0;
+            let failed =
+                limiter.stats().failed_open.load(Relaxed) + bridge.failures.get() - failed0;
             let redis = cpu_seconds(redis_pid, ticks) - redis0;
             let per = |s: f64| s * 1e6 / CHECKS as f64;
             println!(
-                "{:<34} {:>10.2} {:>14.2} {:>14.2}",
+                "{:<34} {:>10.2} {:>14.2} {:>14.2} {:>7}",
                 format!("{design} (in flight {n})"),
                 per(wall.as_secs_f64()),
                 per(cpu),
-                per(redis)
+                per(redis),
+                failed
             );
         }
     }
     let stats = limiter.stats();
     println!(
         "limiter: {} checks, {} failed open, {} Redis errors",
-        stats.checks.load(std::sync::atomic::Ordering::Relaxed),
-        stats.failed_open.load(std::sync::atomic::Ordering::Relaxed),
-        stats
-            .redis_errors
-            .load(std::sync::atomic::Ordering::Relaxed),
+        stats.checks.load(Relaxed),
+        stats.failed_open.load(Relaxed),
+        stats.redis_errors.load(Relaxed),
     );
 }
 
@@ -338,7 +353,11 @@ fn redis_pid(harness: &tokio::runtime::Runtime, redis: &Redis) -> anyhow::Result
 
 fn run<D: monoio::Driver>(mut rt: monoio::Runtime<D>, driver: &str, url: &str, redis_pid: &str) {
     let limiter = rt.block_on(async {
-        let limiter = Rc::new(RateLimiter::new(Rc::new(RateLimitConfig::new(url))));
+        let config = RateLimitConfig {
+            timeout: CHECK_TIMEOUT,
+            ..RateLimitConfig::new(url)
+        };
+        let limiter = Rc::new(RateLimiter::new(Rc::new(config)));
         let start = Instant::now();
         while !limiter.healthy() {
             assert!(start.elapsed() < Duration::from_secs(10), "no Redis");
@@ -353,6 +372,15 @@ fn run<D: monoio::Driver>(mut rt: monoio::Runtime<D>, driver: &str, url: &str, r
     let mut c = Criterion::default().configure_from_args();
     bench_parse(&mut c);
     bench_checks(&mut c, &mut rt, &limiter, &bridge, driver);
+    let (open, bridge_failed) = (
+        limiter.stats().failed_open.load(Relaxed),
+        bridge.failures.get(),
+    );
+    if open + bridge_failed > 0 {
+        eprintln!(
+            "WARNING: {open} limiter / {bridge_failed} bridge checks failed: figures not valid"
+        );
+    }
     let measuring = std::env::args().any(|a| a == "--bench");
     if measuring && std::env::var("IBEX_BENCH_CPU").as_deref() != Ok("0") {
         cpu_report(&mut rt, &limiter, &bridge, redis_pid);
