@@ -176,7 +176,7 @@ async fn changes_through_authd1_and_plain_sql_reach_a_subscriber_of_authd2() {
 }
 
 #[tokio::test]
-async fn heartbeats_stop_while_the_listen_connection_is_lost_and_resume_after() {
+async fn heartbeats_stop_and_the_cache_is_rechecked_while_listen_is_lost() {
     let pg = migrated_postgres().await;
     let authd = start_authd(&pg).await;
     let mut grpc = client(&authd).await;
@@ -195,8 +195,20 @@ async fn heartbeats_stop_while_the_listen_connection_is_lost_and_resume_after() 
         .into_inner();
     next_matching(&mut stream, Duration::from_secs(2), is_heartbeat).await;
 
-    // Kill authd's LISTEN backend from the outside.
+    // A cached token, so we can see what authd trusts while its feed is down.
+    let org = create_org(&mut grpc, "outage").await;
+    let (token_id, token) = create_token(&mut grpc, org, 1, 0).await;
+    assert_eq!(
+        status(&validate(&mut grpc, &token).await),
+        pb::TokenStatus::Valid
+    );
+
+    // Keep the listener from reconnecting (existing pooled connections stay up), then kill
+    // authd's LISTEN backend from the outside.
     let sql = pg.admin_client().await.expect("admin");
+    sql.batch_execute("ALTER ROLE ibex_app NOLOGIN")
+        .await
+        .expect("nologin");
     let killed: i64 = sql
         .query_one(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -216,14 +228,41 @@ async fn heartbeats_stop_while_the_listen_connection_is_lost_and_resume_after() 
         "the feed never noticed"
     );
     let unhealthy_ms = ibex_authd::validator::now_ms();
-    // Heartbeats resume once the listener has reconnected; none is sent while it is down.
-    let beat = loop {
-        let beat = next_matching(&mut stream, Duration::from_secs(5), is_heartbeat).await;
-        // Skip any sent before the loss was noticed.
-        if beat.sent_at_unix_ms >= unhealthy_ms {
-            break beat;
-        }
-    };
+
+    // While the LISTEN connection is down, no heartbeat is sent (the listener cannot log in):
+    // drain what was sent before, then nothing may arrive for a few intervals.
+    let silence = Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(event)) = tokio::time::timeout(
+        silence.saturating_duration_since(Instant::now()),
+        stream.message(),
+    )
+    .await
+    .map(|r| r.expect("stream ok"))
+    {
+        assert!(
+            event.sent_at_unix_ms <= unhealthy_ms,
+            "an event was sent while the LISTEN connection was down: {event:?}"
+        );
+    }
+    // A revoke made now produces no notification authd can hear; the cached entry must not be
+    // trusted: authd re-reads the row.
+    sql.execute(
+        "UPDATE ibex_core.tokens SET revoked_at = now() WHERE id = $1",
+        &[&token_id],
+    )
+    .await
+    .expect("revoke in SQL");
+    assert_eq!(
+        status(&validate(&mut grpc, &token).await),
+        pb::TokenStatus::Revoked,
+        "a cached token was trusted while the feed was down"
+    );
+
+    // Heartbeats resume once the listener can reconnect.
+    sql.batch_execute("ALTER ROLE ibex_app LOGIN")
+        .await
+        .expect("login");
+    let beat = next_matching(&mut stream, Duration::from_secs(5), is_heartbeat).await;
     println!(
         "heartbeats resumed {:?} after the LISTEN backend was killed",
         lost_at.elapsed()
