@@ -1,5 +1,7 @@
 //! Time as the auth caches see it, injectable so TTLs, expiry, heartbeat
 //! staleness and the flood-guard window are tested without sleeping.
+//! On the hot path a request reads the clock once (when it starts) and every
+//! step uses that instant.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -7,8 +9,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub trait Clock {
     /// Monotonic time for TTLs and windows.
     fn now(&self) -> Instant;
-    /// Wall time in unix milliseconds, for token expiry set by authd.
-    fn unix_ms(&self) -> i64;
+    /// Wall time in unix milliseconds at monotonic instant `at` (token
+    /// expiry set by authd, rate-limit reset headers). Lets a request read
+    /// the clock once and derive both.
+    fn unix_ms_at(&self, at: Instant) -> i64;
+
+    fn unix_ms(&self) -> i64 {
+        self.unix_ms_at(self.now())
+    }
+}
+
+fn offset_ms(base: Instant, at: Instant) -> i64 {
+    i64::try_from(at.saturating_duration_since(base).as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The real clock. Wall time is derived from one monotonic reading plus the
@@ -42,9 +54,8 @@ impl Clock for SystemClock {
         Instant::now()
     }
 
-    fn unix_ms(&self) -> i64 {
-        let since = i64::try_from(self.base.elapsed().as_millis()).unwrap_or(i64::MAX);
-        self.base_unix_ms.saturating_add(since)
+    fn unix_ms_at(&self, at: Instant) -> i64 {
+        self.base_unix_ms.saturating_add(offset_ms(self.base, at))
     }
 }
 
@@ -75,8 +86,7 @@ impl Clock for FakeClock {
         self.base + self.offset.get()
     }
 
-    fn unix_ms(&self) -> i64 {
-        let off = i64::try_from(self.offset.get().as_millis()).unwrap_or(i64::MAX);
-        self.base_unix_ms.saturating_add(off)
+    fn unix_ms_at(&self, at: Instant) -> i64 {
+        self.base_unix_ms.saturating_add(offset_ms(self.base, at))
     }
 }

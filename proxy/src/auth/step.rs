@@ -71,10 +71,16 @@ impl<B: AuthBackend> Authenticator<B> {
     ///    flood guard blocks (its owner must not suffer from a flood);
     /// 3. the flood guard — before any authd call;
     /// 4. authd through single-flight.
-    pub async fn token(&self, headers: &Headers, peer: IpAddr) -> Result<TokenGrant, ApiError> {
+    ///
+    /// `now` is the request's start (one clock read per request).
+    pub async fn token(
+        &self,
+        headers: &Headers,
+        peer: IpAddr,
+        now: Instant,
+    ) -> Result<TokenGrant, ApiError> {
         let core = &*self.core;
         let bearer = bearer(headers).ok_or(ApiError::MissingToken)?;
-        let now = core.clock.now();
         if !bearer.is_well_formed() {
             return Err(core.refuse_guess(peer, now));
         }
@@ -83,7 +89,7 @@ impl<B: AuthBackend> Authenticator<B> {
         let known_credential = match lookup {
             TokenLookup::Positive(e) if core.trusts(e.validated_at, now) => {
                 core.metrics.token_cache_hits.inc();
-                return self.grant(e.token);
+                return self.grant(e.token, now);
             }
             // Known to be a real credential, but the feed cannot vouch for it
             // any more: re-validate (and let it past the flood guard).
@@ -102,8 +108,10 @@ impl<B: AuthBackend> Authenticator<B> {
             return Err(ApiError::RateLimited);
         }
         core.metrics.token_cache_misses.inc();
-        match self.validate_token(key, &bearer).await? {
-            TokenAnswer::Valid(t) => self.grant(t),
+        // Boxed: the miss path's future is large and rare; inline it would
+        // grow every request's future, which is moved on each call.
+        match Box::pin(self.validate_token(key, &bearer)).await? {
+            TokenAnswer::Valid(t) => self.grant(t, core.clock.now()),
             TokenAnswer::Invalid => Err(core.refuse_guess(peer, core.clock.now())),
             TokenAnswer::Revoked => Err(ApiError::TokenRevoked),
             TokenAnswer::Expired => Err(ApiError::TokenExpired),
@@ -113,10 +121,14 @@ impl<B: AuthBackend> Authenticator<B> {
     /// The agent step: the agent must be active in the token's org and, for
     /// a bound token, be the bound agent. The lookup runs even when the
     /// binding already fails, so "not yours" and "unknown" take the same path.
-    pub async fn agent(&self, grant: TokenGrant, agent: Uuid) -> Result<Principal, ApiError> {
+    pub async fn agent(
+        &self,
+        grant: TokenGrant,
+        agent: Uuid,
+        now: Instant,
+    ) -> Result<Principal, ApiError> {
         let core = &*self.core;
         let t = grant.token;
-        let now = core.clock.now();
         let cached = core.agents.borrow_mut().lookup(t.org, agent, now);
         let answer = match cached {
             Some(e) if e.answer != AgentAnswer::Active || core.trusts(e.validated_at, now) => {
@@ -125,7 +137,7 @@ impl<B: AuthBackend> Authenticator<B> {
             }
             _ => {
                 core.metrics.agent_cache_misses.inc();
-                self.validate_agent(t.org, agent).await?
+                Box::pin(self.validate_agent(t.org, agent)).await?
             }
         };
         if t.agent.is_some_and(|bound| bound != agent) {
@@ -139,9 +151,9 @@ impl<B: AuthBackend> Authenticator<B> {
     }
 
     /// Expiry is re-checked on every use, cached or fresh.
-    fn grant(&self, token: ValidToken) -> Result<TokenGrant, ApiError> {
+    fn grant(&self, token: ValidToken, now: Instant) -> Result<TokenGrant, ApiError> {
         match token.expires_at_ms {
-            Some(exp) if self.core.clock.unix_ms() >= exp => Err(ApiError::TokenExpired),
+            Some(exp) if self.core.clock.unix_ms_at(now) >= exp => Err(ApiError::TokenExpired),
             _ => Ok(TokenGrant { token }),
         }
     }

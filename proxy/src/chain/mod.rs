@@ -16,6 +16,7 @@ mod tests;
 pub mod wiring;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tracing::Instrument;
@@ -73,12 +74,16 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         conn: &ConnInfo,
         rid: &RequestId,
         route: Result<RouteId, (RouteId, RouteError)>,
+        started: Instant,
         org: &mut Option<Uuid>,
     ) -> Result<Response, ApiError> {
         // Token first: nothing about a protected path — not even whether it
         // exists — is told to a caller who has not proved who they are.
         // Refused guesses are counted per address by the flood guard.
-        let grant = self.auth.token(&req.headers, conn.peer.ip()).await?;
+        let grant = self
+            .auth
+            .token(&req.headers, conn.peer.ip(), started)
+            .await?;
         *org = Some(grant.org());
 
         // The agent header is checked only once the token is good, so an
@@ -88,7 +93,7 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         // The agent must be active in the token's org (and the bound agent of
         // a bound token). Tenant isolation happens here: the org comes from
         // the token, never from the request.
-        let principal = self.auth.agent(grant, agent).await?;
+        let principal = self.auth.agent(grant, agent, started).await?;
 
         // Only an authenticated caller learns that a route does not exist or
         // does not take this method (SPEC: 401 before 404).
@@ -108,7 +113,8 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
             n => n,
         };
         let decision = self.limiter.check(&principal.org(), rpm).await;
-        let now_unix = u64::try_from(self.auth.core().clock().unix_ms() / 1000).unwrap_or(0);
+        let now_unix =
+            u64::try_from(self.auth.core().clock().unix_ms_at(started) / 1000).unwrap_or(0);
         if !decision.admitted {
             self.metrics.rate_limited.inc();
             let mut resp = render(ApiError::RateLimited, rid.as_str());
@@ -136,8 +142,17 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         match route {
             RouteId::InternalProbe => Ok(handlers::auth_probe(p)),
             RouteId::OrgProbe => handlers::org_auth_probe(p, routes::org_segment(&req.path)),
+            // Boxed: the forwarding future is large, and keeping it inline
+            // would make every request's future (moved on each call) as big.
             RouteId::Models | RouteId::Chat => {
-                handlers::forward(self.upstream.as_ref(), req, route, p, rid.as_str()).await
+                Box::pin(handlers::forward(
+                    self.upstream.as_ref(),
+                    req,
+                    route,
+                    p,
+                    rid.as_str(),
+                ))
+                .await
             }
             // Public routes never get here; answer as if unknown.
             RouteId::Health | RouteId::Ready | RouteId::Metrics | RouteId::Unmatched => {
@@ -181,7 +196,7 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
                 Matched::Public(route) => self.public(route, &rid),
                 Matched::PublicWrongMethod(_) => render(ApiError::MethodNotAllowed, rid.as_str()),
                 Matched::Protected(route) => self
-                    .protected(req, conn, &rid, route, &mut org)
+                    .protected(req, conn, &rid, route, started, &mut org)
                     .await
                     .unwrap_or_else(|e| render(e, rid.as_str())),
             }
@@ -222,8 +237,20 @@ fn method_str(m: Method) -> &'static str {
     }
 }
 
-fn num(n: impl std::fmt::Display) -> HeaderValue {
-    HeaderValue::Owned(Bytes::from(n.to_string()))
+/// A decimal header value without the `fmt` machinery (hot path).
+fn num(n: impl Into<u64>) -> HeaderValue {
+    let mut n = n.into();
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    HeaderValue::Owned(Bytes::copy_from_slice(&buf[i..]))
 }
 
 /// SPEC §4 headers, under both our names and OpenAI's. `remaining` is absent
@@ -239,9 +266,11 @@ fn rate_headers(resp: &mut Response, d: &RateDecision, now_unix: u64) {
     if d.reset_unix > 0 {
         h.push(("X-RateLimit-Reset", num(d.reset_unix)));
         let secs = d.reset_unix.saturating_sub(now_unix);
+        let mut reset = num(secs).as_bytes().to_vec();
+        reset.push(b's');
         h.push((
             "x-ratelimit-reset-requests",
-            HeaderValue::Owned(Bytes::from(format!("{secs}s"))),
+            HeaderValue::Owned(reset.into()),
         ));
     }
 }

@@ -849,3 +849,10 @@ fn flood_guard_blocks_guessers_but_not_cached_credentials() {
         assert_eq!(code(&r), "INVALID_TOKEN");
     });
 }
+
+#[test]
+fn decimal_header_values() {
+    for n in [0u64, 7, 10, 599, 1_800_000_042, u64::MAX] {
+        assert_eq!(num(n).as_bytes(), n.to_string().as_bytes());
+    }
+}
