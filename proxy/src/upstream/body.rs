@@ -13,14 +13,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 
-use super::chunked::{ChunkedDecoder, Decoded};
 use super::conn::{Conn, Pool};
 use super::stats::UpstreamStats;
 use super::usage::Scanner;
 use super::UpstreamRoute;
+use crate::http::chunked::{ChunkedDecoder, Event};
 use crate::http::BodyStream;
 
 /// Bytes asked of the kernel per read.
@@ -172,16 +172,23 @@ impl BodyReader {
                 let mut pieces = Joiner::default();
                 let mut finished = false;
                 loop {
-                    match d.next(&mut self.buf) {
-                        Ok(Decoded::Data(b)) => pieces.push(b),
-                        Ok(Decoded::NeedMore) => break,
-                        Ok(Decoded::Done) => {
-                            finished = true;
+                    let Ok(step) = d.decode(&self.buf) else {
+                        self.fail("bad_framing");
+                        return Err(BodyError::Framing);
+                    };
+                    match step.event {
+                        Event::Data(range) => {
+                            self.buf.advance(range.start);
+                            pieces.push(self.buf.split_to(range.len()).freeze());
+                        }
+                        Event::NeedMore => {
+                            self.buf.advance(step.consumed);
                             break;
                         }
-                        Err(_) => {
-                            self.fail("bad_framing");
-                            return Err(BodyError::Framing);
+                        Event::Done => {
+                            self.buf.advance(step.consumed);
+                            finished = true;
+                            break;
                         }
                     }
                 }

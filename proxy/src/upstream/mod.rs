@@ -9,14 +9,13 @@
 //! Layout: [`target`] parses the base URL; [`request`] renders the request
 //! head and strips what must not leave the proxy; [`conn`] opens and pools
 //! connections; [`response`] parses the response head strictly; [`body`]
-//! (with [`chunked`]) frames the body and streams it; [`usage`] meters it on
+//! frames the body (chunked with [`crate::http::chunked`]) and streams it; [`usage`] meters it on
 //! the way; [`stats`] renders `/metrics`.
 //!
 //! Not here: authentication, rate limiting, `X-Request-ID` on the response
 //! and the error envelope (the chain's).
 
 mod body;
-mod chunked;
 mod conn;
 pub mod request;
 pub mod response;
@@ -263,7 +262,7 @@ impl Upstream {
         let (decoder, stream) = match head.framing {
             Framing::Empty => (Decoder::Length(0), false),
             Framing::Length(n) => (Decoder::Length(n), head.event_stream),
-            Framing::Chunked => (Decoder::Chunked(chunked::ChunkedDecoder::new()), true),
+            Framing::Chunked => (Decoder::Chunked(Default::default()), true),
             Framing::Close => (Decoder::Close, true),
         };
         let too_large = matches!(head.framing, Framing::Length(n) if n > MAX_FULL_BODY as u64);
