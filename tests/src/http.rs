@@ -5,12 +5,12 @@
 //! httparse (`Content-Length`, chunked, or read-to-close bodies). One request per connection
 //! unless the caller drives a [`Conn`] itself. Not a general client: no TLS, no redirects.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Limit on one response (headers + body) so a runaway server cannot exhaust the test.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -134,6 +134,12 @@ impl Request {
         let mut conn = Conn::connect(addr).await?;
         conn.send(self, true).await
     }
+
+    /// [`Request::send`] from a chosen local address (see [`Conn::connect_from`]).
+    pub async fn send_from(&self, addr: SocketAddr, local: IpAddr) -> Result<Response> {
+        let mut conn = Conn::connect_from(addr, local).await?;
+        conn.send(self, true).await
+    }
 }
 
 /// One keep-alive connection: several requests in turn, or raw bytes.
@@ -150,6 +156,29 @@ impl Conn {
             .await
             .map_err(|_| anyhow!("connect to {addr} timed out"))?
             .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            addr,
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// [`Conn::connect`] from a chosen local address: on Linux every `127.0.0.0/8` address is
+    /// local, so a test can appear as a client of its own to per-address limits (the proxy's
+    /// flood guard counts authentication failures per client address).
+    pub async fn connect_from(addr: SocketAddr, local: IpAddr) -> Result<Conn> {
+        let socket = match local {
+            IpAddr::V4(_) => TcpSocket::new_v4()?,
+            IpAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket
+            .bind(SocketAddr::new(local, 0))
+            .with_context(|| format!("binding {local}:0"))?;
+        let stream = tokio::time::timeout(IO_TIMEOUT, socket.connect(addr))
+            .await
+            .map_err(|_| anyhow!("connect to {addr} from {local} timed out"))?
+            .with_context(|| format!("connecting to {addr} from {local}"))?;
         stream.set_nodelay(true)?;
         Ok(Conn {
             addr,
