@@ -40,7 +40,8 @@ pub struct Config {
     pub threads: u16,
 
     /// Pin each worker to one CPU of the process affinity mask.
-    #[arg(long, env = "IBEX_PROXY_PIN_CPUS", default_value_t = false, action = ArgAction::Set)]
+    #[arg(long, env = "IBEX_PROXY_PIN_CPUS", default_value_t = false, action = ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub pin_cpus: bool,
 
     /// authd gRPC address (token/agent validation and the invalidation feed).
@@ -188,6 +189,13 @@ mod tests {
         assert_eq!(c.upstream_idle_timeout, Duration::from_secs(30));
         assert_eq!(c.environment, Environment::Development);
         assert_eq!(c.log, "info");
+    }
+
+    #[test]
+    fn pin_cpus_takes_the_usual_spellings() {
+        assert!(parse(&["--pin-cpus", "1"]).unwrap().pin_cpus);
+        assert!(parse(&["--pin-cpus", "true"]).unwrap().pin_cpus);
+        assert!(!parse(&["--pin-cpus", "off"]).unwrap().pin_cpus);
     }
 
     #[test]
