@@ -185,3 +185,73 @@ impl AuthCore {
         blocked
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::clock::FakeClock;
+
+    const SLA: Duration = Duration::from_millis(300);
+
+    fn core() -> (Rc<AuthCore>, Rc<FakeClock>) {
+        let clock = Rc::new(FakeClock::new(0));
+        let core = AuthCore::new(
+            clock.clone(),
+            AuthSettings::new(SLA, Duration::from_millis(50)),
+            Arc::new(WorkerMetrics::default()),
+        );
+        (core, clock)
+    }
+
+    #[test]
+    fn heartbeat_freshness_decides_trust_in_old_entries() {
+        let (core, clock) = core();
+        let validated = clock.now();
+        // No heartbeat yet: only entries younger than the SLA are trusted.
+        assert!(!core.feed_fresh(clock.now()));
+        assert!(core.trusts(validated, clock.now()));
+        clock.advance(SLA);
+        assert!(!core.trusts(validated, clock.now()));
+        // A heartbeat makes every entry trusted again…
+        core.apply(FeedEvent::Heartbeat);
+        assert!(core.trusts(validated, clock.now()));
+        // …until the feed has been silent for longer than the SLA.
+        clock.advance(SLA);
+        assert!(core.trusts(validated, clock.now()));
+        clock.advance(Duration::from_millis(1));
+        assert!(!core.feed_fresh(clock.now()));
+        assert!(!core.trusts(validated, clock.now()));
+    }
+
+    #[test]
+    fn reset_distrusts_everything_learned_before_it() {
+        let (core, clock) = core();
+        core.apply(FeedEvent::Heartbeat);
+        let before = clock.now();
+        clock.advance(Duration::from_millis(1));
+        core.apply(FeedEvent::Reset);
+        core.apply(FeedEvent::Heartbeat);
+        assert!(!core.trusts(before, clock.now()));
+        clock.advance(Duration::from_millis(1));
+        assert!(core.trusts(clock.now(), clock.now()));
+    }
+
+    #[test]
+    fn every_invalidation_bumps_the_epoch_heartbeats_do_not() {
+        let (core, _clock) = core();
+        let e0 = core.epoch();
+        core.apply(FeedEvent::Heartbeat);
+        assert_eq!(core.epoch(), e0);
+        let (org, id) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        for ev in [
+            FeedEvent::Token { org, token_id: id },
+            FeedEvent::Agent { org, agent: id },
+            FeedEvent::Org { org },
+            FeedEvent::Reset,
+        ] {
+            let before = core.epoch();
+            core.apply(ev);
+            assert_eq!(core.epoch(), before + 1, "{ev:?}");
+        }
+    }
+}
