@@ -133,7 +133,7 @@ pub async fn sec_2_agent_identity(ctx: Ctx) -> Result<()> {
 /// Beyond the matrix: an agent leaving `active` is refused by both proxies within the SLA.
 pub async fn agent_status_change_reaches_both_proxies_within_sla(ctx: Ctx) -> Result<()> {
     let sla = ctx.env.sla;
-    let t = ctx.tenant(READ).await?;
+    let t = ctx.tenant_rpm(READ, UNLIMITED_RPM).await?;
     ctx.warm(&t.probe(), 6).await?;
     ctx.set_agent_status(&t.org, &t.agent, AgentStatus::Paused)
         .await?;
@@ -167,7 +167,7 @@ pub async fn agent_status_change_reaches_both_proxies_within_sla(ctx: Ctx) -> Re
 
 pub async fn sec_2_8_authd_down_fails_closed_and_recovers(ctx: Ctx) -> Result<()> {
     let sla = ctx.env.sla;
-    let t = ctx.tenant(READ).await?;
+    let t = ctx.tenant_rpm(READ, UNLIMITED_RPM).await?;
     let unused = ctx.token(&t.org, READ).await?;
     ctx.warm(&t.probe(), 6).await?;
 

@@ -109,7 +109,7 @@ pub async fn rate_limit_holds_under_concurrency_across_proxies(ctx: Ctx) -> Resu
     retry_disturbed(&ctx, "concurrent rate limit", async |ctx: &Ctx| -> Result<Scenario> {
         const LIMIT: usize = 60;
         const REQUESTS: usize = 80;
-        const CLIENTS: usize = 16;
+        const CLIENTS: usize = 8;
         let t = ctx.tenant_rpm(READ, 60).await?;
         // Verified once by authd (a refusal that spends no budget), so the burst below finds
         // the token in authd's cache.
@@ -191,24 +191,9 @@ pub async fn sec_4_6_redis_down_fails_open_and_recovers(ctx: Ctx) -> Result<()> 
     }
     ctx.env.restart_redis().await?;
     let restarted = Instant::now();
-    // Recovered: both proxies count again (every worker: a run of counted answers in a row).
-    let probe_org = ctx.tenant_rpm(READ, 1000).await?;
+    // Recovered: both proxies count again.
+    limiter_counting(&ctx, Duration::from_secs(15)).await?;
     for p in 0..2 {
-        let mut in_a_row = 0;
-        poll(
-            "the rate limiter counting again",
-            Duration::from_secs(15),
-            async || {
-                let r = ctx.expect(p, &probe_org.probe(), 200, None).await?;
-                in_a_row = if r.header("X-RateLimit-Remaining").is_some() {
-                    in_a_row + 1
-                } else {
-                    0
-                };
-                Ok((in_a_row >= 8).then_some(()))
-            },
-        )
-        .await?;
         ctx.env.wait_ready(p, true, Duration::from_secs(10)).await?;
     }
     say!(

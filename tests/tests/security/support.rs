@@ -71,8 +71,15 @@ pub async fn run_rows(ctx: &Ctx, rows: &[Row]) -> Result<()> {
     Ok(())
 }
 
+/// Between two requests of a race poll: fine enough for a 300 ms SLA, light on a 2-core box.
+const POLL_PACE: Duration = Duration::from_millis(2);
+
+/// An org budget no polling loop can spend (races must never run into a 429).
+pub const UNLIMITED_RPM: u32 = 1_000_000;
+
 /// Polls both proxies with `req` from the moment `changed` (a committed change) until
-/// `until` after it; every answer must be 200 or one of `refusals`. Returns, per proxy, the
+/// `until` after it; every answer must be 200 or one of `refusals`, and no request sent later
+/// than the SLA after the change may be admitted (checked as it happens). Returns, per proxy, the
 /// send time (since `changed`) of the last request that was still admitted, the time of the
 /// first refusal and how many refusals carried each code.
 pub async fn race_after_change(
@@ -96,6 +103,12 @@ pub async fn race_after_change(
                 let resp = ctx.send(p, &req).await?;
                 let got = changed.elapsed();
                 if resp.status == 200 {
+                    ensure!(
+                        sent <= ctx.env.sla,
+                        "proxy {p} admitted a request sent {:.1} ms after the change (SLA {} ms)",
+                        ms(sent),
+                        ctx.env.sla.as_millis()
+                    );
                     out.last_admitted = Some(sent);
                 } else if refusals
                     .iter()
@@ -109,6 +122,7 @@ pub async fn race_after_change(
                 } else {
                     bail!("proxy {p}: unexpected answer:\n{}", resp.dump());
                 }
+                tokio::time::sleep(POLL_PACE).await;
             }
             Ok::<_, anyhow::Error>(out)
         }));
@@ -143,6 +157,9 @@ where
     F: AsyncFn(&Ctx) -> Result<Scenario>,
 {
     for attempt in 1..=DISTURBED_ATTEMPTS {
+        // After a disturbance the limiter's breaker may be open for a second: start each
+        // attempt once every worker counts again.
+        limiter_counting(ctx, Duration::from_secs(15)).await?;
         match scenario(ctx).await? {
             Scenario::Done => return Ok(()),
             Scenario::Disturbed(why) => {
@@ -151,6 +168,27 @@ where
         }
     }
     bail!("{what}: disturbed {DISTURBED_ATTEMPTS} times in a row")
+}
+
+/// Waits until both proxies' rate limiters count again: a run of answers in a row carrying
+/// `X-RateLimit-Remaining` on each proxy (fresh connections, so every worker is reached).
+/// Uses an org of its own with a budget nothing can spend.
+pub async fn limiter_counting(ctx: &Ctx, within: Duration) -> Result<()> {
+    let t = ctx.tenant_rpm(READ, UNLIMITED_RPM).await?;
+    for p in 0..2 {
+        let mut in_a_row = 0;
+        poll("the rate limiter counting", within, async || {
+            let r = ctx.expect(p, &t.probe(), 200, None).await?;
+            in_a_row = if r.header("X-RateLimit-Remaining").is_some() {
+                in_a_row + 1
+            } else {
+                0
+            };
+            Ok((in_a_row >= 8).then_some(()))
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 pub fn rate_headers(r: &Response) -> Result<(u64, Option<u64>, u64)> {

@@ -112,7 +112,7 @@ pub async fn sec_1_token_authentication(ctx: Ctx) -> Result<()> {
 
 pub async fn sec_1_5_revoked_token_refused_by_both_proxies_within_sla(ctx: Ctx) -> Result<()> {
     let sla = ctx.env.sla;
-    let t = ctx.tenant(READ).await?;
+    let t = ctx.tenant_rpm(READ, UNLIMITED_RPM).await?;
     ctx.warm(&t.probe(), 6).await?;
 
     ctx.revoke(&t.org, &t.token.id).await?;
