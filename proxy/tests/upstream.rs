@@ -623,6 +623,34 @@ fn a_pooled_connection_closed_by_the_upstream_is_replaced_once() {
     });
 }
 
+#[test]
+fn a_connection_that_breaks_after_response_bytes_is_not_retried() {
+    // First answer is fine; the second stops inside the head and closes.
+    let served = Arc::new(AtomicUsize::new(0));
+    let fake = Fake::start(Arc::new(move |_, io| {
+        if served.fetch_add(1, Ordering::SeqCst) == 0 {
+            respond(io, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            true
+        } else {
+            respond(io, b"HTTP/1.1 200 OK\r\nContent-Len");
+            false
+        }
+    }));
+    run(async {
+        let up = upstream(config(&fake.url()));
+        assert_eq!(body_bytes(chat(&up, "{}").await.unwrap()).await, b"ok");
+        assert_eq!(
+            chat(&up, "{}").await.err(),
+            Some(UpstreamError::Unavailable)
+        );
+        assert_eq!(
+            fake.accepted.load(Ordering::SeqCst),
+            1,
+            "no second connection"
+        );
+    });
+}
+
 // ---------------------------------------------------------------- TLS
 
 struct Pki {
