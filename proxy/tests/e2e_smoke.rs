@@ -2,7 +2,9 @@
 //! `ibex-authd`, `ibexctl` and `ibex-proxy` binaries): the seeded dev token
 //! reaches the auth probe with the rate-limit headers, `/ready` turns green,
 //! tenant isolation holds on the org probe, a revocation made through authd
-//! is refused by the proxy, and the token never appears in the proxy's log.
+//! is refused by the proxy, and the token never appears in the proxy's log;
+//! with authd killed, cached credentials fail closed (503) once the feed is
+//! stale, and serve again after authd restarts.
 //!
 //! Needs the binaries: `cargo build --workspace --bins` first (as `make test` does).
 
@@ -122,5 +124,63 @@ async fn seeded_token_end_to_end() -> anyhow::Result<()> {
         !log.contains(&token) && !log.contains(secret),
         "the token reached the proxy log"
     );
+    Ok(())
+}
+
+/// Polls until `req` answers `status` several times in a row (each request
+/// is a new connection, so every worker gets asked), or the deadline passes.
+async fn until_status(req: &Request, proxy: &Proxy, status: u16) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut in_a_row = 0;
+    loop {
+        let r = req.send(proxy.addr).await?;
+        if r.status == status {
+            in_a_row += 1;
+            if in_a_row == 8 {
+                return Ok(());
+            }
+            continue;
+        }
+        in_a_row = 0;
+        anyhow::ensure!(
+            started.elapsed() < DEADLINE,
+            "still {} instead of {status}: {}",
+            r.status,
+            r.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn authd_down_fails_closed_then_recovers() -> anyhow::Result<()> {
+    let pg = Postgres::start().await?;
+    migrate(&pg).await?;
+    let dev = seed(&pg).await?;
+    let redis = Redis::start().await?;
+    let mut authd = Authd::start(&pg, &[]).await?;
+    let proxy = Proxy::start(authd.grpc_addr, &redis.url(), &[]).await?;
+    let probe = Request::get("/v1/internal/auth-probe")
+        .auth(&dev["IBEX_DEV_TOKEN"], &dev["IBEX_DEV_AGENT_ID"]);
+    until_status(&probe, &proxy, 200).await?;
+
+    // authd gone: a worker without the credential cached answers 503 at
+    // once; one with it serves it until the feed is stale past the SLA.
+    authd.kill();
+    until_status(&probe, &proxy, 503).await?;
+    let r = probe.send(proxy.addr).await?;
+    assert_eq!(
+        r.error_code().as_deref(),
+        Some("AUTH_UNAVAILABLE"),
+        "{}",
+        r.dump()
+    );
+    let ready = Request::get("/ready").send(proxy.addr).await?;
+    assert_eq!(ready.status, 503, "{}", ready.dump());
+    assert!(ready.text().contains("authd"), "{}", ready.dump());
+
+    // Back: the bridge reconnects and the same token serves again.
+    authd.restart().await?;
+    until_status(&probe, &proxy, 200).await?;
     Ok(())
 }
