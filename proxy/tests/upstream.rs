@@ -651,6 +651,78 @@ fn a_connection_that_breaks_after_response_bytes_is_not_retried() {
     });
 }
 
+#[test]
+fn interim_responses_are_skipped() {
+    let fake = Fake::start(Arc::new(|_, io| {
+        respond(
+            io,
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        );
+        true
+    }));
+    run(async {
+        let up = upstream(config(&fake.url()));
+        let resp = chat(&up, "{}").await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(body_bytes(resp).await, b"ok");
+    });
+}
+
+#[test]
+fn a_close_delimited_body_streams_to_the_end_and_is_not_pooled() {
+    let fake = Fake::start(Arc::new(|_, io| {
+        respond(
+            io,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"a\":",
+        );
+        respond(io, b"1}");
+        false
+    }));
+    run(async {
+        let up = upstream(config(&fake.url()));
+        let resp = chat(&up, "{}").await.unwrap();
+        assert!(matches!(resp.body, Body::Stream(_)));
+        assert_eq!(body_bytes(resp).await, b"{\"a\":1}");
+        assert_eq!(up.stats().idle_connections(), 0);
+    });
+}
+
+#[test]
+fn an_oversized_whole_body_is_refused() {
+    let fake = Fake::start(Arc::new(|_, io| {
+        respond(io, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 40000000\r\n\r\n{");
+        false
+    }));
+    run(async {
+        let up = upstream(config(&fake.url()));
+        assert_eq!(
+            chat(&up, "{}").await.err(),
+            Some(UpstreamError::Unavailable)
+        );
+    });
+}
+
+#[test]
+fn a_whole_body_that_stalls_is_a_timeout() {
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let fake = Fake::start(Arc::new(move |_, io| {
+        respond(io, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{\"a\"");
+        let _ = release_rx
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10));
+        false
+    }));
+    run(async {
+        let mut cfg = config(&fake.url());
+        cfg.idle_timeout = Duration::from_millis(200);
+        let up = upstream(cfg);
+        assert_eq!(chat(&up, "{}").await.err(), Some(UpstreamError::Timeout));
+        release_tx.send(()).unwrap();
+    });
+}
+
 // ---------------------------------------------------------------- TLS
 
 struct Pki {
