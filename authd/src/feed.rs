@@ -43,6 +43,9 @@ const NOTIFY_BUFFER: usize = 8192;
 /// The fan-out point and the listener's health.
 pub struct Feed {
     tx: broadcast::Sender<pb::InvalidationEvent>,
+    /// Held while a seq is assigned and its event sent, and while a subscriber joins, so every
+    /// subscriber sees strictly increasing seqs (proxies treat a step back as a reset).
+    order: std::sync::Mutex<()>,
     seq: AtomicU64,
     started: Instant,
     /// Milliseconds since `started` until which the LISTEN connection counts as healthy.
@@ -69,6 +72,7 @@ impl Feed {
         let (tx, _) = broadcast::channel(SUBSCRIBER_BUFFER);
         Arc::new(Feed {
             tx,
+            order: std::sync::Mutex::new(()),
             seq: AtomicU64::new(0),
             started: Instant::now(),
             healthy_until_ms: AtomicU64::new(0),
@@ -108,12 +112,30 @@ impl Feed {
     }
 
     fn publish(&self, kind: Kind) {
+        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         // No subscribers is fine.
         let _ = self.tx.send(self.event(kind));
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<pb::InvalidationEvent> {
+        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         self.tx.subscribe()
+    }
+
+    /// Subscribes, with a first heartbeat if the LISTEN connection is healthy right now. Every
+    /// event the receiver will get has a higher seq than that heartbeat.
+    pub fn subscribe_with_heartbeat(
+        &self,
+    ) -> (
+        broadcast::Receiver<pb::InvalidationEvent>,
+        Option<pb::InvalidationEvent>,
+    ) {
+        let _order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = self.tx.subscribe();
+        let first = self
+            .is_healthy()
+            .then(|| self.event(Self::heartbeat_kind()));
+        (rx, first)
     }
 
     pub fn subscribers(&self) -> usize {

@@ -394,12 +394,10 @@ impl AuthService for Service {
             .take(MAX_NAME_LEN)
             .collect();
         let feed: &Arc<Feed> = &self.validator.feed;
-        let rx = feed.subscribe();
         // First event: a heartbeat, if the LISTEN connection is healthy right now; otherwise the
         // stream stays silent until the listener reconnects and heartbeats again.
-        let first = feed
-            .is_healthy()
-            .then(|| Ok(feed.event(Feed::heartbeat_kind())));
+        let (rx, first) = feed.subscribe_with_heartbeat();
+        let first = first.map(Ok);
         tracing::info!(%subscriber, subscribers = feed.subscribers(), "invalidation subscriber joined");
         let events = BroadcastStream::new(rx).map(|event| {
             event.map_err(|BroadcastStreamRecvError::Lagged(n)| {
