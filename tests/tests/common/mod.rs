@@ -7,8 +7,6 @@
 //! client that records every response it receives (for the SEC-6.x envelope checks over the
 //! whole run) and every credential it sends (for the log check at the end).
 
-#![allow(dead_code)] // Each test binary uses a different part of this module.
-
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -96,7 +94,6 @@ pub struct Env {
     grpc: AuthServiceClient<Channel>,
     /// `IBEX_REVOCATION_SLA_MS` the proxies run with (default 300 ms).
     pub sla: Duration,
-    pub started: Instant,
     record: Mutex<Record>,
     next_ip: AtomicU32,
 }
@@ -104,7 +101,6 @@ pub struct Env {
 impl Env {
     /// Postgres and Redis in parallel, migrations, authd, then two proxies against them.
     pub async fn start() -> Result<Arc<Env>> {
-        let started = Instant::now();
         let sla_ms: u64 = match std::env::var("IBEX_REVOCATION_SLA_MS") {
             Ok(v) => v.parse().context("IBEX_REVOCATION_SLA_MS")?,
             Err(_) => 300,
@@ -129,7 +125,6 @@ impl Env {
             _pg: pg,
             grpc,
             sla: Duration::from_millis(sla_ms),
-            started,
             record: Mutex::default(),
             next_ip: AtomicU32::new(0),
         };

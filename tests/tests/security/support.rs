@@ -115,7 +115,6 @@ pub async fn race_after_change(
                     .any(|(s, c)| *s == resp.status && resp.error_code().as_deref() == Some(c))
                 {
                     out.first_refused.get_or_insert(got);
-                    out.last_code = resp.error_code();
                     *out.codes
                         .entry(resp.error_code().unwrap_or_default())
                         .or_default() += 1;
@@ -140,7 +139,6 @@ pub struct RaceResult {
     pub last_admitted: Option<Duration>,
     /// Receive time of the first refusal.
     pub first_refused: Option<Duration>,
-    pub last_code: Option<String>,
     /// Refusals by code.
     pub codes: std::collections::BTreeMap<String, u32>,
 }
