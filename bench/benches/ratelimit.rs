@@ -12,7 +12,9 @@
 //! (one check in flight) and with 8 and 64 checks in flight from as many
 //! tasks; a figure is time per check. `resp_parse` compares the limiter's
 //! reply parser with `redis::parse_redis_value`. After criterion, unless
-//! `IBEX_BENCH_CPU=0`, a plain loop reports CPU µs per check of this process
+//! `IBEX_BENCH_CPU=0`, a paired report runs the two designs in alternating
+//! blocks (so the machine's other load weighs on both alike) and prints wall
+//! time, serial latency percentiles and CPU µs per check of this process
 //! (all threads) and of redis-server, from `/proc/<pid>/stat`.
 //!
 //! The bench starts its own redis-server on a free port (ibex_e2e::Redis).
@@ -270,67 +272,130 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// Wall and CPU time per check, this process (all threads) and redis-server.
-fn cpu_report<D: monoio::Driver>(
+/// Totals for one design across the interleaved rounds of [`paired_report`].
+#[derive(Default)]
+struct Tally {
+    checks: u64,
+    wall: Duration,
+    cpu: f64,
+    redis_cpu: f64,
+    failed: u64,
+    /// Per-check latency in ns (serial rounds only).
+    latencies: Vec<u64>,
+}
+
+impl Tally {
+    fn percentile_us(&mut self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        self.latencies.sort_unstable();
+        let i = ((self.latencies.len() - 1) as f64 * q).round() as usize;
+        self.latencies[i] as f64 / 1e3
+    }
+}
+
+/// One block of `checks` checks of one design with `n` in flight.
+async fn block(
+    design: usize,
+    limiter: Rc<RateLimiter>,
+    bridge: Rc<Bridge>,
+    checks: u64,
+    n: usize,
+    latencies: &mut Vec<u64>,
+) -> Duration {
+    let org = Uuid::new_v4();
+    if n == 1 {
+        // Serial: time every check for the latency percentiles.
+        let start = Instant::now();
+        for _ in 0..checks {
+            let t = Instant::now();
+            if design == 0 {
+                black_box(limiter.check(&org, LIMIT).await);
+            } else {
+                black_box(bridge.check(&org, LIMIT).await);
+            }
+            latencies.push(t.elapsed().as_nanos() as u64);
+        }
+        return start.elapsed();
+    }
+    if design == 0 {
+        concurrent(checks, n, move || {
+            let limiter = limiter.clone();
+            async move {
+                black_box(limiter.check(&org, LIMIT).await);
+            }
+        })
+        .await
+    } else {
+        concurrent(checks, n, move || {
+            let bridge = bridge.clone();
+            async move {
+                black_box(bridge.check(&org, LIMIT).await);
+            }
+        })
+        .await
+    }
+}
+
+/// Wall, latency and CPU per check, this process (all threads) and
+/// redis-server, with the two designs interleaved in alternating blocks so
+/// that the other load on the machine weighs on both alike.
+fn paired_report<D: monoio::Driver>(
     rt: &mut monoio::Runtime<D>,
     limiter: &Rc<RateLimiter>,
     bridge: &Rc<Bridge>,
     redis_pid: &str,
 ) {
-    const CHECKS: u64 = 60_000;
+    const ROUNDS: u64 = 10;
+    const DESIGNS: [&str; 2] = ["pipelined_monoio", "tokio_bridge"];
     let ticks = clock_ticks();
-    let org = Uuid::new_v4();
-    println!("\nCPU per check ({CHECKS} checks each; /proc/<pid>/stat, 1/{ticks} s ticks)");
+    println!("\nPaired report: {ROUNDS} alternating rounds per row; CPU from /proc/<pid>/stat (1/{ticks} s)");
     println!(
-        "{:<34} {:>10} {:>14} {:>14} {:>7}",
-        "design", "wall µs", "proxy CPU µs", "redis CPU µs", "failed"
+        "{:<34} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10} {:>6}",
+        "design", "wall µs", "p50 µs", "p90 µs", "p99 µs", "CPU µs", "redis µs", "failed"
     );
-    for n in [1usize, 64] {
-        for design in ["pipelined_monoio", "tokio_bridge"] {
-            let (cpu0, redis0) = (cpu_seconds("self", ticks), cpu_seconds(redis_pid, ticks));
-            let failed0 = limiter.stats().failed_open.load(Relaxed) + bridge.failures.get();
-            let wall = match design {
-                "pipelined_monoio" => {
-                    let limiter = limiter.clone();
-                    rt.block_on(concurrent(CHECKS, n, move || {
-                        let limiter = limiter.clone();
-                        async move {
-                            black_box(limiter.check(&org, LIMIT).await);
-                        }
-                    }))
-                }
-                _ => {
-                    let bridge = bridge.clone();
-                    rt.block_on(concurrent(CHECKS, n, move || {
-                        let bridge = bridge.clone();
-                        async move {
-                            black_box(bridge.check(&org, LIMIT).await);
-                        }
-                    }))
-                }
-            };
-            let cpu = cpu_seconds("self", ticks) - cpu0;
-            let failed =
-                limiter.stats().failed_open.load(Relaxed) + bridge.failures.get() - failed0;
-            let redis = cpu_seconds(redis_pid, ticks) - redis0;
-            let per = |s: f64| s * 1e6 / CHECKS as f64;
+    for (n, per_block) in [(1usize, 3_000u64), (64, 30_000)] {
+        let mut tallies = [Tally::default(), Tally::default()];
+        for round in 0..ROUNDS {
+            // Alternate which design goes first, too.
+            for k in 0..2 {
+                let design = (k + round as usize) % 2;
+                let t = &mut tallies[design];
+                let (cpu0, redis0) = (cpu_seconds("self", ticks), cpu_seconds(redis_pid, ticks));
+                let failed0 = limiter.stats().failed_open.load(Relaxed) + bridge.failures.get();
+                let wall = rt.block_on(block(
+                    design,
+                    limiter.clone(),
+                    bridge.clone(),
+                    per_block,
+                    n,
+                    &mut t.latencies,
+                ));
+                t.cpu += cpu_seconds("self", ticks) - cpu0;
+                t.redis_cpu += cpu_seconds(redis_pid, ticks) - redis0;
+                t.failed +=
+                    limiter.stats().failed_open.load(Relaxed) + bridge.failures.get() - failed0;
+                t.wall += wall;
+                t.checks += per_block;
+            }
+        }
+        for (design, t) in DESIGNS.iter().zip(tallies.iter_mut()) {
+            let per = |s: f64| s * 1e6 / t.checks as f64;
+            let (wall, cpu, redis) = (per(t.wall.as_secs_f64()), per(t.cpu), per(t.redis_cpu));
             println!(
-                "{:<34} {:>10.2} {:>14.2} {:>14.2} {:>7}",
+                "{:<34} {:>8.2} {:>8.1} {:>8.1} {:>8.1} {:>10.2} {:>10.2} {:>6}",
                 format!("{design} (in flight {n})"),
-                per(wall.as_secs_f64()),
-                per(cpu),
-                per(redis),
-                failed
+                wall,
+                t.percentile_us(0.5),
+                t.percentile_us(0.9),
+                t.percentile_us(0.99),
+                cpu,
+                redis,
+                t.failed
             );
         }
     }
-    let stats = limiter.stats();
-    println!(
-        "limiter: {} checks, {} failed open, {} Redis errors",
-        stats.checks.load(Relaxed),
-        stats.failed_open.load(Relaxed),
-        stats.redis_errors.load(Relaxed),
-    );
 }
 
 /// Moves redis-server to `IBEX_BENCH_REDIS_CPU` if set; returns its pid.
@@ -383,7 +448,7 @@ fn run<D: monoio::Driver>(mut rt: monoio::Runtime<D>, driver: &str, url: &str, r
     }
     let measuring = std::env::args().any(|a| a == "--bench");
     if measuring && std::env::var("IBEX_BENCH_CPU").as_deref() != Ok("0") {
-        cpu_report(&mut rt, &limiter, &bridge, redis_pid);
+        paired_report(&mut rt, &limiter, &bridge, redis_pid);
     }
     c.final_summary();
 }
