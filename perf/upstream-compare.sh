@@ -5,7 +5,8 @@
 #   ibex-proxy  loadgen → ibex-proxy (whole security chain) → fake
 # at fixed rates (latency-corrected p50/p99/p99.9), plus CPU µs per request
 # of the proxying server (utime+stime from /proc before and after), then
-# peak req/s with wrk.
+# peak req/s with wrk; last, time to first streamed byte (SSE) direct vs
+# through ibex-proxy, against perf/fake_sse_upstream.py.
 #
 # Needs the dev stack (`make dev`: Postgres, Redis, authd, seeded). Starts
 # its own single-threaded ibex-proxy (release) and nginx reverse proxy, both
@@ -14,6 +15,7 @@
 #
 #   make dev && perf/upstream-compare.sh
 #   RATES="1000 5000" DURATION=10 perf/upstream-compare.sh
+#   ONLY_TTFB=1 perf/upstream-compare.sh     # just the streaming part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATES=${RATES:-"1000 5000"}
@@ -24,15 +26,20 @@ LOAD_CPU=${LOAD_CPU:-1}
 FAKE_PORT=${FAKE_PORT:-18090}
 RP_PORT=${RP_PORT:-18091}
 PROXY_PORT=${PROXY_PORT:-18092}
+SSE_PORT=${SSE_PORT:-18093}
+SSE_PROXY_PORT=${SSE_PROXY_PORT:-18094}
+TTFB_REQUESTS=${TTFB_REQUESTS:-200}
 
 [ -f .ibex/dev.env ] || { echo "run 'make dev' first" >&2; exit 1; }
 # shellcheck disable=SC1091
 set -a; . .ibex/env 2>/dev/null || true; . .ibex/dev.env; . .ibex/shell.env 2>/dev/null || true; set +a
+# The dev authd is a debug build: give the one cold validation per proxy room.
+export IBEX_AUTH_VALIDATE_TIMEOUT=${IBEX_AUTH_VALIDATE_TIMEOUT:-2s}
 
 cargo build --release -q -p ibex-proxy -p ibex-bench --bin ibex-proxy --bin loadgen
 work=$(mktemp -d)
 cleanup() {
-  kill "${FAKE_PID:-}" "${RP_PID:-}" "${PROXY_PID:-}" 2>/dev/null || true
+  kill "${FAKE_PID:-}" "${RP_PID:-}" "${PROXY_PID:-}" "${SSE_PID:-}" "${SSE_PROXY_PID:-}" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -87,13 +94,14 @@ run() { # name pid rate port [headers...]
 
 FAKE_W=$(nginx_worker "$FAKE_PID")
 RP_W=$(nginx_worker "$RP_PID")
+[ -n "${ONLY_TTFB:-}" ] && RATES=""
 for rate in $RATES; do
   run direct "$FAKE_W" "$rate" "$FAKE_PORT"
   run nginx-rp "$RP_W" "$rate" "$RP_PORT"
   run ibex-proxy "$PROXY_PID" "$rate" "$PROXY_PORT" "${AUTH[@]}"
 done
 
-if command -v wrk >/dev/null; then
+if [ -z "${ONLY_TTFB:-}" ] && command -v wrk >/dev/null; then
   cat > "$work/post.lua" <<LUA
 wrk.method = "POST"
 wrk.body = '$BODY'
@@ -117,3 +125,38 @@ LUA
     echo "# peak $1: $rps req/s, server CPU $(awk -v b="$before" -v a="$after" -v t="$TCK" -v r="$rps" -v d="$DURATION" 'BEGIN{ printf "%.2f", (a-b)/t*1e6/(r*d) }') µs/req $(echo "$out" | grep -E 'Non-2xx' || true)"
   done
 fi
+
+# Time to first streamed byte: one keep-alive client connection, requests in
+# sequence (curl -K with the URL repeated), direct and through the proxy.
+taskset -c "$LOAD_CPU" python3 perf/fake_sse_upstream.py "$SSE_PORT" 3 20 &
+SSE_PID=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SSE_PORT") 2>/dev/null && break; sleep 0.1; done
+IBEX_PROXY_LISTEN=127.0.0.1:$SSE_PROXY_PORT IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+IBEX_UPSTREAM_URL=http://127.0.0.1:$SSE_PORT/v1 IBEX_UPSTREAM_API_KEY=sk-perf \
+  taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/sse-proxy.out" 2> "$work/sse-proxy.err" &
+SSE_PROXY_PID=$!
+for _ in $(seq 100); do grep -q IBEX_READY "$work/sse-proxy.out" 2>/dev/null && break; sleep 0.1; done
+curl -fsS -N -X POST "http://127.0.0.1:$SSE_PROXY_PORT/v1/chat/completions" "${AUTH[@]}" \
+  -H "Content-Type: application/json" -d '{"stream":true}' >/dev/null
+SBODY='{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello."}]}'
+ttfb() { # name port [headers...]
+  local name=$1 port=$2; shift 2
+  for _ in $(seq "$TTFB_REQUESTS"); do
+    echo "url = \"http://127.0.0.1:$port/v1/chat/completions\""; echo 'output = "/dev/null"'
+  done > "$work/curl-$name.cfg"
+  taskset -c "$LOAD_CPU" curl -sN -K "$work/curl-$name.cfg" -H "Content-Type: application/json" "$@" \
+    -d "$SBODY" -w '%{http_code} %{time_starttransfer}\n' | tail -n +2 |
+  sort -k2 -n | awk -v name="$name" '{ code[NR]=$1; t[NR]=$2 } END {
+    bad=0; for (i=1;i<=NR;i++) if (code[i]!=200) bad++
+    printf "{\"ttfb\":\"%s\",\"requests\":%d,\"non_200\":%d,\"p50_us\":%.0f,\"p99_us\":%.0f,\"max_us\":%.0f}\n",
+      name, NR, bad, t[int(NR*0.5)+1]*1e6, t[int(NR*0.99)+1]*1e6, t[NR]*1e6 }'
+}
+ttfb direct "$SSE_PORT"
+ttfb ibex-proxy "$SSE_PROXY_PORT" "${AUTH[@]}"
+# Where the proxy's time goes, from its own /metrics (means over the run):
+# until the upstream's response head, and the whole request as the proxy
+# measured it.
+curl -fsS "http://127.0.0.1:$SSE_PROXY_PORT/metrics" | awk '
+  /^ibex_upstream_response_header_seconds_sum/ { us = $2 } /^ibex_upstream_response_header_seconds_count/ { uc = $2 }
+  /^ibex_proxy_request_duration_seconds_sum/ { ps += $2 } /^ibex_proxy_request_duration_seconds_count/ { pc += $2 }
+  END { printf "{\"sse_proxy_mean_upstream_head_us\":%.0f,\"sse_proxy_mean_request_us\":%.0f}\n", (uc ? us/uc*1e6 : -1), (pc ? ps/pc*1e6 : -1) }'
