@@ -54,7 +54,8 @@ async fn seeded_token_end_to_end() -> anyhow::Result<()> {
     assert_eq!(body["token_id"], DEV_TOKEN_ID);
     assert!(r.header("X-Request-ID").is_some());
     assert!(r.header("X-RateLimit-Limit").is_some(), "{}", r.dump());
-    assert!(r.header("X-RateLimit-Remaining").is_some(), "{}", r.dump());
+    // (No `X-RateLimit-Remaining` assertion: on a loaded box the Redis
+    // check can miss its 5 ms deadline and fail open, which omits it.)
     assert!(
         r.header("x-ratelimit-reset-requests").is_some(),
         "{}",
