@@ -9,16 +9,16 @@
 //! cargo bench -p ibex-bench --bench upstream
 //! ```
 //!
-//! Results, 2026-11-23 20:25 UTC, 2 vCPU box of MEASURED.md, taken while
-//! other builds kept the load average at ~10 (so slower than an idle box;
-//! criterion median):
+//! Results, 2026-11-23, 2 vCPU box of MEASURED.md, criterion median. The box
+//! was shared with other builds; the 20:48 UTC run (load average ~4) is the
+//! better one, the 20:25 run (load ~10) shows how far noise moves it:
 //!
-//! | bench | time |
-//! |---|---|
-//! | `upstream/render_head` (10 client headers in, 8 out) | 0.27 µs |
-//! | `upstream/parse_head` (OpenAI-like head, 16 headers) | 1.03 µs |
-//! | `upstream/scan_json` (1.2 KiB completion) | 2.6 µs (462 MiB/s) |
-//! | `upstream/scan_sse` (64 events, 16 KiB, fed per event) | 63.5 µs (246 MiB/s) |
+//! | bench | 20:48 (load ~4) | 20:25 (load ~10) |
+//! |---|---|---|
+//! | `upstream/render_head` (10 client headers in, 8 out) | 0.115 µs | 0.27 µs |
+//! | `upstream/parse_head` (OpenAI-like head, 16 headers) | 0.49 µs | 1.03 µs |
+//! | `upstream/scan_json` (1.2 KiB completion) | 1.18 µs (1.0 GiB/s) | 2.6 µs |
+//! | `upstream/scan_sse` (64 events, 16 KiB, fed per event) | 36 µs (435 MiB/s, 0.56 µs/event) | 63.5 µs |
 //!
 //! See `perf/results/upstream.md` for context.
 
