@@ -83,11 +83,14 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::C
         bail!("no trusted root certificates for the upstream (set IBEX_UPSTREAM_CA_FILE)");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_no_client_auth();
+    // Say what we speak, so a server that defaults to h2 never picks it.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 pub struct Connector {
