@@ -9,6 +9,7 @@ use std::rc::Rc;
 use anyhow::Context;
 use clap::Parser;
 use ibex_proxy::auth::bridge::{Bridge, BridgeConfig};
+use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
 use ibex_proxy::config::Config;
 use ibex_proxy::http::Limits;
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
         .with_current_span(true)
         .with_span_list(false)
-        .with_writer(std::io::stderr)
+        .with_writer(access_log::Stderr)
         .init();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@
 //! ([`crate::http`]). Per-worker construction from the config lives in
 //! [`wiring`].
 
+pub mod access_log;
 pub mod limiter;
 pub mod request_id;
 #[cfg(test)]
@@ -175,6 +176,14 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
     }
 }
 
+/// The worker is done with its chain (drained): write out its batched
+/// access lines before the thread reports that it exited.
+impl<B, L> Drop for Chain<B, L> {
+    fn drop(&mut self) {
+        access_log::flush_this_thread();
+    }
+}
+
 impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
     async fn call(&self, req: Request, conn: &ConnInfo) -> Response {
         let clock = self.auth.core().clock();
@@ -210,7 +219,7 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
         self.metrics.request(matched.id(), resp.status, latency_us);
         span.in_scope(|| {
             tracing::info!(
-                target: "ibex_proxy::access",
+                target: access_log::TARGET,
                 request_id = rid.as_str(),
                 method = method_str(method),
                 route = matched.id().template(),

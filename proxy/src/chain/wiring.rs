@@ -61,6 +61,9 @@ impl Wiring {
         // This worker's end of the invalidation feed, applied by a task on
         // this worker so the caches stay single-threaded.
         monoio::spawn(self.bridge.subscribe().run(core.clone()));
+        // Access lines are batched per worker, off the request's path.
+        super::access_log::batch_this_thread();
+        monoio::spawn(super::access_log::flush_periodically());
 
         let limiter = RateLimiter::new(Rc::new(RateLimitConfig::new(cfg.redis_url.clone())));
         let upstream = match Self::upstream_config(cfg) {
