@@ -31,6 +31,8 @@ use super::resp::{self, Frame};
 const MAX_READ_BUF: usize = 256 * 1024;
 /// Output buffers larger than this are not kept for reuse.
 const KEEP_OUT_CAPACITY: usize = 64 * 1024;
+/// A connection that lasted this long resets the reconnect backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Where and how to connect, parsed once from `redis://host:port[/db]`.
 pub struct Target {
@@ -212,13 +214,18 @@ pub async fn drive(
                     });
             match connected {
                 Ok(stream) => {
-                    backoff = timing.backoff_min;
                     conn.reset.clear();
                     conn.set_phase(Phase::Up);
                     on_event(Event::Connected);
+                    let up_since = std::time::Instant::now();
                     let err = serve_connection(&conn, stream).await;
                     conn.set_phase(Phase::Down);
                     on_event(Event::Lost(&err));
+                    // A server that accepts and then drops us at once must
+                    // not be retried (and logged) at the fastest rate.
+                    if up_since.elapsed() >= STABLE_AFTER {
+                        backoff = timing.backoff_min;
+                    }
                 }
                 Err(err) => {
                     conn.set_phase(Phase::Down);
