@@ -35,6 +35,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Reconnect when the feed is silent this long (or 3 heartbeat intervals).
 const FEED_SILENCE_MIN: Duration = Duration::from_secs(1);
+/// Longest the bridge keeps one validation call open.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
@@ -195,7 +197,9 @@ async fn serve(
         subscribers,
         stats,
     ));
-    let client = AuthServiceClient::new(endpoint.connect_lazy());
+    // Workers give up after IBEX_AUTH_VALIDATE_TIMEOUT; this bound only makes
+    // sure a call authd never answers cannot hold its permit forever.
+    let client = AuthServiceClient::new(endpoint.timeout(CALL_TIMEOUT).connect_lazy());
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(call) = calls.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
