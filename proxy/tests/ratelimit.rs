@@ -367,3 +367,55 @@ async fn a_stalled_redis_times_out_trips_the_breaker_and_closes_it_again() {
     };
     tokio::join!(worker, stall);
 }
+
+#[tokio::test]
+async fn the_url_selects_the_database_and_authenticates_with_its_password() {
+    let redis = Redis::start().await.unwrap();
+    let port = redis.port();
+    let org = Uuid::new_v4();
+    let now = mid_minute_ms();
+    on_worker(move || async move {
+        let limiter = limiter_at(
+            &format!("redis://127.0.0.1:{port}/3"),
+            Rc::new(Cell::new(now)),
+        );
+        until_healthy(&limiter).await;
+        assert_eq!(limiter.check(&org, 10).await.remaining, Some(9));
+    })
+    .await;
+    let key = format!("ibex:rl:{{{org}}}:{}", now / 60_000);
+    let in_db = |db: &'static str| {
+        let script = format!("redis.call('SELECT', '{db}') return redis.call('EXISTS', KEYS[1])");
+        let key = key.clone();
+        let redis = &redis;
+        async move { redis.command(&["EVAL", &script, "1", &key]).await.unwrap() }
+    };
+    assert_eq!(in_db("3").await, ":1\r\n");
+    assert_eq!(in_db("0").await, ":0\r\n");
+
+    assert_eq!(
+        redis
+            .command(&["CONFIG", "SET", "requirepass", "s3cret"])
+            .await
+            .unwrap(),
+        "+OK\r\n"
+    );
+    on_worker(move || async move {
+        let good = limiter_at(
+            &format!("redis://:s3cret@127.0.0.1:{port}/0"),
+            Rc::new(Cell::new(now)),
+        );
+        until_healthy(&good).await;
+        let d = good.check(&org, 10).await;
+        assert!(!d.failed_open && d.remaining == Some(9), "{d:?}");
+
+        let bad = limiter_at(
+            &format!("redis://:wrong@127.0.0.1:{port}/0"),
+            Rc::new(Cell::new(now)),
+        );
+        let d = check_until(&bad, &org, 10, |d| d.failed_open).await;
+        assert!(d.admitted);
+        assert!(!bad.healthy());
+    })
+    .await;
+}
