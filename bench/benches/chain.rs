@@ -17,18 +17,23 @@
 //! - `chain/call_hit_other_core_busy`: `call_hit` while another thread runs
 //!   its own chain (its own caches) flat out — per-core state means no
 //!   shared cache line, so this should match `call_hit` within noise.
+//! - printed on stderr: `call_hit` alone and with the other core busy in the
+//!   bench thread's CPU time (`/proc/thread-self/schedstat` over 2M calls),
+//!   which a busy box's scheduling does not inflate as it does wall time.
 //! - `chain/flood_request_blocked`: one request with a fresh random
 //!   well-formed token from an address the flood guard already blocked
 //!   (answered 429 with no authd call): what a guessing flood costs.
 //! - `cache/token_digest_and_hit`: SHA-256 of the bearer + the per-core map hit.
 //!
-//! Results (2 vCPU AMD EPYC VM, rustc 1.95, release, criterion median; the
-//! box was shared with other builds and benches, load average 5–8, so read
-//! the relations between rows — details in `perf/results/chain.md`):
+//! Results (2 vCPU AMD EPYC VM, rustc 1.95, release, criterion median;
+//! details and caveats in `perf/results/chain.md`):
 //!
-//! | date       | parse_and_call_hit | call_hit | other_core_busy | flood_blocked | digest_and_hit |
-//! |------------|--------------------|----------|-----------------|---------------|----------------|
-//! | 2026-11-23 | 2.94 µs            | 1.42 µs  | 2.52 µs         | 1.32 µs       | 169 ns         |
+//! | date             | parse_and_call_hit | call_hit | other_core_busy | flood_blocked | digest_and_hit |
+//! |------------------|--------------------|----------|-----------------|---------------|----------------|
+//! | 2026-11-23 (load 5–8) | 2.94 µs       | 1.42 µs  | 2.52 µs         | 1.32 µs       | 169 ns         |
+//! | 2026-11-23 (load 1–2) | 1.11 µs       | 751 ns   | 787 ns          | 986 ns        | 108 ns         |
+//!
+//! CPU time of `call_hit` (stderr line), load 1–2: alone 768 ns, other core busy 807 ns.
 
 #![expect(
     clippy::expect_used,
@@ -171,6 +176,27 @@ fn warm_chain() -> (BenchChain, Rc<AuthCore>) {
     (chain, core)
 }
 
+const CPU_CALLS: u32 = 2_000_000;
+
+/// This thread's CPU time per chain call over [`CPU_CALLS`] calls: unlike
+/// wall time, not inflated when the scheduler gives the core to someone else.
+fn cpu_ns_per_call(chain: &BenchChain, req: &Request, peer: &ConnInfo) -> f64 {
+    let t0 = thread_cpu_ns();
+    for _ in 0..CPU_CALLS {
+        check(now(chain.call(black_box(req.clone()), peer)), 200);
+    }
+    (thread_cpu_ns() - t0) as f64 / f64::from(CPU_CALLS)
+}
+
+/// This thread's CPU time in ns (`/proc/thread-self/schedstat`, first field;
+/// updated at scheduler ticks, so only long runs are precise).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .expect("schedstat")
+}
+
 fn check(r: Response, status: u16) {
     assert_eq!(r.status, status);
     black_box(r);
@@ -190,6 +216,8 @@ fn bench_chain(c: &mut Criterion) {
     g.bench_function("call_hit", |b| {
         b.iter(|| check(now(chain.call(black_box(req.clone()), &peer)), 200))
     });
+
+    let alone_cpu = cpu_ns_per_call(&chain, &req, &peer);
 
     // Another core runs its own chain flat out meanwhile.
     let stop = Arc::new(AtomicBool::new(false));
@@ -211,6 +239,11 @@ fn bench_chain(c: &mut Criterion) {
     g.bench_function("call_hit_other_core_busy", |b| {
         b.iter(|| check(now(chain.call(black_box(req.clone()), &peer)), 200))
     });
+    let busy_cpu = cpu_ns_per_call(&chain, &req, &peer);
+    eprintln!(
+        "chain/call_hit in this thread's CPU time (schedstat, {CPU_CALLS} calls): \
+         alone {alone_cpu:.0} ns, other core busy {busy_cpu:.0} ns"
+    );
     stop.store(true, Ordering::Relaxed);
     let other_requests = busy.join().expect("busy thread");
     assert!(other_requests > 0);
