@@ -153,7 +153,7 @@ pub fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Head>, P
     let query_at = target.bytes().position(|b| b == b'?');
 
     let mut framing = FramingScan::default();
-    let mut spans: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(req.headers.len());
+    let mut spans = Spans::new();
     for h in req.headers.iter() {
         framing.observe(h.name.as_bytes(), h.value)?;
         let name_start = offset(h.name.as_bytes());
@@ -175,9 +175,10 @@ pub fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Head>, P
 
     let head = buf.split_to(head_len).freeze();
     let headers = spans
-        .into_iter()
-        .map(|(ns, nl, vs, vl)| Header {
-            name: head.slice(ns..ns + nl),
+        .iter()
+        .map(|&(ns, nl, vs, vl)| Header {
+            name: well_known_name(&head[ns..ns + nl])
+                .map_or_else(|| head.slice(ns..ns + nl), Bytes::from_static),
             value: head.slice(vs..vs + vl),
         })
         .collect();
@@ -198,6 +199,72 @@ pub fn parse_head(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Head>, P
         framing: body_framing,
         expect_continue,
     }))
+}
+
+/// Header offsets (name start, name len, value start, value len) into the
+/// head, kept while httparse's borrow of the buffer is alive. On the stack
+/// for the usual handful of headers, so a typical request makes no extra
+/// allocation for them.
+struct Spans {
+    inline: [Span; INLINE_SPANS],
+    len: usize,
+    more: Vec<Span>,
+}
+
+type Span = (usize, usize, usize, usize);
+
+const INLINE_SPANS: usize = 24;
+
+impl Spans {
+    fn new() -> Self {
+        Spans {
+            inline: [(0, 0, 0, 0); INLINE_SPANS],
+            len: 0,
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, span: Span) {
+        if self.len < INLINE_SPANS {
+            self.inline[self.len] = span;
+            self.len += 1;
+        } else {
+            self.more.push(span);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Span> {
+        self.inline[..self.len].iter().chain(self.more.iter())
+    }
+}
+
+/// The static copy of a common header name when the client spelled it
+/// exactly so (the bytes stay the client's): a static `Bytes` costs no
+/// reference count, a slice of the head costs two atomic operations.
+fn well_known_name(name: &[u8]) -> Option<&'static [u8]> {
+    Some(match name {
+        b"Host" => b"Host",
+        b"host" => b"host",
+        b"User-Agent" => b"User-Agent",
+        b"user-agent" => b"user-agent",
+        b"Accept" => b"Accept",
+        b"accept" => b"accept",
+        b"Authorization" => b"Authorization",
+        b"authorization" => b"authorization",
+        b"X-IBEX-Agent-ID" => b"X-IBEX-Agent-ID",
+        b"x-ibex-agent-id" => b"x-ibex-agent-id",
+        b"Content-Type" => b"Content-Type",
+        b"content-type" => b"content-type",
+        b"Content-Length" => b"Content-Length",
+        b"content-length" => b"content-length",
+        b"Accept-Encoding" => b"Accept-Encoding",
+        b"accept-encoding" => b"accept-encoding",
+        b"Connection" => b"Connection",
+        b"connection" => b"connection",
+        b"X-Request-ID" => b"X-Request-ID",
+        b"x-request-id" => b"x-request-id",
+        _ => return None,
+    })
 }
 
 fn method_from(m: &str) -> Method {
