@@ -69,9 +69,27 @@ run() { # name pid rate port path [headers...]
 
 for rate in $RATES; do
   run nginx "$(nginx_worker)" "$rate" "$NGINX_PORT" /
+  # The proxy's floor: same server and codec, no auth, no rate limiter.
+  run ibex-proxy-health "$PROXY_PID" "$rate" "$PROXY_PORT" /health
   run ibex-proxy "$PROXY_PID" "$rate" "$PROXY_PORT" /v1/internal/auth-probe \
       -H "Authorization: Bearer $IBEX_DEV_TOKEN" -H "X-IBEX-Agent-ID: $IBEX_DEV_AGENT_ID"
 done
+
+# Valid cached traffic at 1k rps while three other addresses flood the proxy
+# with distinct random well-formed tokens (FLOOD_RATE each): the per-address
+# guard answers them 429 without authd calls after 20 failures.
+FLOOD_RATE=${FLOOD_RATE:-2000}
+echo "# flood: valid traffic at 1000 rps, then the same beside 3 x $FLOOD_RATE rps of random tokens"
+run ibex-proxy-no-flood "$PROXY_PID" 1000 "$PROXY_PORT" /v1/internal/auth-probe "${AUTH[@]}"
+for ip in 127.0.0.2 127.0.0.3 127.0.0.4; do
+  taskset -c "$LOAD_CPU" target/release/loadgen --addr "127.0.0.1:$PROXY_PORT" --path /v1/internal/auth-probe \
+    --rate "$FLOOD_RATE" --duration "$DURATION" --connections 8 --bind "$ip" \
+    -H 'Authorization: Bearer ibex_pat_{uuid}_{secret}' -H "X-IBEX-Agent-ID: $IBEX_DEV_AGENT_ID" \
+    > "$work/flood-$ip.json" &
+done
+run ibex-proxy-beside-flood "$PROXY_PID" 1000 "$PROXY_PORT" /v1/internal/auth-probe "${AUTH[@]}"
+wait_floods() { for ip in 127.0.0.2 127.0.0.3 127.0.0.4; do while pgrep -f -- "--bind $ip" >/dev/null; do sleep 0.2; done; echo "flood $ip: $(cat "$work/flood-$ip.json")"; done; }
+wait_floods
 
 if command -v wrk >/dev/null; then
   echo "# peak (wrk -t1 -c$CONNS -d${DURATION}s, pinned to CPU $LOAD_CPU)"

@@ -13,7 +13,9 @@
 //!     --rate 1000 --duration 10 --connections 16 -H "Authorization: Bearer ..." -H "X-IBEX-Agent-ID: ..."
 //! ```
 //! It runs on one thread (current-thread tokio): pin it to a core the server
-//! does not use.
+//! does not use. `{uuid}` and `{secret}` in a header are replaced by fresh
+//! random values on every request (a flood of distinct well-formed tokens);
+//! `--bind 127.0.0.2` sends from another loopback address.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,6 +34,8 @@ struct Args {
     duration: Duration,
     connections: usize,
     headers: Vec<String>,
+    /// Source address to connect from (e.g. 127.0.0.2), to test per-address guards.
+    bind: Option<std::net::IpAddr>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -44,6 +48,7 @@ fn parse_args() -> anyhow::Result<Args> {
         duration: Duration::from_secs(10),
         connections: 16,
         headers: Vec::new(),
+        bind: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,6 +62,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--duration" => a.duration = Duration::from_secs_f64(val()?.parse()?),
             "--connections" => a.connections = val()?.parse()?,
             "-H" => a.headers.push(val()?),
+            "--bind" => a.bind = Some(val()?.parse()?),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -106,6 +112,63 @@ struct ConnResult {
     errors: u64,
 }
 
+/// Replaces `{uuid}` / `{secret}` with fresh random values (xorshift; the
+/// values only need to be distinct, not unpredictable).
+fn fill_template(template: &[u8], seed: &mut u64) -> Vec<u8> {
+    let mut next = || {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    };
+    let text = String::from_utf8_lossy(template);
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut rest: &str = &text;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(r) = tail.strip_prefix("{uuid}") {
+            let (x, y) = (next(), next());
+            out.push_str(&format!(
+                "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+                x >> 32,
+                (x >> 16) & 0xffff,
+                x & 0xfff,
+                y >> 52,
+                y & 0xffff_ffff_ffff
+            ));
+            rest = r;
+        } else if let Some(r) = tail.strip_prefix("{secret}") {
+            const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+            for _ in 0..43 {
+                out.push(ALNUM[(next() % ALNUM.len() as u64) as usize] as char);
+            }
+            rest = r;
+        } else {
+            out.push('{');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out.into_bytes()
+}
+
+async fn connect(a: &Args) -> std::io::Result<TcpStream> {
+    let addr: std::net::SocketAddr = tokio::net::lookup_host(&a.addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(ip) = a.bind {
+        sock.bind(std::net::SocketAddr::new(ip, 0))?;
+    }
+    sock.connect(addr).await
+}
+
 async fn run_conn(
     a: Arc<Args>,
     request: Arc<Vec<u8>>,
@@ -122,6 +185,8 @@ async fn run_conn(
     // from the slot; otherwise from the actual send (tokio's timer wheel has
     // 1 ms granularity, and that lateness is ours, not the server's).
     let mut prev_done = start;
+    let templated = request.windows(6).any(|w| w == b"{uuid}" || w == b"{secr");
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15 ^ (offset.as_nanos() as u64 | 1);
     loop {
         let due = start + offset + interval * k;
         if due.duration_since(start) >= a.duration {
@@ -130,7 +195,7 @@ async fn run_conn(
         k += 1;
         tokio::time::sleep_until(due).await;
         if stream.is_none() {
-            match TcpStream::connect(&a.addr).await {
+            match connect(&a).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     stream = Some(s);
@@ -146,7 +211,11 @@ async fn run_conn(
         let sent = tokio::time::Instant::now();
         let reference = if prev_done > due { due } else { sent };
         let result = async {
-            s.write_all(&request).await?;
+            if templated {
+                s.write_all(&fill_template(&request, &mut seed)).await?;
+            } else {
+                s.write_all(&request).await?;
+            }
             read_response(s, &mut buf).await
         }
         .await;
