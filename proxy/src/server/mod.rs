@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Open connections per worker; beyond it new ones are closed at once.
     pub max_connections: usize,
+    /// Use the legacy (epoll) driver even where io_uring works: for tests of
+    /// the fallback path and for comparisons.
+    pub legacy_driver: bool,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +65,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            legacy_driver: false,
         }
     }
 }

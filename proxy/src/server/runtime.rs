@@ -63,13 +63,17 @@ pub(super) fn parse_cpu_list(list: &str) -> Vec<usize> {
 /// Builds this thread's runtime and runs `fut` to completion on it:
 /// io_uring with coop_taskrun + single_issuer + defer_taskrun when the kernel
 /// allows, else the legacy (epoll) driver, with a log line saying which.
-fn block_on_worker<Fut, Mk>(worker: usize, make_future: Mk) -> std::io::Result<Fut::Output>
+fn block_on_worker<Fut, Mk>(
+    worker: usize,
+    legacy: bool,
+    make_future: Mk,
+) -> std::io::Result<Fut::Output>
 where
     Mk: FnOnce() -> Fut,
     Fut: std::future::Future,
 {
     #[cfg(target_os = "linux")]
-    {
+    if !legacy {
         if monoio::utils::detect_uring() {
             let mut urb = io_uring::IoUring::builder();
             urb.setup_coop_taskrun()
@@ -97,6 +101,9 @@ where
                 "io_uring unavailable; using the legacy (epoll) driver"
             );
         }
+    }
+    if legacy {
+        tracing::debug!(worker, driver = "legacy", "worker runtime started");
     }
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
         .enable_timer()
@@ -165,7 +172,7 @@ where
                         tracing::warn!(worker, cpu, error = ?e, "could not pin worker to its CPU");
                     }
                 }
-                let result = block_on_worker(worker, || {
+                let result = block_on_worker(worker, cfg.legacy_driver, || {
                     worker_main(worker, cfg, local, listener, make, worker_shutdown, events)
                 });
                 if let Err(e) = result {

@@ -634,3 +634,36 @@ fn a_worker_that_dies_while_starting_fails_run() {
     });
     assert!(result.is_err());
 }
+
+#[test]
+fn legacy_driver_serves_the_same() {
+    let mut srv = Running::start(ServerConfig {
+        legacy_driver: true,
+        header_timeout: Duration::from_millis(300),
+        ..test_config()
+    });
+    let mut c = Client::new(srv.connect());
+    c.send(&get("/a"));
+    assert_eq!(c.reply(false).unwrap().text(), "GET /a 0 ");
+    let mut raw = get("/b");
+    raw.extend_from_slice(
+        b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    );
+    raw.extend_from_slice(&get("/d"));
+    c.send(&raw);
+    for want in ["GET /b 0 ", "POST /c 2 hi", "GET /d 0 "] {
+        assert_eq!(c.reply(false).unwrap().text(), want);
+    }
+
+    let mut slow = Client::new(srv.connect());
+    slow.send(b"GET / HTTP/1.1\r\n");
+    assert_eq!(slow.reply(false).unwrap().status, 408);
+
+    let mut busy = Client::new(srv.connect());
+    busy.send(&get("/slow"));
+    srv.entered.recv_timeout(Duration::from_secs(5)).unwrap();
+    srv.handle.shutdown();
+    assert_eq!(busy.reply(false).unwrap().text(), "slow done");
+    assert!(c.closed());
+    assert!(srv.stop().is_ok());
+}
