@@ -55,7 +55,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use ibex_proxy::auth::cache::{CacheLimits, TokenCache};
 use ibex_proxy::auth::secret::BearerToken;
 use ibex_proxy::auth::{
-    AgentAnswer, AuthBackend, AuthCore, AuthSettings, Authenticator, FeedEvent, SystemClock,
+    AgentAnswer, AuthBackend, AuthCore, AuthSettings, Authenticator, Clock, FeedEvent, SystemClock,
     TokenAnswer, Unavailable, ValidToken,
 };
 use ibex_proxy::chain::{Chain, NoLimit};
@@ -136,12 +136,11 @@ fn now<F: Future>(f: F) -> F::Output {
 /// the flood guard.
 fn warm_chain() -> (BenchChain, Rc<AuthCore>) {
     let settings = AuthSettings::new(Duration::from_secs(3600), Duration::from_secs(1));
-    let core = AuthCore::new(
-        Rc::new(SystemClock::new()),
-        settings,
-        Arc::new(WorkerMetrics::default()),
-    );
-    core.apply(FeedEvent::Heartbeat);
+    let clock = Rc::new(SystemClock::new());
+    let core = AuthCore::new(clock.clone(), settings, Arc::new(WorkerMetrics::default()));
+    core.apply(FeedEvent::Heartbeat {
+        sent_at_unix_ms: clock.unix_ms(),
+    });
     let chain = Chain::new(
         Authenticator::new(core.clone(), WarmupAuthd),
         NoLimit,

@@ -290,7 +290,9 @@ fn feed_event(ev: pb::InvalidationEvent) -> FeedEvent {
     use pb::invalidation_event::Kind;
     let parse = |s: &str| Uuid::parse_str(s).ok();
     match ev.kind {
-        Some(Kind::Heartbeat(_)) => FeedEvent::Heartbeat,
+        Some(Kind::Heartbeat(_)) => FeedEvent::Heartbeat {
+            sent_at_unix_ms: ev.sent_at_unix_ms,
+        },
         Some(Kind::Token(t)) => match (parse(&t.org_id), parse(&t.token_id)) {
             (Some(org), Some(token_id)) => FeedEvent::Token { org, token_id },
             _ => FeedEvent::Reset,
@@ -436,13 +438,15 @@ mod tests {
         use pb::invalidation_event::Kind;
         let ev = |kind| pb::InvalidationEvent {
             seq: 1,
-            sent_at_unix_ms: 0,
+            sent_at_unix_ms: 1_800_000_000_123,
             kind: Some(kind),
         };
         let org = Uuid::from_u128(1);
         assert_eq!(
             feed_event(ev(Kind::Heartbeat(pb::Heartbeat { interval_ms: 100 }))),
-            FeedEvent::Heartbeat
+            FeedEvent::Heartbeat {
+                sent_at_unix_ms: 1_800_000_000_123
+            }
         );
         assert_eq!(
             feed_event(ev(Kind::Token(pb::TokenInvalidated {

@@ -5,7 +5,8 @@
 //!
 //! Trust rule for a cached *positive* entry (valid token, active agent):
 //! it was learned (its validation started) after the last reset (feed reconnect/overflow), and either
-//! the feed is fresh (a heartbeat within `IBEX_REVOCATION_SLA_MS`) or the
+//! the feed is fresh (a heartbeat *sent* within `IBEX_REVOCATION_SLA_MS`,
+//! dated by the earlier of its receipt and authd's own timestamp) or the
 //! entry itself is younger than the SLA. An untrusted entry is re-validated
 //! with authd; if authd cannot answer the request fails closed with 503.
 //! Refusals are always trusted: they only ever fail closed.
@@ -55,7 +56,11 @@ impl AuthSettings {
 /// What the invalidation feed delivers to each worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FeedEvent {
-    Heartbeat,
+    /// Every invalidation authd committed before `sent_at_unix_ms` (authd's
+    /// wall clock; 0 = undated) has been delivered ahead of this event.
+    Heartbeat {
+        sent_at_unix_ms: i64,
+    },
     /// Events may have been missed (stream (re)opened, a queue overflowed):
     /// nothing learned before now is trusted any more.
     Reset,
@@ -81,7 +86,10 @@ pub struct AuthCore {
     pub(super) token_flights: SingleFlight<TokenDigest, Answer<TokenAnswer>, DigestBuildHasher>,
     pub(super) agent_flights: SingleFlight<(Uuid, Uuid), Answer<AgentAnswer>, RandomState>,
     pub(super) metrics: Arc<WorkerMetrics>,
+    /// The freshness instant of the newest heartbeat (see [`Self::apply`]).
     last_heartbeat: Cell<Option<Instant>>,
+    /// Last "heartbeat arrived late" warning (at most one a minute).
+    late_warned: Cell<Option<Instant>>,
     /// The last reset; entries validated before (or at) it are not trusted.
     trusted_since: Cell<Option<Instant>>,
     /// Bumped by every eviction or reset; a validation that started under an
@@ -105,6 +113,7 @@ impl AuthCore {
             agent_flights: SingleFlight::new(),
             metrics,
             last_heartbeat: Cell::new(None),
+            late_warned: Cell::new(None),
             trusted_since: Cell::new(None),
             epoch: Cell::new(0),
         })
@@ -141,12 +150,19 @@ impl AuthCore {
     /// Applies one feed event to this worker's caches.
     pub fn apply(&self, event: FeedEvent) {
         let now = self.clock.now();
-        if event != FeedEvent::Heartbeat {
+        if !matches!(event, FeedEvent::Heartbeat { .. }) {
             self.epoch.set(self.epoch.get() + 1);
             self.metrics.feed_events.inc();
         }
         match event {
-            FeedEvent::Heartbeat => self.last_heartbeat.set(Some(now)),
+            FeedEvent::Heartbeat { sent_at_unix_ms } => {
+                let Some(at) = self.heartbeat_instant(sent_at_unix_ms, now) else {
+                    return;
+                };
+                if self.last_heartbeat.get().is_none_or(|last| at > last) {
+                    self.last_heartbeat.set(Some(at));
+                }
+            }
             FeedEvent::Reset => {
                 self.trusted_since.set(Some(now));
                 self.metrics.feed_resets.inc();
@@ -162,6 +178,44 @@ impl AuthCore {
                 self.agents.borrow_mut().evict_org(&org);
             }
         }
+    }
+
+    /// When a heartbeat proves the feed complete up to, on this worker's
+    /// monotonic clock: the earlier of its receipt (`now`) and its sending
+    /// (authd's `sent_at` mapped through `now_wall - sent_at`). Dating it at
+    /// receipt alone would let a late-delivered heartbeat (a queue backlog,
+    /// a stalled stream) stretch trust past the SLA after authd died.
+    /// A `sent_at` in our future (clock skew) or undated (0) falls back to
+    /// receipt. `None`: sent too long ago to be represented — ignored.
+    fn heartbeat_instant(&self, sent_at_unix_ms: i64, now: Instant) -> Option<Instant> {
+        let age_ms = self.clock.unix_ms_at(now).saturating_sub(sent_at_unix_ms);
+        if sent_at_unix_ms <= 0 || age_ms <= 0 {
+            return Some(now);
+        }
+        let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(u64::MAX));
+        if age > self.settings.revocation_sla && self.should_warn_late(now) {
+            tracing::warn!(
+                age_ms,
+                sla_ms =
+                    u64::try_from(self.settings.revocation_sla.as_millis()).unwrap_or(u64::MAX),
+                "authd heartbeat arrived older than IBEX_REVOCATION_SLA_MS \
+                 (delivery backlog, or this host's clock ahead of authd's); \
+                 cached credentials are re-validated"
+            );
+        }
+        now.checked_sub(age)
+    }
+
+    fn should_warn_late(&self, now: Instant) -> bool {
+        const EVERY: Duration = Duration::from_secs(60);
+        let due = self
+            .late_warned
+            .get()
+            .is_none_or(|t| now.saturating_duration_since(t) >= EVERY);
+        if due {
+            self.late_warned.set(Some(now));
+        }
+        due
     }
 
     /// The answer for a bad credential guess from `peer`: 429 once the
@@ -193,6 +247,13 @@ mod tests {
 
     const SLA: Duration = Duration::from_millis(300);
 
+    /// A heartbeat authd sent just now.
+    fn hb(clock: &FakeClock) -> FeedEvent {
+        FeedEvent::Heartbeat {
+            sent_at_unix_ms: clock.unix_ms(),
+        }
+    }
+
     fn core() -> (Rc<AuthCore>, Rc<FakeClock>) {
         let clock = Rc::new(FakeClock::new(0));
         let core = AuthCore::new(
@@ -213,7 +274,7 @@ mod tests {
         clock.advance(SLA);
         assert!(!core.trusts(validated, clock.now()));
         // A heartbeat makes every entry trusted again…
-        core.apply(FeedEvent::Heartbeat);
+        core.apply(hb(&clock));
         assert!(core.trusts(validated, clock.now()));
         // …until the feed has been silent for longer than the SLA.
         clock.advance(SLA);
@@ -224,13 +285,67 @@ mod tests {
     }
 
     #[test]
+    fn a_late_heartbeat_is_dated_when_authd_sent_it() {
+        let (core, clock) = core();
+        let validated = clock.now();
+        clock.advance(SLA);
+        // Sent 200 ms ago (authd's clock), delivered only now: the feed is
+        // known complete up to 200 ms ago, so fresh for 100 ms more.
+        let sent = clock.unix_ms() - 200;
+        core.apply(FeedEvent::Heartbeat {
+            sent_at_unix_ms: sent,
+        });
+        assert!(core.feed_fresh(clock.now()));
+        clock.advance(Duration::from_millis(100));
+        assert!(core.feed_fresh(clock.now()));
+        assert!(core.trusts(validated, clock.now()));
+        clock.advance(Duration::from_millis(1));
+        assert!(!core.feed_fresh(clock.now()));
+        assert!(!core.trusts(validated, clock.now()));
+        // One sent longer ago than the SLA proves nothing fresh at all.
+        core.apply(FeedEvent::Heartbeat {
+            sent_at_unix_ms: clock.unix_ms() - 301,
+        });
+        assert!(!core.feed_fresh(clock.now()));
+    }
+
+    #[test]
+    fn a_heartbeat_from_the_future_or_undated_counts_from_receipt() {
+        let (core, clock) = core();
+        // authd's clock 5 s ahead of ours: never later than receipt.
+        core.apply(FeedEvent::Heartbeat {
+            sent_at_unix_ms: clock.unix_ms() + 5_000,
+        });
+        clock.advance(SLA);
+        assert!(core.feed_fresh(clock.now()));
+        clock.advance(Duration::from_millis(1));
+        assert!(!core.feed_fresh(clock.now()));
+        core.apply(FeedEvent::Heartbeat { sent_at_unix_ms: 0 });
+        clock.advance(SLA);
+        assert!(core.feed_fresh(clock.now()));
+        clock.advance(Duration::from_millis(1));
+        assert!(!core.feed_fresh(clock.now()));
+    }
+
+    #[test]
+    fn an_older_heartbeat_does_not_move_freshness_back() {
+        let (core, clock) = core();
+        core.apply(hb(&clock));
+        core.apply(FeedEvent::Heartbeat {
+            sent_at_unix_ms: clock.unix_ms() - 250,
+        });
+        clock.advance(SLA);
+        assert!(core.feed_fresh(clock.now()));
+    }
+
+    #[test]
     fn reset_distrusts_everything_learned_before_it() {
         let (core, clock) = core();
-        core.apply(FeedEvent::Heartbeat);
+        core.apply(hb(&clock));
         let before = clock.now();
         clock.advance(Duration::from_millis(1));
         core.apply(FeedEvent::Reset);
-        core.apply(FeedEvent::Heartbeat);
+        core.apply(hb(&clock));
         assert!(!core.trusts(before, clock.now()));
         clock.advance(Duration::from_millis(1));
         assert!(core.trusts(clock.now(), clock.now()));
@@ -238,9 +353,9 @@ mod tests {
 
     #[test]
     fn every_invalidation_bumps_the_epoch_heartbeats_do_not() {
-        let (core, _clock) = core();
+        let (core, clock) = core();
         let e0 = core.epoch();
-        core.apply(FeedEvent::Heartbeat);
+        core.apply(hb(&clock));
         assert_eq!(core.epoch(), e0);
         let (org, id) = (Uuid::from_u128(1), Uuid::from_u128(2));
         for ev in [

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::*;
 use crate::auth::secret::BearerToken;
+use crate::auth::Clock;
 use crate::auth::{
     AgentAnswer, AuthCore, AuthSettings, FakeClock, FeedEvent, TokenAnswer, Unavailable, ValidToken,
 };
@@ -161,7 +162,9 @@ impl H {
         let clock = Rc::new(FakeClock::new(NOW_MS));
         let settings = AuthSettings::new(SLA, Duration::from_millis(20));
         let core = AuthCore::new(clock.clone(), settings, Arc::new(WorkerMetrics::default()));
-        core.apply(FeedEvent::Heartbeat);
+        core.apply(FeedEvent::Heartbeat {
+            sent_at_unix_ms: NOW_MS,
+        });
         let fake = Rc::new(Fake::default());
         fake.tokens.borrow_mut().insert(pat(1), valid(1, 1));
         fake.tokens.borrow_mut().insert(pat(3), valid(3, 3));
@@ -230,6 +233,13 @@ impl H {
             worker: 0,
         };
         self.chain.call(req, &conn).await
+    }
+
+    /// authd's heartbeat, sent just now.
+    fn heartbeat(&self) {
+        self.core.apply(FeedEvent::Heartbeat {
+            sent_at_unix_ms: self.clock.unix_ms(),
+        });
     }
 
     /// GET the internal probe with token `n` and `agent`.
@@ -605,7 +615,7 @@ fn cache_hits_skip_authd_and_recheck_expiry() {
         assert_eq!((h.fake.token_calls.get(), h.fake.agent_calls.get()), (1, 1));
         // Keep the feed fresh while time passes the expiry.
         h.clock.advance(Duration::from_millis(1_000));
-        h.core.apply(FeedEvent::Heartbeat);
+        h.heartbeat();
         let r = h.probe(8, agent()).await;
         assert_eq!((r.status, code(&r).as_str()), (401, "TOKEN_EXPIRED"));
         assert_eq!(h.fake.token_calls.get(), 1, "expiry decided from the cache");
@@ -621,7 +631,7 @@ fn refused_tokens_are_cached_briefly() {
         }
         assert_eq!(h.fake.token_calls.get(), 1);
         h.clock.advance(Duration::from_secs(2));
-        h.core.apply(FeedEvent::Heartbeat);
+        h.heartbeat();
         assert_eq!(code(&h.probe(99, agent()).await), "INVALID_TOKEN");
         assert_eq!(h.fake.token_calls.get(), 2);
     });
@@ -837,7 +847,7 @@ fn flood_guard_blocks_guessers_but_not_cached_credentials() {
         );
         // The window passes.
         h.clock.advance(Duration::from_secs(60));
-        h.core.apply(FeedEvent::Heartbeat);
+        h.heartbeat();
         let r = h
             .send_from(
                 Method::Get,
