@@ -1,7 +1,9 @@
 //! Configuration from `IBEX_*` environment variables (SPEC §9), parsed once
 //! into one typed struct. Every field is also a `--flag`, and `--help` lists
 //! each variable with its default. A bad value is reported by clap with the
-//! variable's name and the process exits non-zero (status 2).
+//! variable's name and the process exits non-zero (status 2). Values that may
+//! hold a secret (`IBEX_REDIS_URL`) are checked after parsing instead, by
+//! [`Config::validate`], whose messages never quote the value (clap's do).
 //!
 //! Not here: anything derived per worker (see `chain::wiring`).
 
@@ -11,6 +13,8 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use secrecy::SecretString;
+
+use crate::ratelimit::RateLimitConfig;
 
 /// Deployment environment; `production` tightens nothing in the proxy yet but
 /// is logged so operators can see what a process believes it is.
@@ -49,11 +53,21 @@ pub struct Config {
           value_parser = parse_http_url)]
     pub authd_grpc: String,
 
-    /// Redis holding the per-org rate-limit counters (may hold a password:
-    /// its value is never printed).
-    #[arg(long, env = "IBEX_REDIS_URL", default_value = "redis://127.0.0.1:6379/0",
-          hide_env_values = true, value_parser = parse_redis_url)]
+    /// Redis holding the per-org rate-limit counters: redis://[:password@]host[:port][/db]
+    /// only (no TLS, no unix socket). The password is never printed.
+    #[arg(
+        long,
+        env = "IBEX_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0",
+        hide_env_values = true
+    )]
     pub redis_url: String,
+
+    /// Longest a rate-limit check waits for Redis before the request is
+    /// admitted anyway (fail open, counted in metrics).
+    #[arg(long, env = "IBEX_REDIS_TIMEOUT", default_value = "25ms",
+          value_parser = parse_positive_duration)]
+    pub redis_timeout: Duration,
 
     /// Deadline for one authd validation on a cache miss; past it → 503 AUTH_UNAVAILABLE.
     #[arg(long, env = "IBEX_AUTH_VALIDATE_TIMEOUT", default_value = "50ms",
@@ -113,6 +127,21 @@ impl Config {
     pub fn revocation_sla(&self) -> Duration {
         Duration::from_millis(self.revocation_sla_ms)
     }
+
+    /// Checks what clap cannot check without echoing a secret. Every problem
+    /// is named by its variable; no message contains a configured value.
+    pub fn validate(&self) -> Result<(), String> {
+        check_redis_url(&self.redis_url).map_err(|e| format!("IBEX_REDIS_URL: {e}"))
+    }
+
+    /// The rate limiter's settings: the URL and `IBEX_REDIS_TIMEOUT`; the
+    /// limiter's own defaults for the rest.
+    pub fn rate_limit(&self) -> RateLimitConfig {
+        RateLimitConfig {
+            timeout: self.redis_timeout,
+            ..RateLimitConfig::new(self.redis_url.clone())
+        }
+    }
 }
 
 fn default_threads() -> u16 {
@@ -140,11 +169,21 @@ fn parse_http_url(s: &str) -> Result<String, String> {
     Ok(s.trim_end_matches('/').to_owned())
 }
 
-fn parse_redis_url(s: &str) -> Result<String, String> {
-    if !(s.starts_with("redis://") || s.starts_with("rediss://") || s.starts_with("unix://")) {
-        return Err("must start with redis://, rediss:// or unix://".into());
+/// The limiter speaks plain TCP RESP only: TLS (`rediss://`) and unix
+/// sockets would be accepted by the URL grammar but fail every check open,
+/// which silently switches rate limiting off. Refused before serving.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    if !url.starts_with("redis://") {
+        return Err(
+            "only redis://[:password@]host[:port][/db] is supported (not rediss:// or unix://)"
+                .into(),
+        );
     }
-    Ok(s.to_owned())
+    // The limiter's own parse; its error text is replaced, not wrapped, so
+    // this message has one prefix and cannot quote the URL either way.
+    RateLimitConfig::new(url)
+        .validate()
+        .map_err(|_| "not a valid redis://[:password@]host[:port][/db] URL".into())
 }
 
 fn parse_secret(s: &str) -> Result<SecretString, String> {
@@ -180,6 +219,9 @@ mod tests {
         assert!(!c.pin_cpus);
         assert_eq!(c.authd_grpc, "http://127.0.0.1:9091");
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379/0");
+        assert_eq!(c.redis_timeout, Duration::from_millis(25));
+        assert_eq!(c.rate_limit().timeout, Duration::from_millis(25));
+        assert!(c.validate().is_ok());
         assert_eq!(c.auth_validate_timeout, Duration::from_millis(50));
         assert_eq!(c.revocation_sla(), Duration::from_millis(300));
         assert_eq!(c.default_rpm, 600);
@@ -206,13 +248,49 @@ mod tests {
             &["--threads", "0"],
             &["--listen", "nowhere"],
             &["--upstream-url", "ftp://x"],
-            &["--redis-url", "localhost"],
+            &["--redis-timeout", "0s"],
             &["--env", "prod-ish"],
             &["--pin-cpus", "maybe"],
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.to_string().contains(args[0]), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn redis_timeout_reaches_the_limiter() {
+        let c = parse(&["--redis-timeout", "40ms"]).unwrap();
+        assert_eq!(c.rate_limit().timeout, Duration::from_millis(40));
+        assert_eq!(c.rate_limit().redis_url, c.redis_url);
+    }
+
+    #[test]
+    fn only_plain_redis_urls_pass_and_no_message_quotes_the_url() {
+        for ok in ["redis://127.0.0.1:6379/0", "redis://:pw@localhost"] {
+            assert!(
+                parse(&["--redis-url", ok]).unwrap().validate().is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "rediss://:hunter2@cache:6380",
+            "unix:///tmp/hunter2.sock",
+            "localhost:hunter2",
+            "redis://:hunter2@[bad",
+            "",
+        ] {
+            let err = parse(&["--redis-url", bad])
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(err.starts_with("IBEX_REDIS_URL: "), "{bad}: {err}");
+            assert!(!err.contains("hunter2"), "{bad}: {err}");
+        }
+        let err = parse(&["--redis-url", "rediss://h"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("only redis://"), "{err}");
     }
 
     #[test]
@@ -224,6 +302,7 @@ mod tests {
             "IBEX_PROXY_PIN_CPUS",
             "IBEX_AUTHD_GRPC",
             "IBEX_REDIS_URL",
+            "IBEX_REDIS_TIMEOUT",
             "IBEX_AUTH_VALIDATE_TIMEOUT",
             "IBEX_REVOCATION_SLA_MS",
             "IBEX_DEFAULT_RPM",

@@ -13,7 +13,6 @@ use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
 use ibex_proxy::config::Config;
 use ibex_proxy::http::Limits;
-use ibex_proxy::ratelimit::RateLimitConfig;
 use ibex_proxy::server::{Server, ServerConfig};
 use ibex_proxy::upstream::Upstream;
 
@@ -79,9 +78,7 @@ fn run(config: Config) -> anyhow::Result<()> {
 
 /// What would make every worker fail is refused before the ready line.
 fn check_before_serving(config: &Config) -> anyhow::Result<()> {
-    RateLimitConfig::new(config.redis_url.clone())
-        .validate()
-        .map_err(|e| anyhow::anyhow!("IBEX_REDIS_URL: {e}"))?;
+    config.validate().map_err(anyhow::Error::msg)?;
     if let Some(upstream) = Wiring::upstream_config(config) {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()?

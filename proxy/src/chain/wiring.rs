@@ -13,7 +13,7 @@ use crate::auth::bridge::{Bridge, BridgeClient};
 use crate::auth::{AuthCore, AuthSettings, Authenticator, SystemClock};
 use crate::config::Config;
 use crate::metrics::{Registry, WorkerMetrics};
-use crate::ratelimit::{RateLimitConfig, RateLimiter};
+use crate::ratelimit::RateLimiter;
 use crate::upstream::{Upstream, UpstreamConfig};
 
 pub type WorkerChain = Chain<BridgeClient, RateLimiter>;
@@ -65,7 +65,7 @@ impl Wiring {
         super::access_log::batch_this_thread();
         monoio::spawn(super::access_log::flush_periodically());
 
-        let limiter = RateLimiter::new(Rc::new(RateLimitConfig::new(cfg.redis_url.clone())));
+        let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()));
         let upstream = match Self::upstream_config(cfg) {
             Some(u) => Some(Upstream::new(Rc::new(u))?),
             None => None,
