@@ -14,7 +14,9 @@ use std::time::Duration;
 use clap::{ArgAction, Parser, ValueEnum};
 use secrecy::SecretString;
 
+use crate::http::Limits;
 use crate::ratelimit::RateLimitConfig;
+use crate::server::ServerConfig;
 
 /// Deployment environment; `production` tightens nothing in the proxy yet but
 /// is logged so operators can see what a process believes it is.
@@ -90,6 +92,28 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
     pub max_body_bytes: u64,
 
+    /// From a request's first byte until its head is complete (408 after;
+    /// also bounds slow-header clients).
+    #[arg(long, env = "IBEX_HEADER_TIMEOUT", default_value = "10s",
+          value_parser = parse_positive_duration)]
+    pub header_timeout: Duration,
+
+    /// For a request's whole body once its head is read (408 after).
+    #[arg(long, env = "IBEX_BODY_TIMEOUT", default_value = "30s",
+          value_parser = parse_positive_duration)]
+    pub body_timeout: Duration,
+
+    /// Keep-alive idle time between requests, and the longest a response
+    /// write may stall; the connection is closed after it.
+    #[arg(long, env = "IBEX_IDLE_TIMEOUT", default_value = "60s",
+          value_parser = parse_positive_duration)]
+    pub idle_timeout: Duration,
+
+    /// After SIGTERM: how long in-flight requests get to finish before exit.
+    #[arg(long, env = "IBEX_DRAIN_TIMEOUT", default_value = "10s",
+          value_parser = parse_positive_duration)]
+    pub drain_timeout: Duration,
+
     /// OpenAI-style base URL with its version path, e.g. https://api.openai.com/v1.
     /// Unset: chat and models answer 501 PROVIDER_NOT_CONFIGURED.
     #[arg(long, env = "IBEX_UPSTREAM_URL", value_parser = parse_http_url)]
@@ -132,6 +156,26 @@ impl Config {
     /// is named by its variable; no message contains a configured value.
     pub fn validate(&self) -> Result<(), String> {
         check_redis_url(&self.redis_url).map_err(|e| format!("IBEX_REDIS_URL: {e}"))
+    }
+
+    /// The server's settings: listener, workers, limits and timeouts; the
+    /// server's own defaults for the rest.
+    pub fn server(&self) -> ServerConfig {
+        ServerConfig {
+            listen: self.listen,
+            threads: usize::from(self.threads),
+            pin_cpus: self.pin_cpus,
+            limits: Limits {
+                // At most 1 GiB (checked by clap): fits any usize we run on.
+                body_bytes: usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+                ..Limits::default()
+            },
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            idle_timeout: self.idle_timeout,
+            drain_timeout: self.drain_timeout,
+            ..ServerConfig::default()
+        }
     }
 
     /// The rate limiter's settings: the URL and `IBEX_REDIS_TIMEOUT`; the
@@ -249,12 +293,73 @@ mod tests {
             &["--listen", "nowhere"],
             &["--upstream-url", "ftp://x"],
             &["--redis-timeout", "0s"],
+            &["--header-timeout", "0s"],
+            &["--body-timeout", "soon"],
+            &["--idle-timeout", "1 fortnight"],
+            &["--drain-timeout", "0ms"],
             &["--env", "prod-ish"],
             &["--pin-cpus", "maybe"],
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.to_string().contains(args[0]), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn server_timeouts_default_and_reach_the_server() {
+        let s = parse(&[]).unwrap().server();
+        let d = ServerConfig::default();
+        assert_eq!(
+            (
+                s.header_timeout,
+                s.body_timeout,
+                s.idle_timeout,
+                s.drain_timeout
+            ),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+                Duration::from_secs(10)
+            )
+        );
+        assert_eq!(s.max_connections, d.max_connections);
+        assert_eq!(s.limits.body_bytes, 4_194_304);
+        let s = parse(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "3",
+            "--max-body-bytes",
+            "1000",
+            "--header-timeout",
+            "2s",
+            "--body-timeout",
+            "3s",
+            "--idle-timeout",
+            "4s",
+            "--drain-timeout",
+            "500ms",
+        ])
+        .unwrap()
+        .server();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(s.threads, 3);
+        assert_eq!(s.limits.body_bytes, 1000);
+        assert_eq!(
+            (
+                s.header_timeout,
+                s.body_timeout,
+                s.idle_timeout,
+                s.drain_timeout
+            ),
+            (
+                Duration::from_secs(2),
+                Duration::from_secs(3),
+                Duration::from_secs(4),
+                Duration::from_millis(500)
+            )
+        );
     }
 
     #[test]
@@ -307,6 +412,10 @@ mod tests {
             "IBEX_REVOCATION_SLA_MS",
             "IBEX_DEFAULT_RPM",
             "IBEX_MAX_BODY_BYTES",
+            "IBEX_HEADER_TIMEOUT",
+            "IBEX_BODY_TIMEOUT",
+            "IBEX_IDLE_TIMEOUT",
+            "IBEX_DRAIN_TIMEOUT",
             "IBEX_UPSTREAM_URL",
             "IBEX_UPSTREAM_API_KEY",
             "IBEX_UPSTREAM_CA_FILE",

@@ -12,8 +12,7 @@ use ibex_proxy::auth::bridge::{Bridge, BridgeConfig};
 use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
 use ibex_proxy::config::Config;
-use ibex_proxy::http::Limits;
-use ibex_proxy::server::{Server, ServerConfig};
+use ibex_proxy::server::Server;
 use ibex_proxy::upstream::Upstream;
 
 #[global_allocator]
@@ -44,17 +43,8 @@ fn run(config: Config) -> anyhow::Result<()> {
         subscriber: format!("ibex-proxy:{}", std::process::id()),
     })
     .context("IBEX_AUTHD_GRPC")?;
-    let server = Server::bind(ServerConfig {
-        listen: config.listen,
-        threads: usize::from(config.threads),
-        pin_cpus: config.pin_cpus,
-        limits: Limits {
-            body_bytes: usize::try_from(config.max_body_bytes)?,
-            ..Limits::default()
-        },
-        ..ServerConfig::default()
-    })
-    .with_context(|| format!("binding {}", config.listen))?;
+    let server =
+        Server::bind(config.server()).with_context(|| format!("binding {}", config.listen))?;
     let addr = server.local_addr();
     tracing::info!(http = %addr, threads = config.threads, env = ?config.environment, "ibex-proxy serving");
     let mut stdout = std::io::stdout().lock();
