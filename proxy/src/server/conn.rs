@@ -38,6 +38,8 @@ const COALESCE_BODY: usize = 16 * 1024;
 /// (lingering close, so the client can read the answer before a RST).
 const LINGER_BYTES: usize = 256 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How long aborted connections get to unwind after the drain deadline.
+const ABORT_GRACE: Duration = Duration::from_millis(200);
 /// Pause after an accept error (EMFILE...) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -111,6 +113,9 @@ pub(super) async fn serve<S: Service + 'static>(
             open = shared.drain.open(),
             "drain timeout: closing remaining connections"
         );
+        shared.drain.abort();
+        // The aborted tasks run once more to drop their state.
+        let _ = monoio::time::timeout(ABORT_GRACE, shared.drain.all_closed()).await;
     }
 }
 
@@ -138,10 +143,17 @@ async fn connection<S: Service + 'static>(
             worker: shared.worker,
         },
     };
-    match conn.run(&shared).await {
-        Ok(()) => {}
-        Err(Close::Silently) => {}
-        Err(Close::Refuse(err)) => conn.refuse(&shared, err).await,
+    let work = async {
+        match conn.run(&shared).await {
+            Ok(()) | Err(Close::Silently) => {}
+            Err(Close::Refuse(err)) => conn.refuse(&shared, err).await,
+        }
+    };
+    // Past the drain deadline the connection is dropped wherever it is, so
+    // the worker can close its socket and release whatever it streams from.
+    monoio::select! {
+        _ = work => {}
+        _ = shared.drain.aborted() => {}
     }
 }
 
@@ -504,22 +516,26 @@ impl Conn {
         {
             return;
         }
-        self.linger().await;
+        self.linger(&shared.drain).await;
     }
 
     /// Half-closes, then discards input for a short, bounded while: closing
     /// with unread bytes would send a RST that can destroy the response in
     /// flight to the client.
-    async fn linger(&mut self) {
+    async fn linger(&mut self, drain: &WorkerDrain) {
         if self.stream.shutdown().await.is_err() {
             return;
         }
         let deadline = Instant::now() + LINGER_TIME;
         let mut discarded = 0;
-        self.buf.clear();
-        while discarded < LINGER_BYTES {
+        while discarded < LINGER_BYTES && !drain.is_draining() {
             self.buf.clear();
-            match self.read_more(deadline).await {
+            let outcome = monoio::select! {
+                // Politeness only: a drain does not wait for it.
+                _ = drain.started() => return,
+                r = self.read_more(deadline) => r,
+            };
+            match outcome {
                 ReadOutcome::Data => discarded += self.buf.len(),
                 _ => return,
             }

@@ -45,6 +45,9 @@ pub(crate) struct WorkerDrain {
     draining: Cell<bool>,
     /// Woken once when draining starts (idle connections, the accept loop).
     started: Notify,
+    /// Set when the drain deadline passed: connections stop where they are.
+    aborted: Cell<bool>,
+    abort: Notify,
     /// Open connections on this worker.
     open: Cell<usize>,
     /// Woken when `open` drops to zero.
@@ -65,6 +68,22 @@ impl WorkerDrain {
     pub(crate) async fn started(&self) {
         let notified = self.started.notified();
         if self.draining.get() {
+            return;
+        }
+        notified.await;
+    }
+
+    /// The drain deadline passed: every connection task ends now (their
+    /// futures are dropped, which closes the sockets and releases streams).
+    pub(crate) fn abort(&self) {
+        self.aborted.set(true);
+        self.abort.notify_waiters();
+    }
+
+    /// Resolves once [`abort`](Self::abort) was called.
+    pub(crate) async fn aborted(&self) {
+        let notified = self.abort.notified();
+        if self.aborted.get() {
             return;
         }
         notified.await;
