@@ -168,6 +168,9 @@ impl BridgeClient {
 impl AuthBackend for BridgeClient {
     fn validate_token(&self, token: &BearerToken) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
         let (reply, rx) = oneshot::channel();
+        // A malformed value may not be UTF-8 (obs-text). The lossy form can
+        // never be a PAT (U+FFFD is not alphanumeric), so authd refuses it
+        // like any other malformed token, after the same dummy Argon2.
         let token = SecretString::from(String::from_utf8_lossy(token.expose()).into_owned());
         self.submit(Call::Token { token, reply }, rx)
     }

@@ -1,6 +1,9 @@
 //! The bearer credential as the proxy holds it: never printed, hashed once
-//! per request into the cache key, checked for the PAT shape (SPEC §2) before
-//! anything is spent on it.
+//! per request into the cache key. Its shape is *not* checked here: SPEC §3
+//! wants a malformed token answered like an unknown one, in answer and in
+//! timing, so every bearer value short enough goes the way an unknown PAT
+//! does (negative cache → flood guard → authd, which spends the same Argon2
+//! on malformed input).
 
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -9,10 +12,12 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// Longest bearer value considered at all; longer ones are malformed.
-pub const MAX_TOKEN_LEN: usize = 256;
-const PREFIX: &[u8] = b"ibex_pat_";
-const MIN_SECRET_LEN: usize = 43;
+/// Longest bearer value sent to authd; longer ones are refused locally as
+/// INVALID_TOKEN. A PAT is 9 + 36 + 1 + a secret of 43 characters (48 as
+/// issued), about 100 bytes, and authd refuses anything over 256: no valid
+/// token comes near this, so answering faster for these reveals nothing
+/// about any token, and garbage cannot make authd hash megabytes.
+pub const MAX_FORWARDED_LEN: usize = 512;
 
 /// The raw bearer value (a zero-copy slice of the request). `Debug` redacts
 /// it and there is no `Display`: it cannot reach a log line by accident.
@@ -29,22 +34,14 @@ impl BearerToken {
         TokenDigest(Sha256::digest(&self.0).into())
     }
 
-    /// `ibex_pat_<lowercase hyphenated uuid>_<43+ alphanumerics>`. Anything
-    /// else cannot be a token and is refused without asking authd.
-    pub fn is_well_formed(&self) -> bool {
-        let b = &self.0[..];
-        if b.len() > MAX_TOKEN_LEN || !b.starts_with(PREFIX) {
-            return false;
-        }
-        let rest = &b[PREFIX.len()..];
-        if rest.len() < 36 + 1 + MIN_SECRET_LEN || rest[36] != b'_' {
-            return false;
-        }
-        let id_ok = rest[..36].iter().enumerate().all(|(i, &c)| match i {
-            8 | 13 | 18 | 23 => c == b'-',
-            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
-        });
-        id_ok && rest[37..].iter().all(u8::is_ascii_alphanumeric)
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true for a value from [`crate::auth::step::bearer`].
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     /// The plaintext, only for the one place that sends it to authd.
@@ -128,26 +125,9 @@ mod tests {
     }
 
     #[test]
-    fn pat_shape() {
-        assert!(tok(GOOD).is_well_formed());
-        let bad = [
-            "",
-            "ibex_pat_",
-            "Ibex_pat_00000000-0000-0000-0000-000000000004_abcdefghijABCDEFGHIJ0123456789abcdefghijKLM",
-            // uppercase uuid
-            "ibex_pat_0000000A-0000-0000-0000-000000000004_abcdefghijABCDEFGHIJ0123456789abcdefghijKLM",
-            // secret too short (42)
-            "ibex_pat_00000000-0000-0000-0000-000000000004_abcdefghijABCDEFGHIJ0123456789abcdefghijKL",
-            // non-alphanumeric secret
-            "ibex_pat_00000000-0000-0000-0000-000000000004_abcdefghijABCDEFGHIJ0123456789abcdefghij-LM",
-            // missing separator
-            "ibex_pat_00000000-0000-0000-0000-000000000004Xabcdefghij ABCDEFGHIJ0123456789abcdefghijKLM",
-        ];
-        for b in bad {
-            assert!(!tok(b).is_well_formed(), "{b}");
-        }
-        let long = format!("{GOOD}{}", "a".repeat(MAX_TOKEN_LEN));
-        assert!(!tok(&long).is_well_formed());
+    fn the_forwarding_cap_is_far_above_any_pat() {
+        assert!(GOOD.len() * 4 < MAX_FORWARDED_LEN);
+        assert_eq!(tok(GOOD).len(), GOOD.len());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::backend::{AgentAnswer, AuthBackend, TokenAnswer, Unavailable, ValidTo
 use super::cache::TokenLookup;
 use super::core::AuthCore;
 use super::principal::{Principal, TokenGrant};
-use super::secret::{BearerToken, TokenDigest};
+use super::secret::{BearerToken, TokenDigest, MAX_FORWARDED_LEN};
 use crate::error::ApiError;
 use crate::http::Headers;
 
@@ -66,7 +66,11 @@ impl<B: AuthBackend> Authenticator<B> {
     }
 
     /// The token step. Order inside it matters:
-    /// 1. shape check — a non-PAT costs nothing and counts as a guess;
+    /// 1. length cap — a value longer than any PAT could be is refused
+    ///    locally (counted as a guess); any other value, well-formed or not,
+    ///    takes the same path below, so a malformed token is answered like
+    ///    an unknown one in answer *and* timing (SPEC §3): a negative-cache
+    ///    hit if seen lately, else an authd call that costs one Argon2;
     /// 2. the cache — a trusted valid entry passes even from an address the
     ///    flood guard blocks (its owner must not suffer from a flood);
     /// 3. the flood guard — before any authd call;
@@ -81,7 +85,9 @@ impl<B: AuthBackend> Authenticator<B> {
     ) -> Result<TokenGrant, ApiError> {
         let core = &*self.core;
         let bearer = bearer(headers).ok_or(ApiError::MissingToken)?;
-        if !bearer.is_well_formed() {
+        if bearer.len() > MAX_FORWARDED_LEN {
+            // No valid PAT is this long, so a fast local answer tells the
+            // caller nothing it did not know; authd never hashes the junk.
             return Err(core.refuse_guess(peer, now));
         }
         let key = bearer.digest();

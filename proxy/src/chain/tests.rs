@@ -638,6 +638,105 @@ fn refused_tokens_are_cached_briefly() {
 }
 
 #[test]
+fn malformed_tokens_take_the_unknown_token_path() {
+    run(async {
+        let h = H::new();
+        let a = agent().to_string();
+        let send = |bearer: String, rid: &'static str| {
+            let (h, a) = (&h, a.clone());
+            async move {
+                h.send(
+                    Method::Get,
+                    "/v1/internal/auth-probe",
+                    &[
+                        ("Authorization", &bearer),
+                        ("X-IBEX-Agent-ID", &a),
+                        ("X-Request-ID", rid),
+                    ],
+                )
+                .await
+            }
+        };
+        // Malformed and unknown: one authd call each, the same answer.
+        let unknown = send(format!("Bearer {}", pat(99)), "r1").await;
+        assert_eq!(h.fake.token_calls.get(), 1);
+        for junk in [
+            "not-a-pat",
+            "ibex_pat_guess",
+            "ibex_pat_00000000-0000-0000-0000-000000000004_short",
+        ] {
+            let calls = h.fake.token_calls.get();
+            let r = send(format!("Bearer {junk}"), "r1").await;
+            assert_eq!(
+                (r.status, code(&r).as_str()),
+                (401, "INVALID_TOKEN"),
+                "{junk}"
+            );
+            assert_eq!(body(&r), body(&unknown), "{junk}");
+            let heads = |r: &Response| {
+                r.headers
+                    .iter()
+                    .map(|(n, v)| (*n, v.as_bytes().to_vec()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(heads(&r), heads(&unknown), "{junk}");
+            assert_eq!(h.fake.token_calls.get(), calls + 1, "{junk}: asks authd");
+            // Seen lately: the negative cache answers, as for an unknown PAT.
+            let r = send(format!("Bearer {junk}"), "r1").await;
+            assert_eq!(code(&r), "INVALID_TOKEN");
+            assert_eq!(
+                h.fake.token_calls.get(),
+                calls + 1,
+                "{junk}: cached refusal"
+            );
+        }
+        // authd down: malformed fails closed exactly like unknown.
+        h.fake.down.set(true);
+        let unknown = send(format!("Bearer {}", pat(98)), "r2").await;
+        let junk = send("Bearer still-not-a-pat".into(), "r2").await;
+        assert_eq!(
+            (junk.status, code(&junk).as_str()),
+            (503, "AUTH_UNAVAILABLE")
+        );
+        assert_eq!(body(&junk), body(&unknown));
+    });
+}
+
+#[test]
+fn overlong_bearer_values_are_refused_without_authd() {
+    run(async {
+        let h = H::new();
+        let long = format!(
+            "Bearer {}",
+            "x".repeat(crate::auth::secret::MAX_FORWARDED_LEN + 1)
+        );
+        let r = h
+            .send(
+                Method::Get,
+                "/v1/internal/auth-probe",
+                &[("Authorization", &long)],
+            )
+            .await;
+        assert_eq!((r.status, code(&r).as_str()), (401, "INVALID_TOKEN"));
+        assert_eq!(h.fake.token_calls.get(), 0);
+        // At the cap it is still forwarded (and refused by authd).
+        let at_cap = format!(
+            "Bearer {}",
+            "x".repeat(crate::auth::secret::MAX_FORWARDED_LEN)
+        );
+        let r = h
+            .send(
+                Method::Get,
+                "/v1/internal/auth-probe",
+                &[("Authorization", &at_cap)],
+            )
+            .await;
+        assert_eq!(code(&r), "INVALID_TOKEN");
+        assert_eq!(h.fake.token_calls.get(), 1);
+    });
+}
+
+#[test]
 fn authd_down_without_a_safe_entry_is_503() {
     run(async {
         let h = H::new();
