@@ -123,20 +123,49 @@ impl ApiError {
 /// Renders `err` as the envelope. `request_id` must already be validated or
 /// freshly generated (it is echoed verbatim); the caller adds `X-Request-ID`
 /// and any other headers (rate-limit figures) to the returned response.
+///
+/// Written by hand, not through `serde_json`: on a flood of refusals this is
+/// most of a 401's cost. Nothing needs escaping — code and message are
+/// static, the request id is `[A-Za-z0-9._:-]` or a UUID — and if that ever
+/// stops being true the strings go through `serde_json` instead, so the body
+/// is valid JSON whatever a future caller passes.
 pub fn render(err: ApiError, request_id: &str) -> Response {
-    let body = serde_json::json!({
-        "error": {
-            "code": err.code(),
-            "message": err.message(),
-            "request_id": request_id,
-        }
-    });
+    let (code, message) = (err.code(), err.message());
+    let body = if [code, message, request_id]
+        .iter()
+        .all(|s| needs_no_escape(s))
+    {
+        let mut b =
+            Vec::with_capacity(ENVELOPE_FIXED_LEN + code.len() + message.len() + request_id.len());
+        b.extend_from_slice(br#"{"error":{"code":""#);
+        b.extend_from_slice(code.as_bytes());
+        b.extend_from_slice(br#"","message":""#);
+        b.extend_from_slice(message.as_bytes());
+        b.extend_from_slice(br#"","request_id":""#);
+        b.extend_from_slice(request_id.as_bytes());
+        b.extend_from_slice(br#""}}"#);
+        Bytes::from(b)
+    } else {
+        let v = serde_json::json!({
+            "error": {"code": code, "message": message, "request_id": request_id}
+        });
+        Bytes::from(v.to_string())
+    };
     Response {
         status: err.status(),
         headers: vec![("Content-Type", HeaderValue::Static("application/json"))],
-        body: Body::Full(Bytes::from(body.to_string())),
+        body: Body::Full(body),
         close: err.closes_connection(),
     }
+}
+
+/// Bytes of the envelope around its three strings.
+const ENVELOPE_FIXED_LEN: usize = r#"{"error":{"code":"","message":"","request_id":""}}"#.len();
+
+/// True when `s` can sit between JSON quotes as it is (RFC 8259 §7: only
+/// `"`, `\` and control characters must be escaped; UTF-8 passes).
+fn needs_no_escape(s: &str) -> bool {
+    s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
 #[cfg(test)]
@@ -153,5 +182,63 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["error"]["code"], "RATE_LIMITED");
         assert_eq!(v["error"]["request_id"], "abc");
+    }
+
+    fn parsed(err: ApiError, rid: &str) -> serde_json::Value {
+        let Body::Full(b) = render(err, rid).body else {
+            panic!("full body")
+        };
+        serde_json::from_slice(&b).unwrap()
+    }
+
+    #[test]
+    fn every_error_renders_as_the_envelope_serde_would_write() {
+        use ApiError::*;
+        let all = [
+            MissingAgentId,
+            InvalidAgentId,
+            BadRequest,
+            MissingToken,
+            InvalidToken,
+            TokenRevoked,
+            TokenExpired,
+            AgentNotAuthorized,
+            AgentSuspended,
+            InsufficientPermissions,
+            PermissionDenied,
+            NotFound,
+            MethodNotAllowed,
+            RequestTimeout,
+            PayloadTooLarge,
+            HeadersTooLarge,
+            RateLimited,
+            ProviderNotConfigured,
+            UpstreamUnavailable,
+            AuthUnavailable,
+            UpstreamTimeout,
+            NotReady("not ready: authd is unavailable"),
+        ];
+        for rid in ["req-1.a:b_C", "6f1c2a9e-3b7d-4e0f-9a51-0c2d8e7f6a10"] {
+            for err in all {
+                let want = serde_json::json!({"error": {
+                    "code": err.code(), "message": err.message(), "request_id": rid
+                }});
+                assert_eq!(parsed(err, rid), want, "{err:?}");
+                assert!(
+                    needs_no_escape(err.message()),
+                    "{err:?} message needs escaping"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn anything_needing_escapes_still_makes_valid_json() {
+        for rid in ["a\"b", "back\\slash", "tab\there", "ü"] {
+            let v = parsed(ApiError::InvalidToken, rid);
+            assert_eq!(v["error"]["request_id"], rid);
+        }
+        let v = parsed(ApiError::NotReady("say \"hi\""), "r");
+        assert_eq!(v["error"]["message"], "say \"hi\"");
     }
 }
