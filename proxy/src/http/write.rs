@@ -43,7 +43,7 @@ pub fn write_head(
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers {
-        if is_framing_header(name) {
+        if is_framing_header(name) || !is_safe_value(value.as_bytes()) {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
@@ -69,6 +69,12 @@ pub fn write_head(
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// A value that cannot split the response: no CR, LF or NUL (a forwarded or
+/// echoed value carrying one is dropped rather than written).
+fn is_safe_value(value: &[u8]) -> bool {
+    !value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0)
 }
 
 fn is_framing_header(name: &str) -> bool {
@@ -215,6 +221,30 @@ mod tests {
         assert_eq!(
             h,
             "HTTP/1.1 200 OK\r\nDate: DATE\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn values_that_could_split_the_response_are_dropped() {
+        let h = head(
+            200,
+            &[
+                (
+                    "X-Evil",
+                    HeaderValue::Owned(bytes::Bytes::from_static(b"a\r\nSet-Cookie: x=1")),
+                ),
+                (
+                    "X-Nul",
+                    HeaderValue::Owned(bytes::Bytes::from_static(b"a\0b")),
+                ),
+                ("X-Fine", HeaderValue::Static("a\tb")),
+            ],
+            BodyKind::Length(0),
+            false,
+        );
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\nX-Fine: a\tb\r\nDate: DATE\r\nContent-Length: 0\r\n\r\n"
         );
     }
 
