@@ -708,3 +708,27 @@ fn client_disconnect_drops_the_response_stream() {
     // proxy, the upstream connection).
     srv.entered.recv_timeout(Duration::from_secs(5)).unwrap();
 }
+
+#[test]
+fn a_connection_that_never_sends_is_closed_without_a_response() {
+    let srv = Running::start(ServerConfig {
+        header_timeout: Duration::from_millis(200),
+        ..test_config()
+    });
+    let mut c = Client::new(srv.connect());
+    assert!(c.closed());
+    assert!(c.pending.is_empty());
+}
+
+#[test]
+fn pinned_workers_serve() {
+    let srv = Running::start(ServerConfig {
+        pin_cpus: true,
+        ..test_config()
+    });
+    for _ in 0..4 {
+        let mut c = Client::new(srv.connect());
+        c.send(&get("/pinned"));
+        assert_eq!(c.reply(false).unwrap().status, 200);
+    }
+}
