@@ -225,6 +225,88 @@ async fn two_workers_sharing_redis_never_admit_more_than_the_limit() {
     assert_eq!(counted, format!("$3\r\n{}\r\n", 2 * PER_WORKER));
 }
 
+/// How many times Redis ran `cmd` (from `INFO commandstats`).
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: a failed query fails the test"
+)]
+async fn calls(redis: &Redis, cmd: &str) -> u64 {
+    let info = redis.command(&["INFO", "commandstats"]).await.unwrap();
+    let tag = format!("cmdstat_{cmd}:calls=");
+    info.split(&tag)
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_busy_org_leases_budget_yet_two_workers_never_exceed_the_limit() {
+    const LIMIT: u32 = 3_000;
+    const TASKS: usize = 50;
+    const PER_TASK: usize = 100;
+    let redis = Redis::start().await.unwrap();
+    let org = Uuid::new_v4();
+    let base = mid_minute_ms();
+    let start = Arc::new(Barrier::new(2));
+    let before = calls(&redis, "evalsha").await + calls(&redis, "eval").await;
+    let worker = |url: String, start: Arc<Barrier>| {
+        on_worker(move || async move {
+            // A clock that moves (the lease size follows the rate it sees)
+            // but stays inside one window: the run takes far less than 30 s.
+            let t0 = Instant::now();
+            let clock = move || base + t0.elapsed().as_millis() as u64;
+            let limiter = Rc::new(RateLimiter::with_clock(config(&url), Rc::new(clock)));
+            until_healthy(&limiter).await;
+            start.wait();
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|_| {
+                    let limiter = limiter.clone();
+                    monoio::spawn(async move {
+                        let mut admitted = Vec::new();
+                        for _ in 0..PER_TASK {
+                            let d = limiter.check(&org, LIMIT).await;
+                            assert!(!d.failed_open, "no check may fail open here: {d:?}");
+                            assert_eq!(d.limit, LIMIT);
+                            if d.admitted {
+                                admitted.push(d.remaining);
+                            } else {
+                                assert_eq!(d.remaining, Some(0));
+                            }
+                        }
+                        admitted
+                    })
+                })
+                .collect();
+            let admitted: Vec<_> = futures::future::join_all(tasks)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            assert!(admitted.iter().all(|r| r.is_some_and(|r| r < LIMIT)));
+            admitted.len()
+        })
+    };
+    let (a, b) = tokio::join!(
+        worker(redis.url(), start.clone()),
+        worker(redis.url(), start)
+    );
+    let checks = (2 * TASKS * PER_TASK) as u64;
+    assert!(
+        a + b <= LIMIT as usize,
+        "admitted {a} + {b} > limit {LIMIT}"
+    );
+    assert!(
+        a + b >= 2_800,
+        "admitted {a} + {b}: leases may lose budget only at the tail"
+    );
+    let scripts = calls(&redis, "evalsha").await + calls(&redis, "eval").await - before;
+    eprintln!("admitted {a} + {b} of {checks} checks (limit {LIMIT}); {scripts} Redis calls");
+    assert!(
+        scripts > 0 && scripts * 4 < checks,
+        "{scripts} Redis calls for {checks} checks: leases should batch them"
+    );
+}
+
 #[tokio::test]
 async fn a_flushed_script_cache_falls_back_to_eval() {
     let redis = Redis::start().await.unwrap();

@@ -6,24 +6,39 @@
 //! is free): construct inside the worker's runtime, call `check` once per
 //! request that reached the limiter.
 //!
-//! How: each check runs one Lua script on Redis (`EVALSHA`, `EVAL` on
-//! `NOSCRIPT`) that increments `ibex:rl:{<org>}:<unix secs / 60>`, gives a
-//! new key a 61 s expiry and returns the count; the request is admitted
-//! while the count is at most the limit. Redis' count is atomic, so any
-//! number of proxies sharing it never admit more than the limit in a window.
-//! The command goes over the worker's own pipelined connection
-//! ([`conn`]); a per-call timeout and a circuit breaker ([`breaker`]) turn a
-//! dead or slow Redis into an immediate fail-open. Window arithmetic is in
-//! [`window`], the wire format in [`resp`].
+//! How: Redis counts each org's window in `ibex:rl:{<org>}:<unix secs / 60>`
+//! with one Lua script (`EVALSHA`, `EVAL` on `NOSCRIPT`) that adds `n` to the
+//! key (`INCRBY`), gives a new key a 61 s expiry and returns the count.
+//! Redis' count is atomic, so any number of proxies sharing it never admit
+//! more than the limit in a window.
+//!
+//! While an org is slow on this worker (under 200 req/s) every check adds 1
+//! and waits for the count: admitted while it is at most the limit, and
+//! `remaining` decrements exactly. When the org is busier, the worker leases
+//! budget instead ([`lease`]): one call adds `n` (up to 64, never more than
+//! 1/64 of the budget left) and the units Redis grants, never past the
+//! limit, admit the next checks locally without a round trip; the next
+//! lease is fetched in the background when a quarter is left, one
+//! acquisition per org in flight (concurrent checks wait for it). Unused
+//! units are lost at the window's end (conservative), and once Redis has
+//! counted the whole budget a busy org is refused locally until the window
+//! changes.
+//!
+//! The commands go over the worker's own pipelined connection ([`conn`]); a
+//! per-call timeout and a circuit breaker ([`breaker`]) turn a dead or slow
+//! Redis into an immediate fail-open. Window arithmetic is in [`window`],
+//! the wire format in [`resp`].
 //!
 //! Needs a monoio runtime with the timer enabled (`enable_timer()`).
 
 pub mod breaker;
 pub mod conn;
+pub mod lease;
 pub mod resp;
 pub mod window;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -34,19 +49,22 @@ use uuid::Uuid;
 
 use self::breaker::{Breaker, Permit, WarnThrottle};
 use self::conn::{Conn, DriveTiming, Event, Phase, SendError, Target};
+use self::lease::{Lease, MAX_ENTRIES};
 use self::resp::Frame;
 use self::window::{Window, KEY_TTL_MS};
 
 /// The counter script. `KEYS[1]` the window's key, `ARGV[1]` its expiry in
-/// ms. Returns `{count, pttl}`. The expiry is set when the key is created
-/// (count 1), and re-set if a key somehow has none, so no counter outlives
-/// its window by more than the grace second.
+/// ms, `ARGV[2]` how many units to add (1 when absent). Returns
+/// `{count, pttl}`. The expiry is set when the key is created, and re-set if
+/// a key somehow has none, so no counter outlives its window by more than
+/// the grace second.
 pub const SCRIPT: &str = "\
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local n = tonumber(ARGV[2]) or 1
+local c = redis.call('INCRBY', KEYS[1], n)
+if c == n then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 local t = redis.call('PTTL', KEYS[1])
 if t < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); t = tonumber(ARGV[1]) end
-return {n, t}
+return {c, t}
 ";
 
 #[derive(Clone)]
@@ -191,6 +209,29 @@ impl From<SendError> for Failure {
 
 type Clock = Rc<dyn Fn() -> u64>;
 
+/// How an acquisition ended, told to the checks waiting for it.
+type Outcome = Result<(), Failure>;
+
+/// One org's lease on this worker and the checks waiting for its
+/// acquisition in flight.
+struct Entry {
+    lease: Lease,
+    waiters: Vec<futures::channel::oneshot::Sender<Outcome>>,
+}
+
+/// What a check does next, decided without awaiting.
+enum Step {
+    /// Admitted from the lease, with this remaining.
+    Admit(u32),
+    /// The budget is spent in this window.
+    Refuse,
+    /// Count this check alone in Redis (no lease).
+    Direct,
+    /// Wait for the acquisition in flight, then decide again.
+    Wait(futures::channel::oneshot::Receiver<Outcome>),
+    FailOpen(Failure),
+}
+
 struct Shared {
     config: Rc<RateLimitConfig>,
     stats: Arc<RateLimitStats>,
@@ -199,9 +240,12 @@ struct Shared {
     warn: RefCell<WarnThrottle>,
     /// Reused buffer for the key of the check being sent.
     key: RefCell<String>,
+    /// Leases by org, bounded by [`MAX_ENTRIES`].
+    leases: RefCell<HashMap<Uuid, Entry>>,
     sha: String,
     ttl_arg: String,
-    /// Wall clock (unix ms): decides the window.
+    /// Wall clock (unix ms): decides the window and times the rate that
+    /// sizes leases (a clock going back only restarts the measurement).
     clock: Clock,
     /// Monotonic origin for the breaker, the throttle and queue ages, which
     /// must not jump with (or be frozen by) the wall clock.
@@ -223,7 +267,8 @@ impl RateLimiter {
     }
 
     /// Like [`RateLimiter::new`] with the wall clock replaced (tests):
-    /// `clock()` returns unix milliseconds and decides only the window;
+    /// `clock()` returns unix milliseconds and decides the window and the
+    /// rate measurement behind lease sizes (a frozen clock never leases);
     /// timeouts and the breaker run on monotonic time.
     pub fn with_clock(config: Rc<RateLimitConfig>, clock: Rc<dyn Fn() -> u64>) -> Self {
         let stats = Arc::new(RateLimitStats::default());
@@ -242,6 +287,7 @@ impl RateLimiter {
                 u64::try_from(config.warn_interval.as_millis()).unwrap_or(u64::MAX),
             )),
             key: RefCell::new(String::with_capacity(64)),
+            leases: RefCell::new(HashMap::new()),
             sha: redis::Script::new(SCRIPT).get_hash().to_string(),
             ttl_arg: KEY_TTL_MS.to_string(),
             clock,
@@ -284,42 +330,62 @@ impl RateLimiter {
 
     /// Count one request of `org` against `limit` per minute.
     pub async fn check(&self, org: &Uuid, limit: u32) -> RateDecision {
-        let s = &*self.shared;
+        let s = &self.shared;
         s.stats.checks.fetch_add(1, Relaxed);
-        let window = Window::at((s.clock)());
+        let wall = (s.clock)();
+        let window = Window::at(wall);
         if limit == 0 {
             s.stats.limited.fetch_add(1, Relaxed);
             return window.refuse_all(limit);
         }
+        let deadline = monoio::time::Instant::now() + self.config.timeout;
+        let mut first = true;
+        loop {
+            let step = s.step(org, &window, wall, limit, first);
+            first = false;
+            match step {
+                Step::Admit(remaining) => return window.admit(limit, remaining),
+                Step::Refuse => {
+                    s.stats.limited.fetch_add(1, Relaxed);
+                    return window.decide(u64::from(limit) + 1, limit);
+                }
+                Step::Direct => return self.direct(org, window, limit).await,
+                Step::FailOpen(failure) => return s.fail_open(window, limit, failure, s.mono_ms()),
+                Step::Wait(rx) => match monoio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(Ok(()))) | Ok(Err(_)) => {} // decide again
+                    Ok(Ok(Err(failure))) => {
+                        return s.fail_open(window, limit, failure, s.mono_ms())
+                    }
+                    Err(_) => return s.fail_open(window, limit, Failure::Timeout, s.mono_ms()),
+                },
+            }
+        }
+    }
+
+    /// One check counted alone in Redis: exactly what every check did before
+    /// leases, and still what a slow org's checks do.
+    async fn direct(&self, org: &Uuid, window: Window, limit: u32) -> RateDecision {
+        let s = &self.shared;
         let now = s.mono_ms();
         let permit = s.breaker.borrow_mut().permit(now);
         s.publish_breaker();
         if permit == Permit::Reject {
             return s.fail_open(window, limit, Failure::BreakerOpen, now);
         }
-        match s.count(org, &window, now).await {
+        match s.call(org, &window, 1, now).await {
             Ok(count) => {
-                s.breaker.borrow_mut().on_success();
-                s.publish_breaker();
+                if let Some(entry) = s.leases.borrow_mut().get_mut(org) {
+                    if entry.lease.window() == window.number {
+                        entry.lease.note_count(count);
+                    }
+                }
                 let decision = window.decide(count, limit);
                 if !decision.admitted {
                     s.stats.limited.fetch_add(1, Relaxed);
                 }
                 decision
             }
-            Err(failure) => {
-                let now = s.mono_ms();
-                s.stats.redis_errors.fetch_add(1, Relaxed);
-                s.breaker.borrow_mut().on_failure(now);
-                s.publish_breaker();
-                if failure == Failure::Timeout
-                    && s.conn.oldest_wait_ms(now) > self.config.breaker_open.as_millis() as u64
-                {
-                    // Redis kept the socket but stopped answering: start over.
-                    s.conn.request_reset();
-                }
-                s.fail_open(window, limit, failure, now)
-            }
+            Err(failure) => s.fail_open(window, limit, failure, s.mono_ms()),
         }
     }
 
@@ -332,8 +398,128 @@ impl RateLimiter {
 }
 
 impl Shared {
-    /// Runs the script for this check and returns the window's count.
-    async fn count(&self, org: &Uuid, window: &Window, now: u64) -> Result<u64, Failure> {
+    /// The local part of a check: use the lease, or say what to wait for.
+    /// Never awaits, so no borrow is held across a suspension point.
+    fn step(
+        self: &Rc<Self>,
+        org: &Uuid,
+        window: &Window,
+        wall: u64,
+        limit: u32,
+        first: bool,
+    ) -> Step {
+        let mut map = self.leases.borrow_mut();
+        if !map.contains_key(org) {
+            lease::make_room(
+                &mut map,
+                MAX_ENTRIES,
+                window.number,
+                |e: &Entry| e.lease.window(),
+                |e: &Entry| e.lease.in_flight(),
+            );
+        }
+        let entry = map.entry(*org).or_insert_with(|| Entry {
+            lease: Lease::new(window.number, wall),
+            waiters: Vec::new(),
+        });
+        if entry.lease.window() != window.number {
+            // Waiters of the old window's acquisition decide again.
+            entry.lease.roll(window.number);
+            entry.waiters.clear();
+        }
+        if first {
+            entry.lease.observe(wall);
+        }
+        if entry.lease.take() {
+            let remaining = entry.lease.remaining(limit);
+            if let Some(n) = entry.lease.prefetch(limit) {
+                if self.breaker.borrow_mut().permit(self.mono_ms()) != Permit::Reject {
+                    entry.lease.begin();
+                    monoio::spawn(self.clone().acquire(*org, *window, n, limit));
+                }
+                self.publish_breaker();
+            }
+            return Step::Admit(remaining);
+        }
+        if entry.lease.size() > 1 && entry.lease.exhausted(limit) {
+            return Step::Refuse;
+        }
+        if entry.lease.in_flight() {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            entry.waiters.push(tx);
+            return Step::Wait(rx);
+        }
+        let n = entry.lease.want(limit);
+        if n <= 1 {
+            return Step::Direct;
+        }
+        let permit = self.breaker.borrow_mut().permit(self.mono_ms());
+        self.publish_breaker();
+        if permit == Permit::Reject {
+            return Step::FailOpen(Failure::BreakerOpen);
+        }
+        entry.lease.begin();
+        let (tx, rx) = futures::channel::oneshot::channel();
+        entry.waiters.push(tx);
+        // In its own task, so a check whose future is dropped cannot leave
+        // the acquisition (and its waiters) hanging.
+        monoio::spawn(self.clone().acquire(*org, *window, n, limit));
+        Step::Wait(rx)
+    }
+
+    /// Leases `n` units of `org`'s `window` and wakes the checks waiting.
+    async fn acquire(self: Rc<Self>, org: Uuid, window: Window, n: u64, limit: u32) {
+        let outcome = self.call(&org, &window, n, self.mono_ms()).await;
+        let waiters = {
+            let mut map = self.leases.borrow_mut();
+            match map.get_mut(&org) {
+                Some(entry) if entry.lease.window() == window.number => {
+                    match outcome {
+                        Ok(count) => {
+                            entry.lease.apply(window.number, count, n, limit);
+                        }
+                        Err(_) => entry.lease.abort(window.number),
+                    }
+                    std::mem::take(&mut entry.waiters)
+                }
+                // Evicted or rolled over: the units are lost (conservative).
+                _ => Vec::new(),
+            }
+        };
+        let outcome = outcome.map(|_| ());
+        for waiter in waiters {
+            let _ = waiter.send(outcome);
+        }
+    }
+
+    /// Adds `n` to the window's count in Redis and returns the count,
+    /// feeding the breaker and the error counter.
+    async fn call(&self, org: &Uuid, window: &Window, n: u64, now: u64) -> Result<u64, Failure> {
+        match self.count(org, window, n, now).await {
+            Ok(count) => {
+                self.breaker.borrow_mut().on_success();
+                self.publish_breaker();
+                Ok(count)
+            }
+            Err(failure) => {
+                let now = self.mono_ms();
+                self.stats.redis_errors.fetch_add(1, Relaxed);
+                self.breaker.borrow_mut().on_failure(now);
+                self.publish_breaker();
+                if failure == Failure::Timeout
+                    && self.conn.oldest_wait_ms(now) > self.config.breaker_open.as_millis() as u64
+                {
+                    // Redis kept the socket but stopped answering: start over.
+                    self.conn.request_reset();
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// Runs the script adding `n` and returns the window's count.
+    async fn count(&self, org: &Uuid, window: &Window, n: u64, now: u64) -> Result<u64, Failure> {
+        let units = itoa_u64(n);
         let deadline = monoio::time::Instant::now() + self.config.timeout;
         let rx = {
             let mut key = self.key.borrow_mut();
@@ -346,6 +532,7 @@ impl Shared {
                     b"1",
                     key.as_bytes(),
                     self.ttl_arg.as_bytes(),
+                    units.as_bytes(),
                 ],
                 now,
             )?
@@ -362,6 +549,7 @@ impl Shared {
                     b"1",
                     key.as_bytes(),
                     self.ttl_arg.as_bytes(),
+                    units.as_bytes(),
                 ],
                 now,
             )?;
@@ -424,6 +612,33 @@ impl Shared {
     }
 }
 
+/// `n` in decimal without allocating.
+fn itoa_u64(mut n: u64) -> ItoaBuf {
+    let mut buf = ItoaBuf {
+        bytes: [0; 20],
+        start: 20,
+    };
+    loop {
+        buf.start -= 1;
+        buf.bytes[buf.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return buf;
+        }
+    }
+}
+
+struct ItoaBuf {
+    bytes: [u8; 20],
+    start: usize,
+}
+
+impl ItoaBuf {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
 fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -441,6 +656,13 @@ mod tests {
         assert!(format!("{:?}", RateLimitConfig::new("redis://127.0.0.1:1/2")).contains(":1/2"));
         assert!(cfg.validate().is_ok());
         assert!(RateLimitConfig::new("http://x").validate().is_err());
+    }
+
+    #[test]
+    fn units_are_written_in_decimal() {
+        for n in [0u64, 1, 9, 10, 64, 1234, u64::MAX] {
+            assert_eq!(itoa_u64(n).as_bytes(), n.to_string().as_bytes());
+        }
     }
 
     #[test]

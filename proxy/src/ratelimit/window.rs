@@ -72,6 +72,19 @@ impl Window {
         }
     }
 
+    /// Admitted from a lease Redis already counted, with this worker's view
+    /// of the budget left.
+    pub fn admit(&self, limit: u32, remaining: u32) -> RateDecision {
+        RateDecision {
+            admitted: true,
+            limit,
+            remaining: Some(remaining.min(limit)),
+            reset_unix: self.reset_unix,
+            retry_after_ms: self.ms_to_end,
+            failed_open: false,
+        }
+    }
+
     /// A refusal that needs no Redis: a limit of zero admits nothing.
     pub fn refuse_all(&self, limit: u32) -> RateDecision {
         RateDecision {
