@@ -209,15 +209,17 @@ pub async fn sec_2_8_authd_down_fails_closed_and_recovers(ctx: Ctx) -> Result<()
         );
         ensure!(r.first_refused.is_some(), "proxy {p} never answered 503");
     }
-    // What needs no authd is still answered; /ready says what is down.
+    // What needs no authd is still answered; a malformed token is not: it takes the
+    // same path as an unknown one (SPEC §3: identical answers and timing), so with
+    // authd down it fails closed like any undecidable credential. /ready says what is down.
     for p in 0..2 {
         ctx.expect(p, &agent_only(&t.agent), 401, Some("MISSING_TOKEN"))
             .await?;
         ctx.expect(
             p,
             &bearer(PROBE, "Bearer not_a_token", &t.agent),
-            401,
-            Some("INVALID_TOKEN"),
+            503,
+            Some("AUTH_UNAVAILABLE"),
         )
         .await?;
         let ready = ctx.env.wait_ready(p, false, Duration::from_secs(5)).await?;

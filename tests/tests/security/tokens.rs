@@ -298,7 +298,7 @@ pub async fn unknown_token_id_and_wrong_secret_are_indistinguishable(ctx: Ctx) -
         wrong_ms.push(tw);
         deltas.push((tu - tw).abs());
     }
-    // Malformed: the same answer too (its timing is printed only: the proxy decides it locally).
+    // Malformed: the same answer too, through the same authd path (its timing is printed).
     let mut malformed_ms = Vec::new();
     for i in 0..4 {
         let rid = format!("sec-indist-m{i}");
@@ -317,7 +317,7 @@ pub async fn unknown_token_id_and_wrong_secret_are_indistinguishable(ctx: Ctx) -
     say!(
         "   INVALID_TOKEN timing over {PAIRS} cold pairs: unknown id median {mu:.2} ms, wrong secret \
          median {mw:.2} ms, |Δ median| {:.2} ms, p95 |Δ| {:.2} ms (bound {TIMING_BOUND_MS} ms, \
-         target {TIMING_TARGET_MS} ms); malformed median {:.2} ms (decided in the proxy)",
+         target {TIMING_TARGET_MS} ms); malformed median {:.2} ms",
         (mu - mw).abs(),
         percentile(&deltas, 95.0),
         percentile(&malformed_ms, 50.0)
@@ -334,7 +334,7 @@ pub async fn unknown_token_id_and_wrong_secret_are_indistinguishable(ctx: Ctx) -
 /// RATE_LIMITED before any authd call; other addresses are unaffected.
 pub async fn flood_guard_limits_failures_per_client_address(ctx: Ctx) -> Result<()> {
     let t = ctx.tenant(READ).await?;
-    // Malformed tokens: refused in the proxy, counted as guesses, no authd work.
+    // Malformed tokens: counted as guesses like unknown ones; past the budget, no authd work.
     let guess = bearer(PROBE, "Bearer ibex_pat_guess", &t.agent);
     let (mut refused_401, mut limited) = (0u32, None);
     for i in 0..200 {
