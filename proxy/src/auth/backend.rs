@@ -28,6 +28,11 @@ pub enum TokenAnswer {
     Invalid,
     Revoked,
     Expired,
+    /// authd is up but declined to decide now (gRPC RESOURCE_EXHAUSTED: its
+    /// Argon2 pool is saturated, or this token id is throttled after repeated
+    /// failures). Answered 503 like `Unavailable`, never cached; for an
+    /// unknown credential it also spends the address's failure budget.
+    Busy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -221,6 +221,9 @@ async fn serve(
                     };
                     let answer = match client.validate_token(req).await {
                         Ok(r) => token_answer(r.into_inner()),
+                        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                            Ok(TokenAnswer::Busy)
+                        }
                         Err(status) => {
                             tracing::debug!(code = ?status.code(), "authd ValidateToken failed");
                             Err(Unavailable)

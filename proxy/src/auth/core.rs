@@ -230,6 +230,17 @@ impl AuthCore {
         ApiError::InvalidToken
     }
 
+    /// An unknown credential authd declined to decide (saturated by cold
+    /// validations, or the id throttled): 503, and counted against `peer`'s
+    /// failure budget. Without the count, a flood of fresh random tokens that
+    /// saturates authd would only ever see 503s, never be throttled, and keep
+    /// authd's Argon2 pool busy for every other tenant. authd unreachable is
+    /// not counted: that is an outage, not a guess.
+    pub(super) fn refuse_undecided(&self, peer: IpAddr, now: Instant) -> ApiError {
+        self.guard.borrow_mut().record_failure(peer, now);
+        ApiError::AuthUnavailable
+    }
+
     /// Whether `peer` may spend an authd call on an unknown credential.
     pub(super) fn guard_blocks(&self, peer: IpAddr, now: Instant) -> bool {
         let blocked = self.guard.borrow().is_blocked(peer, now);

@@ -121,6 +121,8 @@ impl<B: AuthBackend> Authenticator<B> {
             TokenAnswer::Invalid => Err(core.refuse_guess(peer, core.clock.now())),
             TokenAnswer::Revoked => Err(ApiError::TokenRevoked),
             TokenAnswer::Expired => Err(ApiError::TokenExpired),
+            TokenAnswer::Busy if known_credential => Err(ApiError::AuthUnavailable),
+            TokenAnswer::Busy => Err(core.refuse_undecided(peer, core.clock.now())),
         }
     }
 
@@ -251,5 +253,6 @@ fn cache_token(
         TokenAnswer::Invalid => tokens.insert_refused(key, ApiError::InvalidToken, now),
         TokenAnswer::Revoked => tokens.insert_refused(key, ApiError::TokenRevoked, now),
         TokenAnswer::Expired => tokens.insert_refused(key, ApiError::TokenExpired, now),
+        TokenAnswer::Busy => {}
     }
 }

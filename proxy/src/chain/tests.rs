@@ -62,6 +62,8 @@ struct Fake {
     token_calls: Cell<u32>,
     agent_calls: Cell<u32>,
     down: Cell<bool>,
+    /// authd up but saturated: every token call answers RESOURCE_EXHAUSTED.
+    busy: Cell<bool>,
     /// When set, answers wait for it (to hold calls in flight).
     gate: RefCell<Option<Shared<oneshot::Receiver<()>>>>,
 }
@@ -95,6 +97,9 @@ impl AuthBackend for Rc<Fake> {
         self.token_calls.set(self.token_calls.get() + 1);
         if self.down.get() {
             return self.answer(Err(Unavailable));
+        }
+        if self.busy.get() {
+            return self.answer(Ok(TokenAnswer::Busy));
         }
         let t = String::from_utf8(token.expose().to_vec()).unwrap();
         let a = self
@@ -877,6 +882,67 @@ fn concurrent_misses_make_one_authd_call() {
         assert_eq!((a.status, b.status, c.status), (200, 200, 200));
         assert_eq!(h.fake.token_calls.get(), 1);
         assert_eq!(h.fake.agent_calls.get(), 1);
+    });
+}
+
+#[test]
+fn undecided_guesses_spend_the_failure_budget_but_outages_do_not() {
+    run(async {
+        let h = H::new();
+        let a = agent().to_string();
+        let probe = |i: u128| format!("Bearer {}", pat(i));
+        // authd saturated: fresh unknown tokens get 503 and count as guesses…
+        h.fake.busy.set(true);
+        let flooder = "10.8.8.8:4000";
+        for i in 0..20u128 {
+            let r = h
+                .send_from(
+                    Method::Get,
+                    "/v1/x",
+                    &[("Authorization", &probe(5000 + i))],
+                    flooder,
+                )
+                .await;
+            assert_eq!((r.status, code(&r).as_str()), (503, "AUTH_UNAVAILABLE"));
+        }
+        // …so the flood stops costing authd calls.
+        let calls = h.fake.token_calls.get();
+        let r = h
+            .send_from(
+                Method::Get,
+                "/v1/x",
+                &[("Authorization", &probe(6000))],
+                flooder,
+            )
+            .await;
+        assert_eq!((r.status, code(&r).as_str()), (429, "RATE_LIMITED"));
+        assert_eq!(h.fake.token_calls.get(), calls);
+        // authd unreachable is an outage, not a guess: always 503, never 429.
+        h.fake.busy.set(false);
+        h.fake.down.set(true);
+        let victim = "10.8.8.9:4000";
+        for i in 0..30u128 {
+            let r = h
+                .send_from(
+                    Method::Get,
+                    "/v1/x",
+                    &[("Authorization", &probe(7000 + i))],
+                    victim,
+                )
+                .await;
+            assert_eq!((r.status, code(&r).as_str()), (503, "AUTH_UNAVAILABLE"));
+        }
+        // Nothing undecided was cached: authd back, a valid token passes.
+        h.fake.down.set(false);
+        let r = h
+            .send_from(
+                Method::Get,
+                "/v1/internal/auth-probe",
+                &[("Authorization", &probe(1)), ("X-IBEX-Agent-ID", &a)],
+                victim,
+            )
+            .await;
+        assert_eq!(r.status, 200);
     });
 }
 
