@@ -68,6 +68,15 @@ async fn changes_through_authd1_and_plain_sql_reach_a_subscriber_of_authd2() {
 
     let org = create_org(&mut grpc1, "inv").await;
     let (id, token) = create_token(&mut grpc1, org, 1, 0).await;
+    // The creation is announced too (same token id): consume it, so the waits
+    // below see the revocation's event and not this one.
+    let created = id.to_string();
+    next_matching(
+        &mut stream,
+        Duration::from_secs(2),
+        |k| matches!(k, Kind::Token(t) if t.token_id == created),
+    )
+    .await;
     // authd2 verifies it once (cold) and caches it.
     assert_eq!(
         status(&validate(&mut grpc2, &token).await),
@@ -111,6 +120,13 @@ async fn changes_through_authd1_and_plain_sql_reach_a_subscriber_of_authd2() {
 
     // 2. A direct SQL UPDATE (no authd involved) → event on authd2's stream.
     let (id2, token2) = create_token(&mut grpc1, org, 1, 0).await;
+    let created = id2.to_string();
+    next_matching(
+        &mut stream,
+        Duration::from_secs(2),
+        |k| matches!(k, Kind::Token(t) if t.token_id == created),
+    )
+    .await;
     assert_eq!(
         status(&validate(&mut grpc2, &token2).await),
         pb::TokenStatus::Valid
