@@ -25,9 +25,13 @@ use super::cache::{AgentCache, CacheLimits, TokenCache};
 use super::clock::Clock;
 use super::flight::SingleFlight;
 use super::guard::FailureGuard;
+use super::recent::RecentEvents;
 use super::secret::{DigestBuildHasher, TokenDigest};
 use crate::error::ApiError;
 use crate::metrics::WorkerMetrics;
+
+/// Ids remembered by [`RecentEvents`] per worker (then stale ones are dropped).
+const RECENT_EVENTS_CAP: usize = 4096;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AuthSettings {
@@ -86,6 +90,9 @@ pub struct AuthCore {
     pub(super) token_flights: SingleFlight<TokenDigest, Answer<TokenAnswer>, DigestBuildHasher>,
     pub(super) agent_flights: SingleFlight<(Uuid, Uuid), Answer<AgentAnswer>, RandomState>,
     pub(super) metrics: Arc<WorkerMetrics>,
+    /// Ids named by recent events: valid answers about them are not cached
+    /// until every authd has surely applied the change (see `recent`).
+    pub(super) recent: RefCell<RecentEvents>,
     /// The freshness instant of the newest heartbeat (see [`Self::apply`]).
     last_heartbeat: Cell<Option<Instant>>,
     /// Last "heartbeat arrived late" warning (at most one a minute).
@@ -112,6 +119,10 @@ impl AuthCore {
             token_flights: SingleFlight::new(),
             agent_flights: SingleFlight::new(),
             metrics,
+            recent: RefCell::new(RecentEvents::new(
+                settings.revocation_sla,
+                RECENT_EVENTS_CAP,
+            )),
             last_heartbeat: Cell::new(None),
             late_warned: Cell::new(None),
             trusted_since: Cell::new(None),
@@ -169,13 +180,16 @@ impl AuthCore {
             }
             FeedEvent::Token { token_id, .. } => {
                 self.tokens.borrow_mut().evict_token(&token_id);
+                self.recent.borrow_mut().note_token(token_id, now);
             }
             FeedEvent::Agent { org, agent } => {
                 self.agents.borrow_mut().evict(org, agent);
+                self.recent.borrow_mut().note_agent(org, agent, now);
             }
             FeedEvent::Org { org } => {
                 self.tokens.borrow_mut().evict_org(&org);
                 self.agents.borrow_mut().evict_org(&org);
+                self.recent.borrow_mut().note_org(org, now);
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod core;
 pub mod flight;
 pub mod guard;
 pub mod principal;
+pub mod recent;
 pub mod secret;
 pub mod step;
 

@@ -204,7 +204,12 @@ impl<B: AuthBackend> Authenticator<B> {
                     let answer = timed(&core, started, call).await;
                     if let Ok(a) = answer {
                         // Refusals are safe to keep whatever happened meanwhile.
-                        if a != AgentAnswer::Active || core.epoch() == epoch {
+                        let settled = || {
+                            core.recent
+                                .borrow()
+                                .agent_settled(org, agent, core.clock.now())
+                        };
+                        if a != AgentAnswer::Active || (core.epoch() == epoch && settled()) {
                             core.agents.borrow_mut().insert(org, agent, a, started);
                         }
                     }
@@ -248,7 +253,12 @@ fn cache_token(
     let now = core.clock.now();
     let mut tokens = core.tokens.borrow_mut();
     match answer {
-        TokenAnswer::Valid(t) if core.epoch() == epoch => tokens.insert_valid(key, t, started),
+        TokenAnswer::Valid(t)
+            if core.epoch() == epoch
+                && core.recent.borrow().token_settled(t.org, t.token_id, now) =>
+        {
+            tokens.insert_valid(key, t, started)
+        }
         TokenAnswer::Valid(_) => {}
         TokenAnswer::Invalid => tokens.insert_refused(key, ApiError::InvalidToken, now),
         TokenAnswer::Revoked => tokens.insert_refused(key, ApiError::TokenRevoked, now),

@@ -784,6 +784,61 @@ fn stale_feed_revalidates_and_fails_closed() {
 }
 
 #[test]
+fn valid_answers_right_after_an_event_are_used_but_not_cached() {
+    // Several authds: the event may come from one while the re-validation
+    // lands on another that has not applied the change yet and still says
+    // VALID. Caching that would keep a revoked token working; within the
+    // settle window (the SLA) such answers are used, not cached.
+    run(async {
+        let h = H::new();
+        assert_eq!(h.probe(1, agent()).await.status, 200);
+        h.core.apply(FeedEvent::Token {
+            org: org(),
+            token_id: Uuid::from_u128(1),
+        });
+        let calls = h.fake.token_calls.get();
+        // The lagging authd still answers VALID: admitted, but asked again next time.
+        assert_eq!(h.probe(1, agent()).await.status, 200);
+        assert_eq!(h.probe(1, agent()).await.status, 200);
+        assert_eq!(h.fake.token_calls.get(), calls + 2);
+        // It catches up: the revocation is refused at once, and cached.
+        h.fake
+            .tokens
+            .borrow_mut()
+            .insert(pat(1), TokenAnswer::Revoked);
+        assert_eq!(code(&h.probe(1, agent()).await), "TOKEN_REVOKED");
+        assert_eq!(code(&h.probe(1, agent()).await), "TOKEN_REVOKED");
+        assert_eq!(h.fake.token_calls.get(), calls + 3);
+        // Another token is unaffected, and once the window has passed a
+        // valid answer is cached again.
+        assert_eq!(h.probe(3, agent()).await.status, 200);
+        let calls = h.fake.token_calls.get();
+        assert_eq!(h.probe(3, agent()).await.status, 200);
+        assert_eq!(h.fake.token_calls.get(), calls);
+        h.clock.advance(SLA);
+        h.heartbeat();
+        h.core.apply(FeedEvent::Agent {
+            org: org(),
+            agent: agent(),
+        });
+        let agent_calls = h.fake.agent_calls.get();
+        assert_eq!(h.probe(3, agent()).await.status, 200);
+        assert_eq!(h.probe(3, agent()).await.status, 200);
+        assert_eq!(
+            h.fake.agent_calls.get(),
+            agent_calls + 2,
+            "agent answers too"
+        );
+        h.clock.advance(SLA);
+        h.heartbeat();
+        assert_eq!(h.probe(3, agent()).await.status, 200);
+        let agent_calls = h.fake.agent_calls.get();
+        assert_eq!(h.probe(3, agent()).await.status, 200);
+        assert_eq!(h.fake.agent_calls.get(), agent_calls, "cached again");
+    });
+}
+
+#[test]
 fn invalidation_events_evict_on_this_worker() {
     run(async {
         let h = H::new();
