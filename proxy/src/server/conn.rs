@@ -396,40 +396,29 @@ impl Conn {
             ..
         } = resp;
         self.out.clear();
+        // The framing follows from the status, the body and the version.
+        let kind = match &body {
+            _ if !has_body => BodyKind::NoBody,
+            Body::Empty => BodyKind::Length(0),
+            Body::Full(data) => BodyKind::Length(data.len() as u64),
+            Body::Stream(_) if version == Version::Http10 => BodyKind::UntilClose,
+            Body::Stream(_) => BodyKind::Chunked,
+        };
+        crate::http::write_head(
+            &mut self.out,
+            status,
+            &headers,
+            kind,
+            close,
+            http10_keep_alive,
+            &date,
+        );
         match body {
             Body::Empty => {
-                let kind = if has_body {
-                    BodyKind::Length(0)
-                } else {
-                    BodyKind::NoBody
-                };
-                crate::http::write_head(
-                    &mut self.out,
-                    status,
-                    &headers,
-                    kind,
-                    close,
-                    http10_keep_alive,
-                    &date,
-                );
                 self.flush_out(stall).await?;
                 Ok(false)
             }
             Body::Full(data) => {
-                let kind = if has_body {
-                    BodyKind::Length(data.len() as u64)
-                } else {
-                    BodyKind::NoBody
-                };
-                crate::http::write_head(
-                    &mut self.out,
-                    status,
-                    &headers,
-                    kind,
-                    close,
-                    http10_keep_alive,
-                    &date,
-                );
                 let send_body = has_body && !is_head && !data.is_empty();
                 if send_body && data.len() <= COALESCE_BODY {
                     self.out.extend_from_slice(&data);
@@ -443,22 +432,6 @@ impl Conn {
                 Ok(false)
             }
             Body::Stream(mut stream) => {
-                let kind = if !has_body {
-                    BodyKind::NoBody
-                } else if version == Version::Http10 {
-                    BodyKind::UntilClose
-                } else {
-                    BodyKind::Chunked
-                };
-                crate::http::write_head(
-                    &mut self.out,
-                    status,
-                    &headers,
-                    kind,
-                    close,
-                    http10_keep_alive,
-                    &date,
-                );
                 self.flush_out(stall).await?;
                 if is_head || !has_body {
                     // Dropping the stream releases the upstream.
