@@ -18,4 +18,5 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod routes;
 pub mod server;
+pub mod tls;
 pub mod upstream;
