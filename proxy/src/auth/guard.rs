@@ -33,7 +33,7 @@ pub struct FailureGuard {
     windows: BoundedMap<IpAddr, Window, RandomState>,
 }
 
-fn bucket(ip: IpAddr) -> IpAddr {
+pub(super) fn bucket(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod bounded;
 pub mod bridge;
+pub mod budget;
 pub mod cache;
 pub mod clock;
 pub mod core;
