@@ -9,6 +9,7 @@
 //! - [`auth`], [`ratelimit`], [`upstream`]: the per-core pieces the chain
 //!   calls; [`error`] renders every refusal as the SPEC §3 envelope.
 
+pub mod addr;
 pub mod auth;
 pub mod chain;
 pub mod config;

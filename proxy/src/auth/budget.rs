@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::bounded::{BoundedMap, Expiring};
-use super::guard::{bucket, FailureGuard};
+use super::guard::FailureGuard;
 use super::secret::TokenDigest;
+use crate::addr::bucket;
 
 /// Shards per table: more than the cores a proxy runs on, so two workers
 /// failing at once rarely meet on one lock.

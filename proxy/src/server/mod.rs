@@ -10,6 +10,7 @@
 //! request means ([`crate::chain`]).
 
 mod conn;
+pub mod per_ip;
 mod runtime;
 mod shutdown;
 
