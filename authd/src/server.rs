@@ -107,6 +107,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         )),
     ];
 
+    warm_up(&pool, &feed).await;
+
     let service = Service {
         validator: Arc::clone(&validator),
         admin: settings.admin,
@@ -131,6 +133,30 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         grpc,
         background,
     })
+}
+
+/// Longest `start` waits for Postgres and the `LISTEN` feed before it returns anyway.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Opens the pool's first connections and waits for the invalidation feed to listen, so that
+/// the first validation after the ready line pays for neither (a fresh stack's first request
+/// must fit the proxy's 50 ms budget). Postgres down is not fatal here: authd still starts, and
+/// answers UNAVAILABLE until it is back (proxies fail closed).
+async fn warm_up(pool: &deadpool_postgres::Pool, feed: &Feed) {
+    let ready = tokio::time::timeout(WARM_UP_LIMIT, async {
+        let (a, b) = tokio::join!(pool.get(), pool.get());
+        drop((a, b));
+        while !feed.is_healthy() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    if ready.is_err() {
+        tracing::warn!(
+            waited_ms = WARM_UP_LIMIT.as_millis() as u64,
+            "Postgres or the invalidation feed not ready at start; serving anyway"
+        );
+    }
 }
 
 impl Running {
