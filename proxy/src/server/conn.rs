@@ -21,12 +21,13 @@ use tokio::sync::watch;
 use super::shutdown::WorkerDrain;
 use super::ServerConfig;
 use crate::error::{render, ApiError};
-use crate::http::chunked::{ChunkedDecoder, ChunkedError, Event};
+use crate::http::chunked::{ChunkedDecoder, Event};
 use crate::http::write::{push_chunk_size, status_has_body};
 use crate::http::{
-    parse_head, Body, BodyFraming, BodyKind, ConnInfo, DateCache, Head, HeaderValue, Method,
-    Response, Service, Version,
+    parse_head, Body, BodyFraming, BodyKind, ConnInfo, DateCache, Head, Method, Response, Service,
+    Version,
 };
+use crate::request_id::{self, RequestId};
 
 /// Smallest free space offered to a read; below it the buffer grows.
 const MIN_READ: usize = 1024;
@@ -242,7 +243,7 @@ impl Conn {
             match parse_head(&mut self.buf, limits) {
                 Ok(Some(head)) => return Ok(Some(head)),
                 Ok(None) => {}
-                Err(e) => return Err(Close::Refuse(e.api_error())),
+                Err(e) => return Err(Close::Refuse(e.into())),
             }
             match deadline {
                 None => {
@@ -300,14 +301,9 @@ impl Conn {
                 let mut decoder = ChunkedDecoder::new();
                 let mut body = BytesMut::new();
                 loop {
-                    let step = decoder.decode(&self.buf).map_err(|e| {
-                        Close::Refuse(match e {
-                            ChunkedError::TrailersTooLarge => ApiError::HeadersTooLarge,
-                            ChunkedError::Malformed | ChunkedError::ExtensionsTooLong => {
-                                ApiError::BadRequest
-                            }
-                        })
-                    })?;
+                    let step = decoder
+                        .decode(&self.buf)
+                        .map_err(|e| Close::Refuse(e.into()))?;
                     if let Event::Data(range) = &step.event {
                         if body.len() + range.len() > limit {
                             return Err(Close::Refuse(ApiError::PayloadTooLarge));
@@ -470,17 +466,17 @@ impl Conn {
     /// Answers `err` with the envelope and a fresh request id, then closes
     /// after a bounded lingering read so the client gets to read it.
     async fn refuse<S>(&mut self, shared: &Shared<S>, err: ApiError) {
-        let request_id = uuid::Uuid::new_v4().to_string();
+        let request_id = RequestId::fresh();
         tracing::debug!(
             worker = shared.worker,
             peer = %self.info.peer,
-            request_id = %request_id,
+            request_id = request_id.as_str(),
             code = err.code(),
             "refused malformed or oversized request"
         );
-        let mut resp = render(err, &request_id);
+        let mut resp = render(err, request_id.as_str());
         resp.headers
-            .push(("X-Request-ID", HeaderValue::Owned(Bytes::from(request_id))));
+            .push((request_id::HEADER, request_id.header_value()));
         resp.close = true;
         if self
             .write_response(shared, resp, false, Version::Http11, true, false)
