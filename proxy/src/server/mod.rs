@@ -9,8 +9,10 @@
 //! Not here: request parsing ([`crate::http`]) and everything about what a
 //! request means ([`crate::chain`]).
 
+mod accept;
 mod conn;
 pub mod per_ip;
+mod respond;
 mod runtime;
 mod shutdown;
 
