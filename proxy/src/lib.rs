@@ -11,7 +11,9 @@
 
 pub mod auth;
 pub mod chain;
+pub mod clock;
 pub mod config;
+pub mod ctx;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -12,7 +12,6 @@ pub mod backend;
 pub mod bounded;
 pub mod bridge;
 pub mod cache;
-pub mod clock;
 pub mod core;
 pub mod flight;
 pub mod guard;
@@ -22,7 +21,6 @@ pub mod secret;
 pub mod step;
 
 pub use backend::{AgentAnswer, AuthBackend, TokenAnswer, Unavailable, ValidToken};
-pub use clock::{Clock, FakeClock, SystemClock};
 pub use core::{AuthCore, AuthSettings, FeedEvent};
 pub use principal::{Principal, TokenGrant};
 pub use step::Authenticator;
