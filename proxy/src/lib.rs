@@ -12,7 +12,9 @@
 pub mod addr;
 pub mod auth;
 pub mod chain;
+pub mod clock;
 pub mod config;
+pub mod ctx;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -11,6 +11,7 @@ use clap::Parser;
 use ibex_proxy::auth::bridge::{Bridge, BridgeConfig};
 use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
+use ibex_proxy::clock::SystemClock;
 use ibex_proxy::config::Config;
 use ibex_proxy::server::Server;
 use ibex_proxy::upstream::Upstream;
@@ -72,7 +73,9 @@ fn check_before_serving(config: &Config) -> anyhow::Result<()> {
     if let Some(upstream) = Wiring::upstream_config(config) {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()?
-            .block_on(async { Upstream::new(Rc::new(upstream)).map(drop) })
+            .block_on(async {
+                Upstream::new(Rc::new(upstream), Rc::new(SystemClock::new())).map(drop)
+            })
             .context("IBEX_UPSTREAM_*")?;
     }
     Ok(())

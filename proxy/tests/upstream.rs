@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use ibex_proxy::clock::SystemClock;
 use ibex_proxy::http::{Body, Header, Headers, Method, Request, Response, Version};
 use ibex_proxy::upstream::{
     render_prometheus, ForwardCtx, Upstream, UpstreamConfig, UpstreamError, UpstreamRoute,
@@ -180,7 +181,7 @@ fn config(url: &str) -> UpstreamConfig {
 }
 
 fn upstream(config: UpstreamConfig) -> Upstream {
-    Upstream::new(Rc::new(config)).unwrap()
+    Upstream::new(Rc::new(config), Rc::new(SystemClock::new())).unwrap()
 }
 
 fn chat_request(body: &'static str) -> Request {
@@ -845,20 +846,25 @@ fn tls_with_an_unknown_ca_is_refused() {
 #[test]
 fn bad_configuration_is_refused_at_start() {
     for url in ["ftp://x/v1", "https://user@x/v1", "http://x:0"] {
-        assert!(Upstream::new(Rc::new(config(url))).is_err(), "{url}");
+        assert!(
+            Upstream::new(Rc::new(config(url)), Rc::new(SystemClock::new())).is_err(),
+            "{url}"
+        );
     }
     let mut cfg = config("http://127.0.0.1:1/v1");
     cfg.api_key = "sk-with\r\nInjected: header".to_owned().into();
-    assert!(Upstream::new(Rc::new(cfg)).is_err());
+    assert!(Upstream::new(Rc::new(cfg), Rc::new(SystemClock::new())).is_err());
     let mut cfg = config("https://localhost:1/v1");
     cfg.ca_file = Some(write_temp("empty.pem", ""));
     assert!(
-        Upstream::new(Rc::new(cfg)).is_err(),
+        Upstream::new(Rc::new(cfg), Rc::new(SystemClock::new())).is_err(),
         "a CA file with no certificate"
     );
     // The key never shows in a Debug rendering of the error.
     let mut cfg = config("http://127.0.0.1:1/v1");
     cfg.api_key = "sk secret".to_owned().into();
-    let err = Upstream::new(Rc::new(cfg)).err().unwrap();
+    let err = Upstream::new(Rc::new(cfg), Rc::new(SystemClock::new()))
+        .err()
+        .unwrap();
     assert!(!format!("{err:?}").contains("secret"));
 }

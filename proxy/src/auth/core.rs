@@ -22,11 +22,12 @@ use uuid::Uuid;
 
 use super::backend::{AgentAnswer, Answer, TokenAnswer};
 use super::cache::{AgentCache, CacheLimits, TokenCache};
-use super::clock::Clock;
 use super::flight::SingleFlight;
 use super::guard::FailureGuard;
 use super::recent::RecentEvents;
 use super::secret::{DigestBuildHasher, TokenDigest};
+use crate::clock::Clock;
+use crate::ctx::WorkerCtx;
 use crate::error::ApiError;
 use crate::metrics::WorkerMetrics;
 
@@ -105,20 +106,17 @@ pub struct AuthCore {
 }
 
 impl AuthCore {
-    pub fn new(
-        clock: Rc<dyn Clock>,
-        settings: AuthSettings,
-        metrics: Arc<WorkerMetrics>,
-    ) -> Rc<Self> {
+    /// Takes the worker's clock and counters from `ctx`.
+    pub fn new(ctx: &WorkerCtx, settings: AuthSettings) -> Rc<Self> {
         Rc::new(Self {
-            clock,
+            clock: ctx.clock.clone(),
             settings,
             tokens: RefCell::new(TokenCache::new(settings.tokens)),
             agents: RefCell::new(AgentCache::new(settings.agents)),
             guard: RefCell::new(FailureGuard::new(settings.guard_entries)),
             token_flights: SingleFlight::new(),
             agent_flights: SingleFlight::new(),
-            metrics,
+            metrics: ctx.metrics.clone(),
             recent: RefCell::new(RecentEvents::new(
                 settings.revocation_sla,
                 RECENT_EVENTS_CAP,
@@ -128,14 +126,6 @@ impl AuthCore {
             trusted_since: Cell::new(None),
             epoch: Cell::new(0),
         })
-    }
-
-    pub fn clock(&self) -> &dyn Clock {
-        &*self.clock
-    }
-
-    pub fn metrics(&self) -> &Arc<WorkerMetrics> {
-        &self.metrics
     }
 
     /// A heartbeat arrived within the SLA: every invalidation committed
@@ -268,7 +258,7 @@ impl AuthCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::clock::FakeClock;
+    use crate::clock::FakeClock;
 
     const SLA: Duration = Duration::from_millis(300);
 
@@ -282,9 +272,8 @@ mod tests {
     fn core() -> (Rc<AuthCore>, Rc<FakeClock>) {
         let clock = Rc::new(FakeClock::new(0));
         let core = AuthCore::new(
-            clock.clone(),
+            &WorkerCtx::new(0, clock.clone()),
             AuthSettings::new(SLA, Duration::from_millis(50)),
-            Arc::new(WorkerMetrics::default()),
         );
         (core, clock)
     }

@@ -13,7 +13,6 @@ pub mod bounded;
 pub mod bridge;
 pub mod budget;
 pub mod cache;
-pub mod clock;
 pub mod core;
 pub mod flight;
 pub mod guard;
@@ -23,7 +22,6 @@ pub mod secret;
 pub mod step;
 
 pub use backend::{AgentAnswer, AuthBackend, TokenAnswer, Unavailable, ValidToken};
-pub use clock::{Clock, FakeClock, SystemClock};
 pub use core::{AuthCore, AuthSettings, FeedEvent};
 pub use principal::{Principal, TokenGrant};
 pub use step::Authenticator;

@@ -27,9 +27,10 @@ pub use limiter::{Limiter, NoLimit};
 
 use crate::auth::step::agent_header;
 use crate::auth::{AuthBackend, Authenticator, Principal};
+use crate::ctx::WorkerCtx;
 use crate::error::{render, ApiError};
 use crate::http::{ConnInfo, HeaderValue, Method, Request, Response, Service};
-use crate::metrics::{Registry, WorkerMetrics};
+use crate::metrics::Registry;
 use crate::ratelimit::RateDecision;
 use crate::request_id::{self, RequestId};
 use crate::routes::{self, Matched, RouteError, RouteId};
@@ -39,30 +40,31 @@ use crate::upstream::{Upstream, UpstreamRoute};
 /// pieces are the metrics registry (read on scrape) and the bridge queue
 /// (used on misses).
 pub struct Chain<B, L> {
+    /// The worker's clock and counters (the auth core holds the same).
+    ctx: WorkerCtx,
     auth: Authenticator<B>,
     limiter: L,
     upstream: Option<Upstream>,
     registry: Arc<Registry>,
-    metrics: Arc<WorkerMetrics>,
     /// `IBEX_DEFAULT_RPM`, for orgs whose own limit is 0.
     default_rpm: u32,
 }
 
 impl<B: AuthBackend, L: Limiter> Chain<B, L> {
     pub fn new(
+        ctx: WorkerCtx,
         auth: Authenticator<B>,
         limiter: L,
         upstream: Option<Upstream>,
         registry: Arc<Registry>,
         default_rpm: u32,
     ) -> Self {
-        let metrics = auth.core().metrics().clone();
         Self {
+            ctx,
             auth,
             limiter,
             upstream,
             registry,
-            metrics,
             default_rpm,
         }
     }
@@ -114,10 +116,9 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
             n => n,
         };
         let decision = self.limiter.check(&principal.org(), rpm).await;
-        let now_unix =
-            u64::try_from(self.auth.core().clock().unix_ms_at(started) / 1000).unwrap_or(0);
+        let now_unix = u64::try_from(self.ctx.clock.unix_ms_at(started) / 1000).unwrap_or(0);
         if !decision.admitted {
-            self.metrics.rate_limited.inc();
+            self.ctx.metrics.rate_limited.inc();
             let mut resp = render(ApiError::RateLimited, rid.as_str());
             rate_headers(&mut resp, &decision, now_unix);
             retry_headers(&mut resp, &decision);
@@ -170,8 +171,7 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         match route {
             RouteId::Health => handlers::health(),
             RouteId::Ready => {
-                let core = self.auth.core();
-                let authd_up = core.feed_fresh(core.clock().now());
+                let authd_up = self.auth.core().feed_fresh(self.ctx.clock.now());
                 handlers::ready(authd_up, self.limiter.healthy(), rid.as_str())
             }
             RouteId::Metrics => handlers::metrics(self.registry.render()),
@@ -190,7 +190,7 @@ impl<B, L> Drop for Chain<B, L> {
 
 impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
     async fn call(&self, req: Request, conn: &ConnInfo) -> Response {
-        let clock = self.auth.core().clock();
+        let clock = &*self.ctx.clock;
         let started = clock.now();
 
         // Request id before anything can fail, so every answer — refusals
@@ -220,7 +220,9 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
 
         let latency_us = u64::try_from(clock.now().saturating_duration_since(started).as_micros())
             .unwrap_or(u64::MAX);
-        self.metrics.request(matched.id(), resp.status, latency_us);
+        self.ctx
+            .metrics
+            .request(matched.id(), resp.status, latency_us);
         span.in_scope(|| {
             tracing::info!(
                 target: access_log::TARGET,

@@ -17,12 +17,11 @@ use uuid::Uuid;
 
 use super::*;
 use crate::auth::secret::BearerToken;
-use crate::auth::Clock;
 use crate::auth::{
-    AgentAnswer, AuthCore, AuthSettings, FakeClock, FeedEvent, TokenAnswer, Unavailable, ValidToken,
+    AgentAnswer, AuthCore, AuthSettings, FeedEvent, TokenAnswer, Unavailable, ValidToken,
 };
+use crate::clock::{Clock, FakeClock};
 use crate::http::{Body, Header, Headers, Method, Version};
-use crate::metrics::WorkerMetrics;
 
 const NOW_MS: i64 = 1_800_000_000_000;
 const SLA: Duration = Duration::from_millis(300);
@@ -166,7 +165,8 @@ impl H {
     fn new() -> H {
         let clock = Rc::new(FakeClock::new(NOW_MS));
         let settings = AuthSettings::new(SLA, Duration::from_millis(20));
-        let core = AuthCore::new(clock.clone(), settings, Arc::new(WorkerMetrics::default()));
+        let ctx = WorkerCtx::new(0, clock.clone());
+        let core = AuthCore::new(&ctx, settings);
         core.apply(FeedEvent::Heartbeat {
             sent_at_unix_ms: NOW_MS,
         });
@@ -190,6 +190,7 @@ impl H {
             checks: Cell::new(0),
         });
         let chain = Chain::new(
+            ctx,
             Authenticator::new(core.clone(), fake.clone()),
             lim.clone(),
             None,

@@ -10,9 +10,11 @@ use secrecy::SecretString;
 
 use super::Chain;
 use crate::auth::bridge::{Bridge, BridgeClient};
-use crate::auth::{AuthCore, AuthSettings, Authenticator, SystemClock};
+use crate::auth::{AuthCore, AuthSettings, Authenticator};
+use crate::clock::SystemClock;
 use crate::config::Config;
-use crate::metrics::{Registry, WorkerMetrics};
+use crate::ctx::WorkerCtx;
+use crate::metrics::Registry;
 use crate::ratelimit::RateLimiter;
 use crate::upstream::{Upstream, UpstreamConfig};
 
@@ -54,9 +56,10 @@ impl Wiring {
     /// One worker's chain. Must run on that worker's thread, in its runtime.
     pub fn build_worker(&self, worker: usize) -> anyhow::Result<WorkerChain> {
         let cfg = &*self.config;
-        let metrics = Arc::new(WorkerMetrics::default());
+        // The worker's clock and counters, shared by every part below.
+        let ctx = WorkerCtx::new(worker, Rc::new(SystemClock::new()));
         let settings = AuthSettings::new(cfg.revocation_sla(), cfg.auth_validate_timeout);
-        let core = AuthCore::new(Rc::new(SystemClock::new()), settings, metrics.clone());
+        let core = AuthCore::new(&ctx, settings);
 
         // This worker's end of the invalidation feed, applied by a task on
         // this worker so the caches stay single-threaded.
@@ -65,18 +68,19 @@ impl Wiring {
         super::access_log::batch_this_thread();
         monoio::spawn(super::access_log::flush_periodically());
 
-        let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()));
+        let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()), ctx.clock.clone());
         let upstream = match Self::upstream_config(cfg) {
-            Some(u) => Some(Upstream::new(Rc::new(u))?),
+            Some(u) => Some(Upstream::new(Rc::new(u), ctx.clock.clone())?),
             None => None,
         };
         self.registry.register_worker(
-            metrics,
+            ctx.metrics.clone(),
             Some(limiter.stats()),
             upstream.as_ref().map(Upstream::stats),
         );
         tracing::debug!(worker, "worker chain built");
         Ok(Chain::new(
+            ctx,
             Authenticator::new(core, self.bridge.client()),
             limiter,
             upstream,

@@ -31,6 +31,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use secrecy::ExposeSecret;
 
+use crate::clock::Clock;
 use crate::http::{Body, Request, Response};
 use body::{BodyError, BodyReader, Decoder, Record};
 use conn::{Conn, Connector, Pool};
@@ -91,6 +92,8 @@ enum SendError {
 
 pub struct Upstream {
     config: Rc<UpstreamConfig>,
+    /// The worker's clock: request timings for the log and the histograms.
+    clock: Rc<dyn Clock>,
     connector: Connector,
     pool: Rc<Pool>,
     stats: Arc<UpstreamStats>,
@@ -99,9 +102,10 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Called on the worker thread, inside its monoio runtime. Fails on a
-    /// bad URL, a key that cannot go in a header, or unusable TLS roots.
-    pub fn new(config: Rc<UpstreamConfig>) -> anyhow::Result<Self> {
+    /// Called on the worker thread, inside its monoio runtime, with the
+    /// worker's clock ([`crate::ctx::WorkerCtx`]). Fails on a bad URL, a key
+    /// that cannot go in a header, or unusable TLS roots.
+    pub fn new(config: Rc<UpstreamConfig>, clock: Rc<dyn Clock>) -> anyhow::Result<Self> {
         let target = target::Target::parse(&config.url)?;
         let key = config.api_key.expose_secret();
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
@@ -131,6 +135,7 @@ impl Upstream {
             chat,
             models,
             config,
+            clock,
         })
     }
 
@@ -149,7 +154,7 @@ impl Upstream {
         route: UpstreamRoute,
         ctx: ForwardCtx<'_>,
     ) -> Result<Response, UpstreamError> {
-        let started = Instant::now();
+        let started = self.clock.now();
         let (prefix, body) = match route {
             UpstreamRoute::ChatCompletions => (&self.chat, req.body.clone()),
             UpstreamRoute::Models => (&self.models, Bytes::new()),
@@ -164,7 +169,7 @@ impl Upstream {
             Ok(Err(e)) => return Err(self.failed(e, route, ctx, started)),
             Err(_) => return Err(self.failed(UpstreamError::Timeout, route, ctx, started)),
         };
-        let ttfb = started.elapsed();
+        let ttfb = self.elapsed(started);
         self.stats.response(resp.status, ttfb);
         self.respond(conn, resp, rest, route, ctx, started, ttfb)
             .await
@@ -187,10 +192,14 @@ impl Upstream {
             org = %ctx.org_id,
             route = ?route,
             error = ?err,
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            total_ms = self.elapsed(started).as_secs_f64() * 1e3,
             "upstream failed"
         );
         err
+    }
+
+    fn elapsed(&self, since: Instant) -> Duration {
+        self.clock.now().saturating_duration_since(since)
     }
 
     /// Sends the request on a pooled connection, or a fresh one; a pooled
@@ -242,6 +251,7 @@ impl Upstream {
             route,
             status: head.status,
             started,
+            clock: self.clock.clone(),
             ttfb,
             streamed: false,
             bytes: 0,
