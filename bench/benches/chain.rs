@@ -61,7 +61,7 @@ use ibex_proxy::auth::{
 use ibex_proxy::chain::{Chain, NoLimit};
 use ibex_proxy::clock::{Clock, SystemClock};
 use ibex_proxy::ctx::WorkerCtx;
-use ibex_proxy::http::{parse_head, ConnInfo, Limits, Request, Response, Service};
+use ibex_proxy::http::{parse_head, ConnInfo, Limits, Listener, Request, Response, Service};
 use ibex_proxy::metrics::Registry;
 use uuid::Uuid;
 
@@ -114,6 +114,7 @@ fn conn(peer: &str) -> ConnInfo {
     ConnInfo {
         peer: peer.parse::<SocketAddr>().expect("peer"),
         worker: 0,
+        listener: Listener::Public,
     }
 }
 

@@ -27,7 +27,7 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ibex_proxy::http::{Header, Headers, Method, Request, Version};
-use ibex_proxy::upstream::request::{render_head, HeadPrefix};
+use ibex_proxy::upstream::request::{render_head, HeadPrefix, OperatorHeaders};
 use ibex_proxy::upstream::response::parse_head;
 use ibex_proxy::upstream::usage::{JsonScanner, SseScanner};
 
@@ -110,6 +110,7 @@ fn bench_upstream(c: &mut Criterion) {
         "/v1/chat/completions",
         "api.openai.com",
         "sk-proj-0123456789abcdefghijklmnopqrstuvwxyz0123456789",
+        &OperatorHeaders::default(),
     );
     let req = client_request();
     let mut out = Vec::with_capacity(1024);

@@ -17,6 +17,7 @@ use secrecy::SecretString;
 use crate::http::Limits;
 use crate::ratelimit::RateLimitConfig;
 use crate::server::ServerConfig;
+use crate::tls::{MinVersion, TlsFiles};
 
 /// Deployment environment; `production` tightens nothing in the proxy yet but
 /// is logged so operators can see what a process believes it is.
@@ -39,6 +40,34 @@ pub struct Config {
     /// Address every worker binds (SO_REUSEPORT).
     #[arg(long, env = "IBEX_PROXY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+
+    /// Plain-HTTP admin listener for /metrics, /health and /ready (served by
+    /// one worker). Keep it on loopback or a private network: /metrics labels
+    /// carry org ids.
+    #[arg(
+        long,
+        env = "IBEX_PROXY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// PEM certificate chain (leaf first). With IBEX_TLS_KEY_FILE, the public
+    /// listener speaks TLS only; SIGHUP re-reads both files.
+    #[arg(long, env = "IBEX_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of IBEX_TLS_CERT_FILE's leaf (ECDSA, RSA or Ed25519).
+    #[arg(long, env = "IBEX_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Lowest TLS version accepted on the public listener: 1.3 or 1.2.
+    #[arg(long, env = "IBEX_TLS_MIN_VERSION", default_value = "1.3")]
+    pub tls_min_version: MinVersion,
+
+    /// Open connections per client address (IPv4, IPv6 /64) across all
+    /// workers; beyond it a new connection is closed at accept. 0 = no cap.
+    #[arg(long, env = "IBEX_MAX_CONNS_PER_IP", default_value_t = 256)]
+    pub max_conns_per_ip: u32,
 
     /// Worker threads, one monoio runtime each (default: available cores).
     #[arg(long, env = "IBEX_PROXY_THREADS", default_value_t = default_threads(),
@@ -128,6 +157,15 @@ pub struct Config {
     #[arg(long, env = "IBEX_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
 
+    /// `OpenAI-Organization` sent upstream: which of the operator's provider
+    /// organisations is billed (a client's own header is never forwarded).
+    #[arg(long, env = "IBEX_UPSTREAM_ORGANIZATION")]
+    pub upstream_organization: Option<String>,
+
+    /// `OpenAI-Project` sent upstream (a client's own header is never forwarded).
+    #[arg(long, env = "IBEX_UPSTREAM_PROJECT")]
+    pub upstream_project: Option<String>,
+
     /// Deadline until the upstream's response headers (504 past it).
     #[arg(long, env = "IBEX_UPSTREAM_TIMEOUT", default_value = "60s",
           value_parser = parse_positive_duration)]
@@ -174,7 +212,22 @@ impl Config {
             body_timeout: self.body_timeout,
             idle_timeout: self.idle_timeout,
             drain_timeout: self.drain_timeout,
+            admin_listen: Some(self.admin_listen),
+            tls: self.tls(),
+            max_conns_per_ip: self.max_conns_per_ip,
             ..ServerConfig::default()
+        }
+    }
+
+    /// The public listener's TLS files, when both are set.
+    pub fn tls(&self) -> Option<TlsFiles> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                min_version: self.tls_min_version,
+            }),
+            _ => None,
         }
     }
 

@@ -177,6 +177,7 @@ fn config(url: &str) -> UpstreamConfig {
         ca_file: None,
         timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(5),
+        operator: Default::default(),
     }
 }
 

@@ -200,7 +200,7 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
 
         // Route match decides only public vs protected here; 404/405 for
         // protected paths are held back until the caller is authenticated.
-        let matched = routes::match_route(req.method, &req.path);
+        let matched = routes::match_route(conn.listener, req.method, &req.path);
 
         let span = tracing::info_span!("request", request_id = rid.as_str());
         let mut org = None;
@@ -208,6 +208,7 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
             match matched {
                 Matched::Public(route) => self.public(route, &rid),
                 Matched::PublicWrongMethod(_) => render(ApiError::MethodNotAllowed, rid.as_str()),
+                Matched::NotServed => render(ApiError::NotFound, rid.as_str()),
                 Matched::Protected(route) => self
                     .protected(req, conn, &rid, route, started, &mut org)
                     .await

@@ -217,6 +217,18 @@ impl H {
         headers: &[(&str, &str)],
         peer: &str,
     ) -> Response {
+        self.send_on(crate::http::Listener::Public, method, path, headers, peer)
+            .await
+    }
+
+    async fn send_on(
+        &self,
+        listener: crate::http::Listener,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        peer: &str,
+    ) -> Response {
         let req = Request {
             method,
             path: Bytes::copy_from_slice(path.as_bytes()),
@@ -237,6 +249,7 @@ impl H {
         let conn = ConnInfo {
             peer: peer.parse::<SocketAddr>().unwrap(),
             worker: 0,
+            listener,
         };
         self.chain.call(req, &conn).await
     }
@@ -305,9 +318,25 @@ fn public_routes_answer_without_credentials() {
         assert_eq!(r.status, 200);
         assert_eq!(body(&r), serde_json::json!({"status": "ok"}));
         assert!(header(&r, "X-Request-ID").is_some());
-        let r = h.send(Method::Get, "/metrics", &[]).await;
-        assert_eq!(r.status, 200);
         assert_eq!(h.send(Method::Get, "/ready", &[]).await.status, 200);
+        // `/metrics` is the admin listener's only: on the public one it is an
+        // unknown route, so an anonymous caller gets 401 first (SPEC §3).
+        let r = h.send(Method::Get, "/metrics", &[]).await;
+        assert_eq!((r.status, code(&r).as_str()), (401, "MISSING_TOKEN"));
+        let admin = crate::http::Listener::Admin;
+        let peer = "127.0.0.1:5000";
+        let r = h.send_on(admin, Method::Get, "/metrics", &[], peer).await;
+        assert_eq!(r.status, 200);
+        for path in ["/health", "/ready"] {
+            assert_eq!(
+                h.send_on(admin, Method::Get, path, &[], peer).await.status,
+                200
+            );
+        }
+        let r = h
+            .send_on(admin, Method::Get, "/v1/internal/auth-probe", &[], peer)
+            .await;
+        assert_eq!((r.status, code(&r).as_str()), (404, "NOT_FOUND"));
         let r = h.send(Method::Post, "/health", &[]).await;
         assert_eq!((r.status, code(&r).as_str()), (405, "METHOD_NOT_ALLOWED"));
     });

@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::ctx::WorkerCtx;
 use crate::metrics::Registry;
 use crate::ratelimit::RateLimiter;
+use crate::upstream::request::OperatorHeaders;
 use crate::upstream::{Upstream, UpstreamConfig};
 
 pub type WorkerChain = Chain<BridgeClient, RateLimiter>;
@@ -38,6 +39,16 @@ impl Wiring {
         }
     }
 
+    /// The process's metrics registry (the listeners register their counters).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Worker threads configured.
+    pub fn threads(&self) -> u16 {
+        self.config.threads
+    }
+
     /// The upstream settings, if one is configured.
     pub fn upstream_config(config: &Config) -> Option<UpstreamConfig> {
         let url = config.upstream_url.clone()?;
@@ -50,6 +61,10 @@ impl Wiring {
             ca_file: config.upstream_ca_file.clone(),
             timeout: config.upstream_timeout,
             idle_timeout: config.upstream_idle_timeout,
+            operator: OperatorHeaders {
+                organization: config.upstream_organization.clone(),
+                project: config.upstream_project.clone(),
+            },
         })
     }
 

@@ -120,12 +120,25 @@ pub struct Response {
     pub close: bool,
 }
 
+/// Which listener a connection came in on: the routes served differ (SPEC
+/// §3: `/metrics` only on the admin listener). TLS or not is the server's
+/// business and appears nowhere here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Listener {
+    /// `IBEX_PROXY_LISTEN`: clients.
+    #[default]
+    Public,
+    /// `IBEX_PROXY_ADMIN_LISTEN`: the operator's `/metrics`, `/health`, `/ready`.
+    Admin,
+}
+
 /// Who is on the other end of a connection, for the chain's per-address
 /// guards and logs.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub worker: usize,
+    pub listener: Listener,
 }
 
 /// What the server loop calls for every parsed request. Implemented by the

@@ -12,7 +12,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
-use monoio::net::TcpStream;
 use monoio::time::Instant;
 
 use super::accept::Shared;
@@ -48,15 +47,17 @@ enum ReadOutcome {
     Failed,
 }
 
-pub(super) struct Conn {
-    pub(super) stream: TcpStream,
+/// One connection's state over any byte stream (plain TCP or TLS: nothing
+/// below knows which).
+pub(super) struct Conn<IO> {
+    pub(super) stream: IO,
     pub(super) buf: BytesMut,
     /// Response bytes waiting for one write ([`super::respond`]).
     pub(super) out: Vec<u8>,
     pub(super) info: ConnInfo,
 }
 
-impl Conn {
+impl<IO: AsyncReadRent + AsyncWriteRent> Conn<IO> {
     pub(super) async fn run<S: Service>(&mut self, shared: &Shared<S>) -> Result<(), Close> {
         let cfg = &shared.cfg;
         // The first request gets `header_timeout` to start, later ones
@@ -165,8 +166,12 @@ impl Conn {
                 // parse_head checked n against the body limit.
                 let n = usize::try_from(n).map_err(|_| Close::Refuse(ApiError::PayloadTooLarge))?;
                 while self.buf.len() < n {
+                    // Grow with what has arrived (doubling), never ahead of it
+                    // by more than a read chunk: a head that only claims a large
+                    // body reserves nothing large before the token is checked.
                     let missing = n - self.buf.len();
-                    self.buf.reserve(missing.min(1 << 20));
+                    self.buf
+                        .reserve(missing.min(self.buf.len().max(READ_CHUNK)));
                     self.read_body_bytes(deadline).await?;
                 }
                 Ok(self.buf.split_to(n).freeze())

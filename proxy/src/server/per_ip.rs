@@ -7,10 +7,11 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::addr::bucket;
+use crate::metrics::ListenerStats;
 
 const SHARDS: usize = 16;
 
@@ -19,7 +20,7 @@ pub struct PerIpLimit {
     limit: u32,
     shards: Box<[Mutex<HashMap<IpAddr, u32>>]>,
     hasher: RandomState,
-    refused: AtomicU64,
+    stats: Arc<ListenerStats>,
 }
 
 /// One open connection's slot; gives it back when dropped.
@@ -29,12 +30,12 @@ pub struct Slot {
 }
 
 impl PerIpLimit {
-    pub fn new(limit: u32) -> Arc<Self> {
+    pub fn new(limit: u32, stats: Arc<ListenerStats>) -> Arc<Self> {
         Arc::new(Self {
             limit,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
-            refused: AtomicU64::new(0),
+            stats,
         })
     }
 
@@ -53,7 +54,7 @@ impl PerIpLimit {
             let open = counts.entry(key).or_insert(0);
             if *open >= self.limit {
                 drop(counts);
-                self.refused.fetch_add(1, Ordering::Relaxed);
+                self.stats.per_ip_refused.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
             *open += 1;
@@ -66,7 +67,7 @@ impl PerIpLimit {
 
     /// Connections refused at accept so far.
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.stats.per_ip_refused.load(Ordering::Relaxed)
     }
 
     /// Addresses holding at least one connection.
@@ -103,7 +104,7 @@ mod tests {
 
     #[test]
     fn caps_per_address_and_gives_slots_back() {
-        let cap = PerIpLimit::new(2);
+        let cap = PerIpLimit::new(2, Arc::default());
         let a = ip("10.9.0.1");
         let s1 = cap.acquire(a).unwrap();
         let s2 = cap.acquire(a).unwrap();
@@ -122,7 +123,7 @@ mod tests {
 
     #[test]
     fn zero_is_no_cap() {
-        let cap = PerIpLimit::new(0);
+        let cap = PerIpLimit::new(0, Arc::default());
         let slots: Vec<_> = (0..1000)
             .map(|_| cap.acquire(ip("10.9.0.9")).unwrap())
             .collect();

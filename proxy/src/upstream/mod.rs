@@ -57,6 +57,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// `IBEX_UPSTREAM_IDLE_TIMEOUT`: between body chunks.
     pub idle_timeout: Duration,
+    /// `IBEX_UPSTREAM_ORGANIZATION` / `IBEX_UPSTREAM_PROJECT`.
+    pub operator: request::OperatorHeaders,
 }
 
 /// Which upstream route: `<base>/chat/completions` or `<base>/models`.
@@ -111,17 +113,20 @@ impl Upstream {
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             anyhow::bail!("IBEX_UPSTREAM_API_KEY must be printable ASCII without spaces");
         }
+        config.operator.check()?;
         let chat = HeadPrefix::new(
             "POST",
             &target.path_for(UpstreamRoute::ChatCompletions),
             &target.authority,
             key,
+            &config.operator,
         );
         let models = HeadPrefix::new(
             "GET",
             &target.path_for(UpstreamRoute::Models),
             &target.authority,
             key,
+            &config.operator,
         );
         let tls = match target.scheme {
             target::Scheme::Https => Some(Arc::new(conn::tls_config(config.ca_file.as_deref())?)),
