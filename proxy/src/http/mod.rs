@@ -10,6 +10,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
+pub mod ascii;
 pub mod chunked;
 mod parse;
 pub(crate) mod write;

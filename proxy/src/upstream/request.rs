@@ -10,6 +10,7 @@
 //!
 //! [`Upstream`]: super::Upstream
 
+use crate::http::ascii::{push_decimal, starts_with_ignore_case};
 use crate::http::{Header, Request};
 
 /// Headers never forwarded from the client, beyond `X-IBEX-*` and `Proxy-*`.
@@ -65,10 +66,6 @@ pub fn is_dropped(name: &[u8]) -> bool {
             .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
 }
 
-fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
-    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
-}
-
 /// Headers the client named in `Connection` are hop-by-hop too
 /// (RFC 9110 §7.6.1).
 fn named_by_connection(name: &[u8], req: &Request) -> bool {
@@ -97,7 +94,7 @@ pub fn render_head(
     out.extend_from_slice(b"\r\n");
     if let Some(len) = content_length {
         out.extend_from_slice(b"Content-Length: ");
-        push_decimal(out, len);
+        push_decimal(out, len as u64);
         out.extend_from_slice(b"\r\n");
     }
     let has_connection = req
@@ -114,20 +111,6 @@ pub fn render_head(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-}
-
-fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 #[cfg(test)]
