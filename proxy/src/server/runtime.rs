@@ -274,7 +274,6 @@ async fn supervise(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn worker_main<S, F>(
     worker: usize,
     cfg: ServerConfig,

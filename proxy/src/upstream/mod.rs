@@ -229,7 +229,10 @@ impl Upstream {
             .map_err(|_| UpstreamError::Unavailable)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one exchange's parts and timings, passed once from forward"
+    )]
     async fn respond(
         &self,
         conn: Conn,
