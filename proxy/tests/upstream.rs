@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use ibex_proxy::clock::SystemClock;
-use ibex_proxy::http::{Body, Header, Headers, Method, Request, Response, Version};
+use ibex_proxy::http::{Body, Method, Request, Response};
 use ibex_proxy::upstream::{
     render_prometheus, ForwardCtx, Upstream, UpstreamConfig, UpstreamError, UpstreamRoute,
 };
@@ -217,23 +217,12 @@ fn chat_request(body: &'static str) -> Request {
         ("Connection", "keep-alive"),
         ("Content-Length", "999"),
     ];
-    Request {
-        method: Method::Post,
-        path: Bytes::from_static(b"/v1/chat/completions"),
-        query: None,
-        version: Version::Http11,
-        headers: Headers(
-            headers
-                .iter()
-                .map(|(n, v)| Header {
-                    name: Bytes::from_static(n.as_bytes()),
-                    value: Bytes::from_static(v.as_bytes()),
-                })
-                .collect(),
-        ),
-        body: Bytes::from_static(body.as_bytes()),
-        keep_alive: true,
-    }
+    Request::new(
+        Method::Post,
+        "/v1/chat/completions",
+        &headers,
+        Bytes::from_static(body.as_bytes()),
+    )
 }
 
 async fn chat(up: &Upstream, body: &'static str) -> Result<Response, UpstreamError> {

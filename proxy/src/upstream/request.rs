@@ -118,26 +118,15 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::http::{Headers, Method, Version};
+    use crate::http::Method;
 
     fn req(headers: &[(&str, &str)], body: &'static [u8]) -> Request {
-        Request {
-            method: Method::Post,
-            path: Bytes::from_static(b"/v1/chat/completions"),
-            query: None,
-            version: Version::Http11,
-            headers: Headers(
-                headers
-                    .iter()
-                    .map(|(n, v)| Header {
-                        name: Bytes::copy_from_slice(n.as_bytes()),
-                        value: Bytes::copy_from_slice(v.as_bytes()),
-                    })
-                    .collect(),
-            ),
-            body: Bytes::from_static(body),
-            keep_alive: true,
-        }
+        Request::new(
+            Method::Post,
+            "/v1/chat/completions",
+            headers,
+            Bytes::from_static(body),
+        )
     }
 
     #[test]
