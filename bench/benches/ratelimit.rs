@@ -429,10 +429,7 @@ fn redis_pid(harness: &tokio::runtime::Runtime, redis: &Redis) -> anyhow::Result
 
 fn run<D: monoio::Driver>(mut rt: monoio::Runtime<D>, driver: &str, url: &str, redis_pid: &str) {
     let limiter = rt.block_on(async {
-        let config = RateLimitConfig {
-            timeout: CHECK_TIMEOUT,
-            ..RateLimitConfig::new(url)
-        };
+        let config = RateLimitConfig::new(url, CHECK_TIMEOUT);
         let limiter = Rc::new(RateLimiter::new(
             Rc::new(config),
             Rc::new(SystemClock::new()),

@@ -117,7 +117,7 @@ pub struct Config {
     pub default_rpm: u32,
 
     /// Largest request body accepted (413 above it).
-    #[arg(long, env = "IBEX_MAX_BODY_BYTES", default_value_t = 4_194_304,
+    #[arg(long, env = "IBEX_MAX_BODY_BYTES", default_value_t = Limits::DEFAULT_BODY_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
     pub max_body_bytes: u64,
 
@@ -196,8 +196,7 @@ impl Config {
         check_redis_url(&self.redis_url).map_err(|e| format!("IBEX_REDIS_URL: {e}"))
     }
 
-    /// The server's settings: listener, workers, limits and timeouts; the
-    /// server's own defaults for the rest.
+    /// The server's settings: listener, workers, limits and timeouts.
     pub fn server(&self) -> ServerConfig {
         ServerConfig {
             listen: self.listen,
@@ -212,10 +211,11 @@ impl Config {
             body_timeout: self.body_timeout,
             idle_timeout: self.idle_timeout,
             drain_timeout: self.drain_timeout,
+            max_connections: ServerConfig::MAX_CONNECTIONS,
+            legacy_driver: false,
             admin_listen: Some(self.admin_listen),
             tls: self.tls(),
             max_conns_per_ip: self.max_conns_per_ip,
-            ..ServerConfig::default()
         }
     }
 
@@ -232,12 +232,9 @@ impl Config {
     }
 
     /// The rate limiter's settings: the URL and `IBEX_REDIS_TIMEOUT`; the
-    /// limiter's own defaults for the rest.
+    /// limiter's own constants for the rest.
     pub fn rate_limit(&self) -> RateLimitConfig {
-        RateLimitConfig {
-            timeout: self.redis_timeout,
-            ..RateLimitConfig::new(self.redis_url.clone())
-        }
+        RateLimitConfig::new(self.redis_url.clone(), self.redis_timeout)
     }
 }
 
@@ -278,7 +275,7 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     }
     // The limiter's own parse; its error text is replaced, not wrapped, so
     // this message has one prefix and cannot quote the URL either way.
-    RateLimitConfig::new(url)
+    RateLimitConfig::new(url, Duration::ZERO)
         .validate()
         .map_err(|_| "not a valid redis://[:password@]host[:port][/db] URL".into())
 }
@@ -361,7 +358,6 @@ mod tests {
     #[test]
     fn server_timeouts_default_and_reach_the_server() {
         let s = parse(&[]).unwrap().server();
-        let d = ServerConfig::default();
         assert_eq!(
             (
                 s.header_timeout,
@@ -376,7 +372,7 @@ mod tests {
                 Duration::from_secs(10)
             )
         );
-        assert_eq!(s.max_connections, d.max_connections);
+        assert_eq!(s.max_connections, ServerConfig::MAX_CONNECTIONS);
         assert_eq!(s.limits.body_bytes, 4_194_304);
         let s = parse(&[
             "--listen",

@@ -49,11 +49,10 @@ where
 /// open by accident, quick reconnects.
 fn config(url: &str) -> Rc<RateLimitConfig> {
     Rc::new(RateLimitConfig {
-        timeout: Duration::from_secs(2),
         breaker_open: Duration::from_millis(200),
         reconnect_min: Duration::from_millis(10),
         reconnect_max: Duration::from_millis(100),
-        ..RateLimitConfig::new(url)
+        ..RateLimitConfig::new(url, Duration::from_secs(2))
     })
 }
 

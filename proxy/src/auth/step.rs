@@ -15,6 +15,7 @@ use super::core::AuthCore;
 use super::principal::{Principal, TokenGrant};
 use super::secret::{BearerToken, TokenDigest, MAX_FORWARDED_LEN};
 use crate::error::ApiError;
+use crate::http::ascii::starts_with_ignore_case;
 use crate::http::Headers;
 
 pub const AGENT_HEADER: &str = "X-IBEX-Agent-ID";
@@ -28,7 +29,7 @@ pub struct Authenticator<B> {
 /// §11.1). `None` for a missing header, another scheme or an empty value.
 pub fn bearer(headers: &Headers) -> Option<BearerToken> {
     let v = headers.get("authorization")?;
-    if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
+    if !starts_with_ignore_case(v, b"bearer ") {
         return None;
     }
     let start = 7 + v[7..].iter().take_while(|&&c| c == b' ').count();

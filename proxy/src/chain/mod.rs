@@ -29,6 +29,7 @@ use crate::auth::step::agent_header;
 use crate::auth::{AuthBackend, Authenticator, Principal};
 use crate::ctx::WorkerCtx;
 use crate::error::{render, ApiError};
+use crate::http::ascii::Decimal;
 use crate::http::{ConnInfo, HeaderValue, Method, Request, Response, Service};
 use crate::metrics::Registry;
 use crate::ratelimit::RateDecision;
@@ -255,18 +256,7 @@ fn method_str(m: Method) -> &'static str {
 
 /// A decimal header value without the `fmt` machinery (hot path).
 fn num(n: impl Into<u64>) -> HeaderValue {
-    let mut n = n.into();
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    HeaderValue::Owned(Bytes::copy_from_slice(&buf[i..]))
+    HeaderValue::Owned(Bytes::copy_from_slice(Decimal::new(n.into()).as_bytes()))
 }
 
 /// SPEC §4 headers, under both our names and OpenAI's. `remaining` is absent

@@ -21,7 +21,7 @@ use crate::auth::{
     AgentAnswer, AuthCore, AuthSettings, FeedEvent, TokenAnswer, Unavailable, ValidToken,
 };
 use crate::clock::{Clock, FakeClock};
-use crate::http::{Body, Header, Headers, Method, Version};
+use crate::http::{Body, Method};
 
 const NOW_MS: i64 = 1_800_000_000_000;
 const SLA: Duration = Duration::from_millis(300);
@@ -229,23 +229,7 @@ impl H {
         headers: &[(&str, &str)],
         peer: &str,
     ) -> Response {
-        let req = Request {
-            method,
-            path: Bytes::copy_from_slice(path.as_bytes()),
-            query: None,
-            version: Version::Http11,
-            headers: Headers(
-                headers
-                    .iter()
-                    .map(|(n, v)| Header {
-                        name: Bytes::copy_from_slice(n.as_bytes()),
-                        value: Bytes::copy_from_slice(v.as_bytes()),
-                    })
-                    .collect(),
-            ),
-            body: Bytes::new(),
-            keep_alive: true,
-        };
+        let req = Request::new(method, path, headers, Bytes::new());
         let conn = ConnInfo {
             peer: peer.parse::<SocketAddr>().unwrap(),
             worker: 0,

@@ -10,6 +10,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
+pub mod ascii;
 pub mod chunked;
 mod parse;
 pub(crate) mod write;
@@ -62,6 +63,19 @@ impl Headers {
     pub fn iter(&self) -> impl Iterator<Item = &Header> {
         self.0.iter()
     }
+
+    /// Headers from `(name, value)` pairs, in order (tests, benches).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        Headers(
+            pairs
+                .iter()
+                .map(|(n, v)| Header {
+                    name: Bytes::copy_from_slice(n.as_bytes()),
+                    value: Bytes::copy_from_slice(v.as_bytes()),
+                })
+                .collect(),
+        )
+    }
 }
 
 /// A complete request: head parsed, body fully read (bounded by
@@ -78,6 +92,22 @@ pub struct Request {
     pub body: Bytes,
     /// False when the client asked to close (or HTTP/1.0 without keep-alive).
     pub keep_alive: bool,
+}
+
+impl Request {
+    /// An HTTP/1.1 keep-alive request without a query string, as the parser
+    /// would hand it on (tests, benches).
+    pub fn new(method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Self {
+        Request {
+            method,
+            path: Bytes::copy_from_slice(path.as_bytes()),
+            query: None,
+            version: Version::Http11,
+            headers: Headers::from_pairs(headers),
+            body,
+            keep_alive: true,
+        }
+    }
 }
 
 /// A chunk stream for forwarded bodies. Not `Send`: it lives on one worker.

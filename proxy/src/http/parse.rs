@@ -27,12 +27,17 @@ pub struct Limits {
 /// Hard cap on `Limits::header_count` (the parser's stack array).
 pub const MAX_HEADER_COUNT: usize = 256;
 
+impl Limits {
+    /// `IBEX_MAX_BODY_BYTES`'s default (the config's `--help` states it from here).
+    pub const DEFAULT_BODY_BYTES: usize = 4 * 1024 * 1024;
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             header_bytes: 16 * 1024,
             header_count: 100,
-            body_bytes: 4 * 1024 * 1024,
+            body_bytes: Self::DEFAULT_BODY_BYTES,
         }
     }
 }

@@ -31,8 +31,8 @@ use crate::metrics::ListenerStats;
 use crate::tls::{TlsFiles, TlsState};
 use per_ip::PerIpLimit;
 
-/// Everything the server needs; `Default` gives the documented defaults on
-/// `0.0.0.0:8080`.
+/// Everything the server needs. Built from the configuration
+/// ([`crate::config::Config::server`]), which states every default once.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// `IBEX_PROXY_LISTEN`; port 0 picks a free port (see [`Server::local_addr`]).
@@ -69,24 +69,9 @@ pub struct ServerConfig {
     pub max_conns_per_ip: u32,
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            pin_cpus: false,
-            limits: Limits::default(),
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
-            drain_timeout: Duration::from_secs(10),
-            max_connections: 10_000,
-            legacy_driver: false,
-            admin_listen: None,
-            tls: None,
-            max_conns_per_ip: 256,
-        }
-    }
+impl ServerConfig {
+    /// Open connections per worker (not configurable).
+    pub const MAX_CONNECTIONS: usize = 10_000;
 }
 
 /// What every worker of one server shares outside the request path: the TLS

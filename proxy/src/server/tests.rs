@@ -173,7 +173,13 @@ fn test_config() -> ServerConfig {
         body_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),
-        ..ServerConfig::default()
+        pin_cpus: false,
+        limits: crate::http::Limits::default(),
+        max_connections: ServerConfig::MAX_CONNECTIONS,
+        legacy_driver: false,
+        admin_listen: None,
+        tls: None,
+        max_conns_per_ip: 0,
     }
 }
 

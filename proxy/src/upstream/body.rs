@@ -108,7 +108,6 @@ pub struct BodyReader {
 
 impl BodyReader {
     /// `buf` holds whatever was read past the response head.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         conn: Conn,
         buf: BytesMut,

@@ -8,7 +8,7 @@
 //!
 //! Layout: [`target`] parses the base URL; [`request`] renders the request
 //! head and strips what must not leave the proxy; [`conn`] opens and pools
-//! connections; [`response`] parses the response head strictly; [`body`]
+//! connections, with addresses from [`dns`] (looked up off the worker); [`response`] parses the response head strictly; [`body`]
 //! frames the body (chunked with [`crate::http::chunked`]) and streams it; [`usage`] meters it on
 //! the way; [`stats`] renders `/metrics`.
 //!
@@ -17,6 +17,7 @@
 
 mod body;
 mod conn;
+mod dns;
 pub mod request;
 pub mod response;
 mod stats;
@@ -134,8 +135,8 @@ impl Upstream {
         };
         let stats = Arc::new(UpstreamStats::default());
         Ok(Self {
-            connector: Connector::new(target, tls)?,
-            pool: Rc::new(Pool::new(stats.clone())),
+            connector: Connector::new(target, tls, clock.clone())?,
+            pool: Rc::new(Pool::new(stats.clone(), clock.clone())),
             stats,
             chat,
             models,
@@ -233,7 +234,10 @@ impl Upstream {
             .map_err(|_| UpstreamError::Unavailable)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one exchange's parts and timings, passed once from forward"
+    )]
     async fn respond(
         &self,
         conn: Conn,

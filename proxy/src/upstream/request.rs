@@ -15,6 +15,7 @@
 //!
 //! [`Upstream`]: super::Upstream
 
+use crate::http::ascii::{push_decimal, starts_with_ignore_case};
 use crate::http::{Header, Request};
 
 /// Client headers forwarded as they are (compared ASCII-case-insensitively).
@@ -106,10 +107,6 @@ pub fn is_forwarded(name: &[u8]) -> bool {
             .any(|p| starts_with_ignore_case(name, p.as_bytes()))
 }
 
-fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
-    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
-}
-
 /// Headers the client named in `Connection` are hop-by-hop too
 /// (RFC 9110 §7.6.1).
 fn named_by_connection(name: &[u8], req: &Request) -> bool {
@@ -138,7 +135,7 @@ pub fn render_head(
     out.extend_from_slice(b"\r\n");
     if let Some(len) = content_length {
         out.extend_from_slice(b"Content-Length: ");
-        push_decimal(out, len);
+        push_decimal(out, len as u64);
         out.extend_from_slice(b"\r\n");
     }
     let has_connection = req
@@ -157,45 +154,20 @@ pub fn render_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::http::{Headers, Method, Version};
+    use crate::http::Method;
 
     fn req(headers: &[(&str, &str)], body: &'static [u8]) -> Request {
-        Request {
-            method: Method::Post,
-            path: Bytes::from_static(b"/v1/chat/completions"),
-            query: None,
-            version: Version::Http11,
-            headers: Headers(
-                headers
-                    .iter()
-                    .map(|(n, v)| Header {
-                        name: Bytes::copy_from_slice(n.as_bytes()),
-                        value: Bytes::copy_from_slice(v.as_bytes()),
-                    })
-                    .collect(),
-            ),
-            body: Bytes::from_static(body),
-            keep_alive: true,
-        }
+        Request::new(
+            Method::Post,
+            "/v1/chat/completions",
+            headers,
+            Bytes::from_static(body),
+        )
     }
 
     #[test]
