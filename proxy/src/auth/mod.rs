@@ -22,6 +22,6 @@ pub mod secret;
 pub mod step;
 
 pub use backend::{AgentAnswer, AuthBackend, TokenAnswer, Unavailable, ValidToken};
-pub use core::{AuthCore, AuthSettings, FeedEvent};
+pub use core::{AuthCore, AuthSettings, AuthShared, FeedEvent};
 pub use principal::{Principal, TokenGrant};
 pub use step::Authenticator;

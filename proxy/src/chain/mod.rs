@@ -97,7 +97,10 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         // The agent must be active in the token's org (and the bound agent of
         // a bound token). Tenant isolation happens here: the org comes from
         // the token, never from the request.
-        let principal = self.auth.agent(grant, agent, started).await?;
+        let principal = self
+            .auth
+            .agent(grant, agent, conn.peer.ip(), started)
+            .await?;
 
         // Only an authenticated caller learns that a route does not exist or
         // does not take this method (SPEC: 401 before 404).

@@ -10,7 +10,7 @@ use secrecy::SecretString;
 
 use super::Chain;
 use crate::auth::bridge::{Bridge, BridgeClient};
-use crate::auth::{AuthCore, AuthSettings, Authenticator};
+use crate::auth::{AuthCore, AuthSettings, AuthShared, Authenticator};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::ctx::WorkerCtx;
@@ -26,16 +26,22 @@ pub struct Wiring {
     config: Arc<Config>,
     bridge: Bridge,
     registry: Arc<Registry>,
+    auth_shared: AuthShared,
 }
 
 impl Wiring {
     pub fn new(config: Config, bridge: Bridge) -> Self {
         let registry = Arc::new(Registry::default());
         registry.register_bridge(bridge.stats());
+        let auth_shared = AuthShared::new(&AuthSettings::new(
+            config.revocation_sla(),
+            config.auth_validate_timeout,
+        ));
         Self {
             config: Arc::new(config),
             bridge,
             registry,
+            auth_shared,
         }
     }
 
@@ -74,7 +80,8 @@ impl Wiring {
         // The worker's clock and counters, shared by every part below.
         let ctx = WorkerCtx::new(worker, Rc::new(SystemClock::new()));
         let settings = AuthSettings::new(cfg.revocation_sla(), cfg.auth_validate_timeout);
-        let core = AuthCore::new(&ctx, settings);
+        // The failure budget and the verified set are the proxy's, not the worker's.
+        let core = AuthCore::with_shared(&ctx, settings, self.auth_shared.clone());
 
         // This worker's end of the invalidation feed, applied by a task on
         // this worker so the caches stay single-threaded.
