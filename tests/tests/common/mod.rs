@@ -322,14 +322,8 @@ impl Ctx {
         Ok(resp)
     }
 
-    /// A keep-alive connection to proxy `p` from this case's address; its exchanges are
-    /// recorded too.
-    pub async fn keep_alive(&self, p: usize) -> Result<KeepAlive> {
-        self.keep_alive_from(p, self.ip).await
-    }
-
-    /// [`Ctx::keep_alive`] from another client address (deliberate refusals spend an
-    /// address's failure budget: 20 a minute, SPEC §3).
+    /// A keep-alive connection to proxy `p` from client address `ip` (deliberate refusals spend
+    /// an address's failure budget: 20 a minute, SPEC §3); its exchanges are recorded too.
     pub async fn keep_alive_from(&self, p: usize, ip: IpAddr) -> Result<KeepAlive> {
         Ok(KeepAlive {
             ctx: self.clone(),
