@@ -357,6 +357,11 @@ impl FramingScan {
     }
 
     fn framing(&self, version: Version, limits: &Limits) -> Result<BodyFraming, ParseError> {
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400 — decided
+        // here, from the head alone, before any body is read.
+        if version == Version::Http11 && !self.host_seen {
+            return Err(ParseError::Malformed);
+        }
         if self.transfer_encoding {
             // RFC 9112 §6.1: TE on HTTP/1.0 is a framing fault; TE together
             // with CL is the classic smuggling vector — refuse, don't pick one.
