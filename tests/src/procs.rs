@@ -220,6 +220,11 @@ impl Proxy {
         self.service.kill();
     }
 
+    /// Sends `sig` to the proxy (SIGHUP: re-read the TLS pair; SIGTERM: drain).
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        self.service.signal(sig)
+    }
+
     /// Starts it again on the same port.
     pub async fn restart(&mut self) -> Result<()> {
         self.service.kill();
@@ -489,6 +494,17 @@ impl Service {
 
     fn is_running(&mut self) -> bool {
         self.running.is_some() && self.exit_status().is_none()
+    }
+
+    /// Sends `sig` to the process itself (not its group): SIGHUP to reload, SIGTERM to drain.
+    fn signal(&self, sig: Signal) -> Result<()> {
+        let running = self
+            .running
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        let pid = i32::try_from(running.child.id())?;
+        signal::kill(Pid::from_raw(pid), sig)?;
+        Ok(())
     }
 
     /// SIGKILL to the whole process group, then reap.
