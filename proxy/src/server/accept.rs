@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::conn::{Close, Conn, READ_CHUNK};
+use super::conn::{Close, Conn, Shared, READ_CHUNK};
 use super::shutdown::WorkerDrain;
 use super::ServerConfig;
 use crate::http::{ConnInfo, DateCache, Service};
@@ -21,15 +21,6 @@ use crate::http::{ConnInfo, DateCache, Service};
 const ABORT_GRACE: Duration = Duration::from_millis(200);
 /// Pause after an accept error (EMFILE...) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// What one worker's connections share. Lives on one thread.
-pub(super) struct Shared<S> {
-    pub(super) worker: usize,
-    pub(super) cfg: ServerConfig,
-    pub(super) service: S,
-    pub(super) drain: WorkerDrain,
-    pub(super) date: DateCache,
-}
 
 /// The worker's accept loop; returns when drained (or `drain_timeout`).
 pub(super) async fn serve<S: Service + 'static>(

@@ -15,12 +15,11 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 
-use super::accept::Shared;
 use super::shutdown::WorkerDrain;
 use super::ServerConfig;
 use crate::error::{render, ApiError};
 use crate::http::chunked::{ChunkedDecoder, Event};
-use crate::http::{parse_head, BodyFraming, ConnInfo, Head, Method, Service, Version};
+use crate::http::{parse_head, BodyFraming, ConnInfo, DateCache, Head, Method, Service, Version};
 use crate::request_id::{self, RequestId};
 
 /// Smallest free space offered to a read; below it the buffer grows.
@@ -31,6 +30,15 @@ pub(super) const READ_CHUNK: usize = 8 * 1024;
 /// (lingering close, so the client can read the answer before a RST).
 const LINGER_BYTES: usize = 256 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// What one worker's connections share. Lives on one thread.
+pub(super) struct Shared<S> {
+    pub(super) worker: usize,
+    pub(super) cfg: ServerConfig,
+    pub(super) service: S,
+    pub(super) drain: WorkerDrain,
+    pub(super) date: DateCache,
+}
 
 /// Why a connection loop ends, when it does not end cleanly.
 pub(super) enum Close {
