@@ -39,6 +39,7 @@ use conn::{Conn, Connector, Pool};
 use request::HeadPrefix;
 use response::{Framing, ResponseHead};
 pub use stats::{render_prometheus, UpstreamStats};
+pub use target::UpstreamRoute;
 use usage::Scanner;
 
 /// Largest non-streamed body held in memory; a bigger one is refused (502).
@@ -58,13 +59,6 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// `IBEX_UPSTREAM_IDLE_TIMEOUT`: between body chunks.
     pub idle_timeout: Duration,
-}
-
-/// Which upstream route: `<base>/chat/completions` or `<base>/models`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamRoute {
-    ChatCompletions,
-    Models,
 }
 
 /// Facts about the caller the upstream module needs for headers, metering
