@@ -12,9 +12,9 @@ use bytes::BytesMut;
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::config::ServerConfig;
 use super::conn::{Close, Conn, Shared, READ_CHUNK};
 use super::shutdown::WorkerDrain;
-use super::ServerConfig;
 use crate::http::{ConnInfo, DateCache, Service};
 
 /// How long aborted connections get to unwind after the drain deadline.

@@ -15,8 +15,8 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 
+use super::config::ServerConfig;
 use super::shutdown::WorkerDrain;
-use super::ServerConfig;
 use crate::error::{render, ApiError};
 use crate::http::chunked::{ChunkedDecoder, Event};
 use crate::http::{parse_head, BodyFraming, ConnInfo, DateCache, Head, Method, Service, Version};

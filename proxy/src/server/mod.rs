@@ -10,6 +10,7 @@
 //! request means ([`crate::chain`]).
 
 mod accept;
+mod config;
 mod conn;
 mod respond;
 mod runtime;
@@ -20,45 +21,11 @@ mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
+pub use config::ServerConfig;
 pub use shutdown::ShutdownHandle;
 
-use crate::http::{Limits, Service};
-
-/// Everything the server needs. Built from the configuration
-/// ([`crate::config::Config::server`]), which states every default once.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// `IBEX_PROXY_LISTEN`; port 0 picks a free port (see [`Server::local_addr`]).
-    pub listen: SocketAddr,
-    /// `IBEX_PROXY_THREADS`: worker threads (default: cores).
-    pub threads: usize,
-    /// Pin worker i to the i-th CPU of the process affinity mask.
-    pub pin_cpus: bool,
-    /// Header bytes (16 KiB), header count (100), body bytes
-    /// (`IBEX_MAX_BODY_BYTES`, 4 MiB).
-    pub limits: Limits,
-    /// From the first byte of a request's head until its end (408 after).
-    pub header_timeout: Duration,
-    /// For the whole body once the head is read (408 after).
-    pub body_timeout: Duration,
-    /// Keep-alive idle time between requests, and the longest a response
-    /// write may stall; the connection is closed after it.
-    pub idle_timeout: Duration,
-    /// After SIGTERM: how long in-flight requests get to finish.
-    pub drain_timeout: Duration,
-    /// Open connections per worker; beyond it new ones are closed at once.
-    pub max_connections: usize,
-    /// Use the legacy (epoll) driver even where io_uring works: for tests of
-    /// the fallback path and for comparisons.
-    pub legacy_driver: bool,
-}
-
-impl ServerConfig {
-    /// Open connections per worker (not configurable).
-    pub const MAX_CONNECTIONS: usize = 10_000;
-}
+use crate::http::Service;
 
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
@@ -103,6 +70,12 @@ impl Server {
         F: Fn(usize) -> S + Send + Sync + 'static,
         S: Service + 'static,
     {
-        runtime::run_workers(self, Arc::new(make))
+        let Server {
+            cfg,
+            first,
+            local,
+            shutdown,
+        } = self;
+        runtime::run_workers(cfg, first, local, shutdown, Arc::new(make))
     }
 }

@@ -9,8 +9,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 
 use super::accept;
+use super::config::ServerConfig;
 use super::shutdown::ShutdownHandle;
-use super::{Server, ServerConfig};
 use crate::http::Service;
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -133,17 +133,19 @@ impl Drop for ExitGuard {
     }
 }
 
-pub(super) fn run_workers<S, F>(server: Server, make: Arc<F>) -> std::io::Result<()>
+/// Runs one worker per thread on `local`; worker 0 takes the `first`
+/// listener, bound already by [`super::Server::bind`].
+pub(super) fn run_workers<S, F>(
+    cfg: ServerConfig,
+    first: std::net::TcpListener,
+    local: SocketAddr,
+    shutdown: ShutdownHandle,
+    make: Arc<F>,
+) -> std::io::Result<()>
 where
     F: Fn(usize) -> S + Send + Sync + 'static,
     S: Service + 'static,
 {
-    let Server {
-        cfg,
-        first,
-        local,
-        shutdown,
-    } = server;
     let threads = cfg.threads.max(1);
     let cpus = if cfg.pin_cpus {
         allowed_cpus()
