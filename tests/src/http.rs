@@ -26,10 +26,7 @@ pub struct Response {
 impl Response {
     /// First header of that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 
     pub fn text(&self) -> String {
@@ -57,6 +54,65 @@ impl Response {
         out.push_str(&self.text());
         out
     }
+}
+
+/// A response head parsed from the start of a buffer: the one place test code
+/// parses one (raw-socket tests read the body themselves).
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Bytes the head took, the blank line included.
+    pub len: usize,
+}
+
+impl ResponseHead {
+    /// `Ok(None)` while the head is incomplete; an error if it is malformed.
+    pub fn parse(buf: &[u8]) -> Result<Option<ResponseHead>> {
+        let mut slots = [httparse::EMPTY_HEADER; 128];
+        let mut parsed = httparse::Response::new(&mut slots);
+        match parsed.parse(buf).context("malformed response head")? {
+            httparse::Status::Complete(len) => Ok(Some(ResponseHead {
+                status: parsed.code.unwrap_or(0),
+                headers: owned_headers(parsed.headers),
+                len,
+            })),
+            httparse::Status::Partial => Ok(None),
+        }
+    }
+
+    /// First header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+
+    /// The `Content-Length` value, if there is one; an error if it is not a number.
+    pub fn content_length(&self) -> Result<Option<usize>> {
+        self.header("content-length")
+            .map(|v| v.trim().parse().context("bad Content-Length"))
+            .transpose()
+    }
+}
+
+/// Parsed headers as owned text (values lossily UTF-8), in order.
+pub fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// First header of that name in `headers` (case-insensitive).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 /// A request to build and send.
@@ -228,23 +284,9 @@ impl Conn {
 
     async fn read_response_inner(&mut self, head_only: bool) -> Result<Response> {
         let (status, headers, head_len) = loop {
-            let mut slots = [httparse::EMPTY_HEADER; 128];
-            let mut parsed = httparse::Response::new(&mut slots);
-            match parsed.parse(&self.buf).context("malformed response head")? {
-                httparse::Status::Complete(len) => {
-                    let headers = parsed
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_owned(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect::<Vec<_>>();
-                    break (parsed.code.unwrap_or(0), headers, len);
-                }
-                httparse::Status::Partial => {
+            match ResponseHead::parse(&self.buf)? {
+                Some(head) => break (head.status, head.headers, head.len),
+                None => {
                     if self.fill().await? == 0 {
                         bail!(
                             "connection closed before a complete response head ({} bytes: {:?})",

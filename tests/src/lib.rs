@@ -14,8 +14,8 @@ pub mod redis;
 pub mod stack;
 pub mod watchdog;
 
+pub use nix::sys::signal::Signal;
 pub use pg::Postgres;
 pub use procs::{Authd, Proxy};
-pub use nix::sys::signal::Signal;
 pub use redis::Redis;
 pub use stack::{Seed, Stack};

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use fake_upstream::*;
-use ibex_e2e::http::{Request, Response};
+use ibex_e2e::http::{header, Request, Response, ResponseHead};
 use ibex_e2e::{Authd, Proxy, Stack};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -653,13 +653,6 @@ async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Result<Option<T>>) -> R
     }
 }
 
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
 /// A streamed response read as it arrives: what the client has seen so far.
 #[derive(Debug, Clone)]
 struct Progress {
@@ -723,27 +716,15 @@ impl Streamed {
 /// The response head and the chunks complete so far; `None` until the head is complete.
 /// A non-chunked response counts as complete once its `Content-Length` body is in.
 fn parse_chunked(buf: &[u8]) -> Result<Option<Progress>> {
-    let mut slots = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let head_len = match parsed.parse(buf).context("malformed response head")? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => return Ok(None),
+    let Some(head) = ResponseHead::parse(buf)? else {
+        return Ok(None);
     };
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_owned(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+    let head_len = head.len;
     let mut progress = Progress {
-        status: parsed.code.unwrap_or(0),
+        status: head.status,
         body: Vec::new(),
         complete: false,
-        headers,
+        headers: head.headers,
     };
     let rest = &buf[head_len..];
     let chunked = header(&progress.headers, "transfer-encoding")

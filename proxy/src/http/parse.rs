@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{Header, Headers, Method, Request, Version};
+use super::message::{Header, Headers, Method, Request, Version};
 
 /// Request size limits. One copy per worker; cheap to clone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::ascii::push_decimal;
-use super::HeaderValue;
+use super::message::HeaderValue;
 
 /// How the body after this head is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,8 +11,8 @@ use super::conn::Event;
 use super::decision::{Failure, RateDecision};
 use super::resp::Frame;
 use super::script::SCRIPT;
+use super::state::Shared;
 use super::window::Window;
-use super::Shared;
 use crate::http::ascii::Decimal;
 
 impl Shared {

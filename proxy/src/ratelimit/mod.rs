@@ -42,6 +42,7 @@ mod call;
 mod config;
 mod decision;
 mod script;
+mod state;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -51,37 +52,16 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use self::admit::{Entry, Step};
+use self::admit::Step;
 use self::breaker::{Breaker, Permit, WarnThrottle};
 use self::conn::{Conn, DriveTiming, Phase, Target};
 use self::decision::Failure;
+use self::state::Shared;
 use self::window::{Window, KEY_TTL_MS};
 use crate::clock::Clock;
 pub use config::RateLimitConfig;
 pub use decision::{RateDecision, RateLimitStats};
 pub use script::SCRIPT;
-
-struct Shared {
-    config: Rc<RateLimitConfig>,
-    stats: Arc<RateLimitStats>,
-    conn: Rc<Conn>,
-    breaker: RefCell<Breaker>,
-    warn: RefCell<WarnThrottle>,
-    /// Reused buffer for the key of the check being sent.
-    key: RefCell<String>,
-    /// Leases by org, bounded by [`lease::MAX_ENTRIES`].
-    leases: RefCell<HashMap<Uuid, Entry>>,
-    sha: String,
-    ttl_arg: String,
-    /// The worker's injected clock; its wall time (unix ms) decides the
-    /// window and times the rate that sizes leases (a clock going back only
-    /// restarts the measurement).
-    clock: Rc<dyn Clock>,
-    /// Monotonic origin for the breaker, the throttle and queue ages: they
-    /// pace I/O against the runtime's real timers, so they must not jump
-    /// with (or be frozen by) the injected clock.
-    started: std::time::Instant,
-}
 
 pub struct RateLimiter {
     config: Rc<RateLimitConfig>,

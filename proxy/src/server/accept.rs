@@ -16,10 +16,11 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::conn::{Close, Conn, READ_CHUNK};
+use super::config::ServerConfig;
+use super::conn::{Close, Conn, Shared, READ_CHUNK};
+use super::edge::Edge;
 use super::per_ip::Slot;
 use super::shutdown::WorkerDrain;
-use super::{Edge, ServerConfig};
 use crate::http::{ConnInfo, DateCache, Listener, Service};
 use crate::tls::WorkerTls;
 
@@ -27,18 +28,6 @@ use crate::tls::WorkerTls;
 const ABORT_GRACE: Duration = Duration::from_millis(200);
 /// Pause after an accept error (EMFILE...) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// What one worker's connections share. Lives on one thread.
-pub(super) struct Shared<S> {
-    pub(super) worker: usize,
-    pub(super) cfg: ServerConfig,
-    pub(super) service: S,
-    pub(super) drain: WorkerDrain,
-    pub(super) date: DateCache,
-    pub(super) edge: Edge,
-    /// This worker's view of the TLS configuration (public listener only).
-    tls: Option<WorkerTls>,
-}
 
 /// The worker's accept loops; returns when drained (or `drain_timeout`).
 pub(super) async fn serve<S: Service + 'static>(

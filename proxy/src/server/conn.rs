@@ -14,13 +14,14 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::time::Instant;
 
-use super::accept::Shared;
+use super::config::ServerConfig;
+use super::edge::Edge;
 use super::shutdown::WorkerDrain;
-use super::ServerConfig;
 use crate::error::{render, ApiError};
 use crate::http::chunked::{ChunkedDecoder, Event};
-use crate::http::{parse_head, BodyFraming, ConnInfo, Head, Method, Service, Version};
+use crate::http::{parse_head, BodyFraming, ConnInfo, DateCache, Head, Method, Service, Version};
 use crate::request_id::{self, RequestId};
+use crate::tls::WorkerTls;
 
 /// Smallest free space offered to a read; below it the buffer grows.
 const MIN_READ: usize = 1024;
@@ -30,6 +31,18 @@ pub(super) const READ_CHUNK: usize = 8 * 1024;
 /// (lingering close, so the client can read the answer before a RST).
 const LINGER_BYTES: usize = 256 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// What one worker's connections share. Lives on one thread.
+pub(super) struct Shared<S> {
+    pub(super) worker: usize,
+    pub(super) cfg: ServerConfig,
+    pub(super) service: S,
+    pub(super) drain: WorkerDrain,
+    pub(super) date: DateCache,
+    pub(super) edge: Edge,
+    /// This worker's view of the TLS configuration (public listener only).
+    pub(super) tls: Option<WorkerTls>,
+}
 
 /// Why a connection loop ends, when it does not end cleanly.
 pub(super) enum Close {

@@ -10,7 +10,9 @@
 //! request means ([`crate::chain`]).
 
 mod accept;
+mod config;
 mod conn;
+mod edge;
 pub mod per_ip;
 mod respond;
 mod runtime;
@@ -20,102 +22,18 @@ mod shutdown;
 mod tests;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
+pub use config::ServerConfig;
 pub use shutdown::ShutdownHandle;
 
-use crate::http::{Limits, Service};
+pub use edge::ReloadHook;
+
+use crate::http::Service;
 use crate::metrics::ListenerStats;
-use crate::tls::{TlsFiles, TlsState};
+use crate::tls::TlsState;
+use edge::Edge;
 use per_ip::PerIpLimit;
-
-/// Everything the server needs. Built from the configuration
-/// ([`crate::config::Config::server`]), which states every default once.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// `IBEX_PROXY_LISTEN`; port 0 picks a free port (see [`Server::local_addr`]).
-    pub listen: SocketAddr,
-    /// `IBEX_PROXY_THREADS`: worker threads (default: cores).
-    pub threads: usize,
-    /// Pin worker i to the i-th CPU of the process affinity mask.
-    pub pin_cpus: bool,
-    /// Header bytes (16 KiB), header count (100), body bytes
-    /// (`IBEX_MAX_BODY_BYTES`, 4 MiB).
-    pub limits: Limits,
-    /// From the first byte of a request's head until its end (408 after).
-    pub header_timeout: Duration,
-    /// For the whole body once the head is read (408 after).
-    pub body_timeout: Duration,
-    /// Keep-alive idle time between requests, and the longest a response
-    /// write may stall; the connection is closed after it.
-    pub idle_timeout: Duration,
-    /// After SIGTERM: how long in-flight requests get to finish.
-    pub drain_timeout: Duration,
-    /// Open connections per worker; beyond it new ones are closed at once.
-    pub max_connections: usize,
-    /// Use the legacy (epoll) driver even where io_uring works: for tests of
-    /// the fallback path and for comparisons.
-    pub legacy_driver: bool,
-    /// `IBEX_PROXY_ADMIN_LISTEN`: plain-HTTP listener for `/metrics`,
-    /// `/health`, `/ready` (served by worker 0); `None`: no admin listener.
-    pub admin_listen: Option<SocketAddr>,
-    /// `IBEX_TLS_CERT_FILE` / `IBEX_TLS_KEY_FILE` / `IBEX_TLS_MIN_VERSION`:
-    /// the public listener speaks TLS only when set.
-    pub tls: Option<TlsFiles>,
-    /// `IBEX_MAX_CONNS_PER_IP`: open connections per client address (IPv4,
-    /// IPv6 /64) across all workers; 0 = no cap.
-    pub max_conns_per_ip: u32,
-}
-
-impl ServerConfig {
-    /// Open connections per worker (not configurable).
-    pub const MAX_CONNECTIONS: usize = 10_000;
-}
-
-/// What every worker of one server shares outside the request path: the TLS
-/// configuration, the per-address connection counts and their counters.
-#[derive(Clone)]
-pub(crate) struct Edge {
-    pub(crate) tls: Option<Arc<TlsState>>,
-    pub(crate) per_ip: Arc<PerIpLimit>,
-    pub(crate) stats: Arc<ListenerStats>,
-}
-
-impl Edge {
-    fn tls_handshake_failed(&self) {
-        self.stats
-            .tls_handshake_failures
-            .fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `SIGHUP`: re-read the TLS pair; on error keep the old one and say why.
-    fn reload_tls(&self) {
-        let Some(tls) = &self.tls else { return };
-        match tls.reload() {
-            Ok(()) => {
-                self.stats.tls_reloads.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    generation = tls.generation(),
-                    "SIGHUP: TLS certificate reloaded"
-                );
-            }
-            Err(e) => {
-                self.stats
-                    .tls_reload_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    "SIGHUP: TLS reload failed; keeping the previous certificate"
-                );
-            }
-        }
-    }
-}
-
-/// What `SIGHUP` runs, besides the TLS reload.
-pub type ReloadHook = Box<dyn Fn() + Send + Sync>;
 
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
@@ -205,6 +123,20 @@ impl Server {
         F: Fn(usize) -> S + Send + Sync + 'static,
         S: Service + 'static,
     {
-        runtime::run_workers(self, Arc::new(make))
+        let Server {
+            cfg,
+            first,
+            local,
+            admin,
+            edge,
+            reload,
+            shutdown,
+        } = self;
+        let listeners = runtime::Listeners {
+            first,
+            local,
+            admin: admin.map(|(listener, _)| listener),
+        };
+        runtime::run_workers(cfg, listeners, edge, reload, shutdown, Arc::new(make))
     }
 }

@@ -9,8 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
-use super::accept::Shared;
-use super::conn::{Close, Conn};
+use super::conn::{Close, Conn, Shared};
 use crate::http::write::{push_chunk_size, status_has_body};
 use crate::http::{Body, BodyKind, Response, Version};
 

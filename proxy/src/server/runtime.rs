@@ -9,8 +9,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 
 use super::accept;
+use super::config::ServerConfig;
+use super::edge::{Edge, ReloadHook};
 use super::shutdown::ShutdownHandle;
-use super::{Edge, ReloadHook, Server, ServerConfig};
 use crate::http::Service;
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -144,20 +145,34 @@ impl Drop for ExitGuard {
     }
 }
 
-pub(super) fn run_workers<S, F>(server: Server, make: Arc<F>) -> std::io::Result<()>
+/// The listeners [`super::Server::bind`] bound on the calling thread.
+pub(super) struct Listeners {
+    /// Worker 0's public listener; the others bind `local` with SO_REUSEPORT.
+    pub(super) first: std::net::TcpListener,
+    pub(super) local: SocketAddr,
+    /// The admin listener, served by worker 0.
+    pub(super) admin: Option<std::net::TcpListener>,
+}
+
+/// Runs one worker per thread on `local`; worker 0 takes the `first`
+/// listener, bound already by [`super::Server::bind`], and the admin one.
+pub(super) fn run_workers<S, F>(
+    cfg: ServerConfig,
+    listeners: Listeners,
+    edge: Edge,
+    reload: Vec<ReloadHook>,
+    shutdown: ShutdownHandle,
+    make: Arc<F>,
+) -> std::io::Result<()>
 where
     F: Fn(usize) -> S + Send + Sync + 'static,
     S: Service + 'static,
 {
-    let Server {
-        cfg,
+    let Listeners {
         first,
         local,
         admin,
-        edge,
-        reload,
-        shutdown,
-    } = server;
+    } = listeners;
     let threads = cfg.threads.max(1);
     let cpus = if cfg.pin_cpus {
         allowed_cpus()
@@ -167,7 +182,7 @@ where
     let (events_tx, mut events) = mpsc::unbounded_channel();
 
     let mut first = Some(first);
-    let mut admin = admin.map(|(listener, _)| listener);
+    let mut admin = admin;
     for worker in 0..threads {
         let listener = first.take();
         let admin = admin.take();

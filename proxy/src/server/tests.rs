@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ibex_e2e::http::ResponseHead;
 
 use super::*;
 use crate::http::chunked::decode_all;
@@ -236,21 +237,9 @@ impl Client {
     /// the request was HEAD (no body follows whatever the headers say).
     fn reply(&mut self, head_only: bool) -> Option<Reply> {
         loop {
-            let mut slots = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut slots);
-            if let Ok(httparse::Status::Complete(n)) = resp.parse(&self.pending) {
-                let status = resp.code.unwrap_or(0);
-                let headers: Vec<(String, String)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_string(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                self.pending.drain(..n);
+            if let Ok(Some(head)) = ResponseHead::parse(&self.pending) {
+                let (status, headers) = (head.status, head.headers);
+                self.pending.drain(..head.len);
                 let mut reply = Reply {
                     status,
                     headers,

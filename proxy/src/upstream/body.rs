@@ -20,8 +20,8 @@ use monoio::buf::IoBufMut;
 
 use super::conn::{Conn, Pool};
 use super::stats::UpstreamStats;
+use super::target::UpstreamRoute;
 use super::usage::Scanner;
-use super::UpstreamRoute;
 use crate::http::chunked::{ChunkedDecoder, Event};
 use crate::http::BodyStream;
 

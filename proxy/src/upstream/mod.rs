@@ -39,6 +39,7 @@ use conn::{Conn, Connector, Pool};
 use request::HeadPrefix;
 use response::{Framing, ResponseHead};
 pub use stats::{render_prometheus, UpstreamStats};
+pub use target::UpstreamRoute;
 use usage::Scanner;
 
 /// Largest non-streamed body held in memory; a bigger one is refused (502).
@@ -60,13 +61,6 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// `IBEX_UPSTREAM_ORGANIZATION` / `IBEX_UPSTREAM_PROJECT`.
     pub operator: request::OperatorHeaders,
-}
-
-/// Which upstream route: `<base>/chat/completions` or `<base>/models`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamRoute {
-    ChatCompletions,
-    Models,
 }
 
 /// Facts about the caller the upstream module needs for headers, metering

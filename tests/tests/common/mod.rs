@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use ibex_e2e::http::{Conn, Request, Response};
+use ibex_e2e::http::{Conn, Request, Response, ResponseHead};
 use ibex_e2e::{procs, Authd, Postgres, Proxy, Redis};
 use ibex_proto::pb;
 use ibex_proto::pb::auth_service_client::AuthServiceClient;
@@ -747,35 +747,17 @@ pub async fn raw_exchange(
 /// One response with a `Content-Length` body (every proxy error is one) from the start of
 /// `buf`: `(response, bytes used)`, or `None` while incomplete.
 fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>> {
-    let mut slots = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let head_len = match parsed.parse(buf).context("malformed response head")? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => return Ok(None),
+    let Some(head) = ResponseHead::parse(buf)? else {
+        return Ok(None);
     };
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_owned(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.trim().parse())
-        .transpose()
-        .context("bad Content-Length")?
-        .unwrap_or(0);
+    let len = head.content_length()?.unwrap_or(0);
+    let head_len = head.len;
     if buf.len() < head_len + len {
         return Ok(None);
     }
     let resp = Response {
-        status: parsed.code.unwrap_or(0),
-        headers,
+        status: head.status,
+        headers: head.headers,
         body: buf[head_len..head_len + len].to_vec(),
     };
     Ok(Some((resp, head_len + len)))

@@ -72,9 +72,7 @@ impl Bridge {
         let (connected_tx, connected) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("ibex-authd-bridge".into())
-            .spawn(move || {
-                runtime.block_on(serve(endpoint, config, rx, subs, st, connected_tx))
-            })?;
+            .spawn(move || runtime.block_on(serve(endpoint, config, rx, subs, st, connected_tx)))?;
         match connected.recv_timeout(CONNECT_AT_START + Duration::from_secs(1)) {
             Ok(true) => tracing::debug!("authd channel connected"),
             _ => tracing::warn!(
