@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Limit on one response (headers + body) so a runaway server cannot exhaust the test.
@@ -198,12 +198,29 @@ impl Request {
     }
 }
 
-/// One keep-alive connection: several requests in turn, or raw bytes.
+/// One keep-alive connection: several requests in turn, or raw bytes. Over plain TCP, or any
+/// other byte stream (a TLS client stream: [`Conn::over`]).
 #[derive(Debug)]
-pub struct Conn {
+pub struct Conn<S = TcpStream> {
     addr: SocketAddr,
-    stream: TcpStream,
+    stream: S,
     buf: Vec<u8>,
+}
+
+impl<S> Conn<S> {
+    /// A connection over an established `stream` to `addr` (e.g. after a TLS handshake).
+    pub fn over(stream: S, addr: SocketAddr) -> Conn<S> {
+        Conn {
+            addr,
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The underlying stream (a TLS stream's negotiated parameters).
+    pub fn stream(&self) -> &S {
+        &self.stream
+    }
 }
 
 impl Conn {
@@ -242,7 +259,9 @@ impl Conn {
             buf: Vec::new(),
         })
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub async fn send(&mut self, req: &Request, close: bool) -> Result<Response> {
         let bytes = req.to_bytes(self.addr, close);
         self.write_raw(&bytes).await?;
