@@ -21,9 +21,9 @@
 //! Results (2 vCPU VM, rustc 1.95, release, criterion median; details in
 //! `perf/results/failure-budget.md`):
 //!
-//! | date       | per_core alone | per_core both | dashmap alone | dashmap both | papaya alone | papaya both |
-//! |------------|----------------|---------------|---------------|--------------|--------------|-------------|
-//! | see perf/results/failure-budget.md |
+//! | date                 | per_core alone | per_core both | dashmap alone | dashmap both | papaya alone | papaya both |
+//! |----------------------|----------------|---------------|---------------|--------------|--------------|-------------|
+//! | 2026-12-01 (load ~8) | 67.5 ns        | 200 ns        | 108.7 ns      | 327 ns       | 95.1 ns      | 236 ns      |
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -560,42 +560,50 @@ pub fn same_answer(a: &Response, b: &Response) -> Result<()> {
 /// `X-Request-ID` header (which must be there, and be the client's own when it sent a valid one).
 pub fn check_envelope(x: &Exchange) -> Result<()> {
     let r = &x.resp;
+    // SEC-6.4: the header is there.
     let rid = r
         .header("x-request-id")
-        .ok_or_else(|| anyhow!("no X-Request-ID"))?;
+        .ok_or_else(|| anyhow!("SEC-6.4: no X-Request-ID"))?;
+    // SEC-6.1: JSON.
     ensure!(
         r.header("content-type")
             .is_some_and(|ct| ct.split(';').next().unwrap_or("").trim() == "application/json"),
-        "Content-Type is {:?}",
+        "SEC-6.1: Content-Type is {:?}",
         r.header("content-type")
     );
+    // SEC-6.2: the body matches the ErrorResponse schema exactly — one top-level `error`
+    // object with exactly `code` (UPPER_SNAKE), `message` (non-empty) and `request_id`.
     let body = r.json()?;
     let top = body
         .as_object()
         .ok_or_else(|| anyhow!("body is not an object"))?;
-    ensure!(top.len() == 1, "envelope has other top-level keys: {body}");
+    ensure!(
+        top.len() == 1,
+        "SEC-6.2: envelope has other top-level keys: {body}"
+    );
     let err = top
         .get("error")
         .and_then(|e| e.as_object())
-        .ok_or_else(|| anyhow!("no error object: {body}"))?;
+        .ok_or_else(|| anyhow!("SEC-6.2: no error object: {body}"))?;
     let mut keys: Vec<&str> = err.keys().map(String::as_str).collect();
     keys.sort_unstable();
     ensure!(
         keys == ["code", "message", "request_id"],
-        "error keys are {keys:?}"
+        "SEC-6.2: error keys are {keys:?}"
     );
     let code = err["code"].as_str().unwrap_or("");
     ensure!(
         !code.is_empty() && code.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'),
-        "code {code:?} is not an UPPER_SNAKE code"
+        "SEC-6.2: code {code:?} is not an UPPER_SNAKE code"
     );
     ensure!(
         err["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "message missing"
+        "SEC-6.2: message missing"
     );
+    // SEC-6.3: request_id populated and equal to the header.
     ensure!(
         err["request_id"].as_str() == Some(rid),
-        "request_id {} != X-Request-ID {rid}",
+        "SEC-6.3: request_id {} != X-Request-ID {rid}",
         err["request_id"]
     );
     if let Some(sent) = &x.sent_request_id {
