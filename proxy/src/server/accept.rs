@@ -26,16 +26,36 @@ use crate::tls::WorkerTls;
 
 /// How long aborted connections get to unwind after the drain deadline.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
+/// After the listener is shut down, how long its last accept may take to
+/// come back (it normally fails at once).
+const STOP_ACCEPT_BOUND: Duration = Duration::from_millis(500);
 /// Pause after an accept error (EMFILE...) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A listener as the worker's runtime sees it, and a second descriptor of
+/// the same socket to shut it down by ([`stop_listening`]).
+pub(super) struct Bound {
+    pub(super) listener: TcpListener,
+    pub(super) control: std::net::TcpListener,
+}
+
+impl Bound {
+    pub(super) fn new(std: std::net::TcpListener) -> std::io::Result<Self> {
+        let control = std.try_clone()?;
+        Ok(Self {
+            listener: TcpListener::from_std(std)?,
+            control,
+        })
+    }
+}
 
 /// The worker's accept loops; returns when drained (or `drain_timeout`).
 pub(super) async fn serve<S: Service + 'static>(
     worker: usize,
     cfg: ServerConfig,
     edge: Edge,
-    listener: TcpListener,
-    admin: Option<TcpListener>,
+    listener: Bound,
+    admin: Option<Bound>,
     service: S,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -82,46 +102,76 @@ pub(super) async fn serve<S: Service + 'static>(
     }
 }
 
-/// Accepts on one listener until the drain starts, then closes it.
-async fn accept_loop<S: Service + 'static>(
-    shared: Rc<Shared<S>>,
-    listener: TcpListener,
-    kind: Listener,
-) {
+/// Accepts on one listener until the drain starts, then closes it without
+/// losing what it queued ([`stop_listening`]).
+async fn accept_loop<S: Service + 'static>(shared: Rc<Shared<S>>, bound: Bound, kind: Listener) {
+    let Bound { listener, control } = bound;
     let worker = shared.worker;
+    let mut stopped = false;
     loop {
-        monoio::select! {
-            _ = shared.drain.started() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    if shared.drain.open() >= shared.cfg.max_connections {
-                        tracing::debug!(worker, "connection limit reached: refusing");
-                        drop(stream);
-                        continue;
-                    }
-                    // The admin listener is the operator's: no per-address cap.
-                    let slot = match kind {
-                        Listener::Admin => None,
-                        Listener::Public => match shared.edge.per_ip.acquire(peer.ip()) {
-                            Some(slot) => Some(slot),
-                            None => {
-                                tracing::debug!(worker, "per-address connection cap: refusing");
-                                drop(stream);
-                                continue;
-                            }
-                        },
-                    };
-                    let _ = stream.set_nodelay(true);
-                    shared.drain.conn_opened();
-                    let info = ConnInfo { peer, worker, listener: kind };
-                    monoio::spawn(connection(stream, info, slot, shared.clone()));
+        let accepted = if stopped {
+            // Shut down already: what is still queued (or raced in) comes
+            // out now, then the accept fails. Bounded in case it never does.
+            match monoio::time::timeout(STOP_ACCEPT_BOUND, listener.accept()).await {
+                Ok(Ok(accepted)) => Ok(accepted),
+                Ok(Err(_)) | Err(_) => break,
+            }
+        } else {
+            monoio::select! {
+                _ = shared.drain.started() => {
+                    stop_listening(worker, &control);
+                    stopped = true;
+                    continue;
                 }
-                Err(e) => {
-                    tracing::warn!(worker, error = %e, "accept failed");
-                    monoio::time::sleep(ACCEPT_BACKOFF).await;
+                accepted = listener.accept() => accepted,
+            }
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if shared.drain.open() >= shared.cfg.max_connections {
+                    tracing::debug!(worker, "connection limit reached: refusing");
+                    drop(stream);
+                    continue;
                 }
-            },
+                // The admin listener is the operator's: no per-address cap.
+                let slot = match kind {
+                    Listener::Admin => None,
+                    Listener::Public => match shared.edge.per_ip.acquire(peer.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            tracing::debug!(worker, "per-address connection cap: refusing");
+                            drop(stream);
+                            continue;
+                        }
+                    },
+                };
+                let _ = stream.set_nodelay(true);
+                shared.drain.conn_opened();
+                let info = ConnInfo {
+                    peer,
+                    worker,
+                    listener: kind,
+                };
+                monoio::spawn(connection(stream, info, slot, shared.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(worker, error = %e, "accept failed");
+                monoio::time::sleep(ACCEPT_BACKOFF).await;
+            }
         }
+    }
+}
+
+/// Takes the listener out of the port: `shutdown(SHUT_RD)` on a listening
+/// socket unhashes it first (no new connection is routed to it, they go to
+/// the other SO_REUSEPORT listeners of the port), then empties its queues:
+/// with `net.ipv4.tcp_migrate_req = 1` the kernel moves the connections
+/// still queued to another listener of the port (a process started on the
+/// same address), else it resets them. The accept that is pending wakes
+/// with an error, so no accepted socket is left inside a cancelled accept.
+fn stop_listening(worker: usize, listener: &std::net::TcpListener) {
+    if let Err(e) = socket2::SockRef::from(listener).shutdown(std::net::Shutdown::Read) {
+        tracing::debug!(worker, error = %e, "listener shutdown failed; closing it");
     }
 }
 

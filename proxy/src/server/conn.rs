@@ -142,11 +142,12 @@ impl<IO: AsyncReadRent + AsyncWriteRent> Conn<IO> {
                     } else {
                         cfg.idle_timeout
                     };
-                    if shared.drain.is_draining() {
-                        return Ok(None);
-                    }
+                    // Draining: a request that arrives within the grace is
+                    // still answered (with `Connection: close`); past it the
+                    // connection closes. The read is not cancelled when the
+                    // drain starts, so no byte of a request is dropped.
                     let outcome = monoio::select! {
-                        _ = shared.drain.started() => return Ok(None),
+                        _ = shared.drain.idle_grace_over() => return Ok(None),
                         r = self.read_more(Instant::now() + wait) => r,
                     };
                     match outcome {

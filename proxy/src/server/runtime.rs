@@ -368,10 +368,10 @@ where
         events,
     } = start;
     let listener = match first {
-        Some(l) => monoio::net::TcpListener::from_std(l)?,
-        None => monoio::net::TcpListener::from_std(bind_reuseport(local)?)?,
+        Some(l) => accept::Bound::new(l)?,
+        None => accept::Bound::new(bind_reuseport(local)?)?,
     };
-    let admin = admin.map(monoio::net::TcpListener::from_std).transpose()?;
+    let admin = admin.map(accept::Bound::new).transpose()?;
     let service = make(worker);
     let _ = events.send((worker, WorkerEvent::Ready));
     accept::serve(

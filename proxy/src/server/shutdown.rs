@@ -8,8 +8,16 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
+use std::time::Duration;
 
+use monoio::time::Instant;
 use tokio::sync::{watch, Notify};
+
+/// After the drain starts, how long a keep-alive connection with nothing of
+/// its next request yet stays open (a constant, not a setting): a client
+/// that was about to reuse it is still answered, with `Connection: close`,
+/// instead of finding it closed under its request.
+pub(crate) const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Stops a running [`super::Server`] like SIGTERM does. `Clone + Send`.
 #[derive(Debug, Clone)]
@@ -24,8 +32,12 @@ impl ShutdownHandle {
         }
     }
 
-    /// Begins the drain: workers stop accepting, idle connections close,
-    /// in-flight requests finish (bounded by `drain_timeout`).
+    /// Begins the drain: workers stop accepting (connections still queued
+    /// on the listener go to the port's other listeners when
+    /// `net.ipv4.tcp_migrate_req` is 1), requests on open connections are
+    /// answered with `Connection: close`, connections idle past
+    /// [`DRAIN_IDLE_GRACE`] close, in-flight requests and streams finish
+    /// (all bounded by `drain_timeout`).
     pub fn shutdown(&self) {
         self.tx.send_replace(true);
     }
@@ -43,6 +55,8 @@ impl ShutdownHandle {
 #[derive(Default)]
 pub(crate) struct WorkerDrain {
     draining: Cell<bool>,
+    /// When draining started.
+    started_at: Cell<Option<Instant>>,
     /// Woken once when draining starts (idle connections, the accept loop).
     started: Notify,
     /// Set when the drain deadline passed: connections stop where they are.
@@ -60,6 +74,9 @@ impl WorkerDrain {
     }
 
     pub(crate) fn start(&self) {
+        if !self.draining.get() {
+            self.started_at.set(Some(Instant::now()));
+        }
         self.draining.set(true);
         self.started.notify_waiters();
     }
@@ -71,6 +88,14 @@ impl WorkerDrain {
             return;
         }
         notified.await;
+    }
+
+    /// Resolves [`DRAIN_IDLE_GRACE`] after draining started: an idle
+    /// connection closes then.
+    pub(crate) async fn idle_grace_over(&self) {
+        self.started().await;
+        let since = self.started_at.get().unwrap_or_else(Instant::now);
+        monoio::time::sleep_until(since + DRAIN_IDLE_GRACE).await;
     }
 
     /// The drain deadline passed: every connection task ends now (their

@@ -590,6 +590,31 @@ fn shutdown_drains_in_flight_requests() {
 }
 
 #[test]
+fn a_draining_server_answers_an_idle_connection_that_sends_again() {
+    let mut srv = Running::start(ServerConfig {
+        threads: 1,
+        ..test_config()
+    });
+    let mut c = Client::new(srv.connect());
+    c.send(&get("/warm"));
+    assert_eq!(c.reply(false).unwrap().status, 200);
+    srv.handle.shutdown();
+    // The listener leaves the port as soon as the worker sees the drain.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(srv.addr).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after the drain");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The keep-alive connection opened before is still served, once.
+    c.send(&get("/again"));
+    let r = c.reply(false).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.closed());
+    assert!(srv.stop().is_ok());
+}
+
+#[test]
 fn drain_timeout_bounds_shutdown() {
     let cfg = ServerConfig {
         drain_timeout: Duration::from_millis(100),
