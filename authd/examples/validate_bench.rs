@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use ibex_authd::authz::{AdminKeyDigest, ADMIN_KEY_HEADER};
+use ibex_authd::authz::{KeyDigest, ADMIN_KEY_HEADER, SERVICE_KEY_HEADER};
 use ibex_authd::server::{self, Settings};
 use ibex_e2e::Postgres;
 use ibex_proto::pb::{self, auth_service_client::AuthServiceClient};
@@ -26,7 +26,8 @@ use tonic::transport::Channel;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const KEY: &str = "bench-admin-key";
+const KEY: &str = "bench-admin-key-0123456789abcdef0123";
+const SERVICE_KEY: &str = "bench-service-key-0123456789abcdef0";
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -65,16 +66,12 @@ fn summary(label: &str, mut times: Vec<Duration>) {
 }
 
 async fn start(pg: &Postgres) -> server::Running {
-    server::start(Settings {
-        grpc_listen: "127.0.0.1:0".parse().unwrap(),
-        http_listen: "127.0.0.1:0".parse().unwrap(),
-        database: pg.app_url().parse().unwrap(),
-        admin: AdminKeyDigest::new(&SecretString::from(KEY)),
-        default_rpm: 600,
-        hash_workers: std::thread::available_parallelism().map_or(1, usize::from),
-    })
-    .await
-    .expect("authd")
+    let mut settings = Settings::local(
+        ibex_authd::store::Database::from_url(&pg.app_url()).unwrap(),
+        KeyDigest::new("IBEX_SERVICE_KEY", &SecretString::from(SERVICE_KEY)).unwrap(),
+    );
+    settings.admin = Some(KeyDigest::new("IBEX_ADMIN_KEY", &SecretString::from(KEY)).unwrap());
+    server::start(settings).await.expect("authd")
 }
 
 async fn connect(addr: std::net::SocketAddr) -> AuthServiceClient<Channel> {
@@ -92,10 +89,15 @@ fn admin<T>(message: T) -> tonic::Request<T> {
 }
 
 async fn validate(client: &mut AuthServiceClient<Channel>, token: &str) -> i32 {
+    let mut request = tonic::Request::new(pb::ValidateTokenRequest {
+        token: token.to_owned(),
+        client_addr: "127.0.0.1".to_owned(),
+    });
+    request
+        .metadata_mut()
+        .insert(SERVICE_KEY_HEADER, SERVICE_KEY.parse().unwrap());
     client
-        .validate_token(pb::ValidateTokenRequest {
-            token: token.to_owned(),
-        })
+        .validate_token(request)
         .await
         .expect("validate")
         .into_inner()

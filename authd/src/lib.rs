@@ -17,6 +17,7 @@ pub mod hasher;
 pub mod http;
 pub mod pat;
 pub mod perms;
+pub mod pgtls;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -44,11 +44,62 @@ pub struct BridgeConfig {
     pub authd_url: String,
     /// Name sent to authd's logs with the feed subscription.
     pub subscriber: String,
+    /// `IBEX_SERVICE_KEY`, sent as `x-ibex-service-key` on every call.
+    pub service_key: SecretString,
+    /// `IBEX_AUTHD_CA_FILE`: the CA to trust for an `https://` authd (else the system roots).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// Metadata name of the service key (SPEC §6).
+const SERVICE_KEY_HEADER: &str = "x-ibex-service-key";
+
+/// authd's reason on a RESOURCE_EXHAUSTED ValidateToken: `throttled` = this client address
+/// failed too often on this token id (its own doing); anything else = authd is saturated.
+const REFUSAL_HEADER: &str = "x-ibex-refusal";
+
+/// The service key as a metadata value, parsed once; cheap to clone into each request.
+#[derive(Clone)]
+struct ServiceKey(tonic::metadata::AsciiMetadataValue);
+
+impl ServiceKey {
+    fn new(key: &SecretString) -> anyhow::Result<ServiceKey> {
+        let mut value = tonic::metadata::AsciiMetadataValue::try_from(key.expose_secret())
+            .map_err(|_| anyhow::anyhow!("IBEX_SERVICE_KEY must be printable ASCII"))?;
+        value.set_sensitive(true);
+        Ok(ServiceKey(value))
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert(SERVICE_KEY_HEADER, self.0.clone());
+        request
+    }
+}
+
+/// `http://` as is; `https://` with TLS trusting `ca_file` or the system roots.
+fn endpoint(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Endpoint> {
+    let endpoint = Endpoint::from_shared(url.to_owned())?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let tls = tonic::transport::ClientTlsConfig::new();
+    let tls = match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("IBEX_AUTHD_CA_FILE {}: {e}", path.display()))?;
+            tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        }
+        None => tls.with_native_roots(),
+    };
+    Ok(endpoint.tls_config(tls)?)
 }
 
 enum Call {
     Token {
         token: SecretString,
+        client: std::net::IpAddr,
         reply: oneshot::Sender<Answer<TokenAnswer>>,
     },
     Agent {
@@ -77,7 +128,8 @@ impl Bridge {
     /// Starts the bridge thread. Fails on an unusable authd URL; authd being
     /// down is not an error (calls answer 503 until it is up).
     pub fn start(config: BridgeConfig) -> anyhow::Result<Bridge> {
-        let endpoint = Endpoint::from_shared(config.authd_url.clone())?
+        let key = ServiceKey::new(&config.service_key)?;
+        let endpoint = endpoint(&config.authd_url, config.ca_file.as_deref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -92,7 +144,7 @@ impl Bridge {
         let (subs, st) = (subscribers.clone(), stats.clone());
         std::thread::Builder::new()
             .name("ibex-authd-bridge".into())
-            .spawn(move || runtime.block_on(serve(endpoint, config, rx, subs, st)))?;
+            .spawn(move || runtime.block_on(serve(endpoint, key, config, rx, subs, st)))?;
         Ok(Bridge {
             calls,
             subscribers,
@@ -166,13 +218,24 @@ impl BridgeClient {
 }
 
 impl AuthBackend for BridgeClient {
-    fn validate_token(&self, token: &BearerToken) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
+    fn validate_token(
+        &self,
+        token: &BearerToken,
+        client: std::net::IpAddr,
+    ) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
         let (reply, rx) = oneshot::channel();
         // A malformed value may not be UTF-8 (obs-text). The lossy form can
         // never be a PAT (U+FFFD is not alphanumeric), so authd refuses it
         // like any other malformed token, after the same dummy Argon2.
         let token = SecretString::from(String::from_utf8_lossy(token.expose()).into_owned());
-        self.submit(Call::Token { token, reply }, rx)
+        self.submit(
+            Call::Token {
+                token,
+                client,
+                reply,
+            },
+            rx,
+        )
     }
 
     fn validate_agent(
@@ -187,6 +250,7 @@ impl AuthBackend for BridgeClient {
 
 async fn serve(
     endpoint: Endpoint,
+    key: ServiceKey,
     config: BridgeConfig,
     mut calls: mpsc::Receiver<Call>,
     subscribers: Subscribers,
@@ -196,6 +260,7 @@ async fn serve(
     // an invalidation (and vice versa).
     tokio::spawn(watch(
         endpoint.connect_lazy(),
+        key.clone(),
         config.subscriber,
         subscribers,
         stats,
@@ -209,20 +274,26 @@ async fn serve(
             return;
         };
         let mut client = client.clone();
+        let key = key.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match call {
-                Call::Token { token, reply } => {
+                Call::Token {
+                    token,
+                    client: addr,
+                    reply,
+                } => {
                     if reply.is_closed() {
                         return; // the worker gave up already
                     }
                     let req = pb::ValidateTokenRequest {
                         token: token.expose_secret().to_owned(),
+                        client_addr: addr.to_string(),
                     };
-                    let answer = match client.validate_token(req).await {
+                    let answer = match client.validate_token(key.request(req)).await {
                         Ok(r) => token_answer(r.into_inner()),
                         Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                            Ok(TokenAnswer::Busy)
+                            Ok(refusal(&status))
                         }
                         Err(status) => {
                             tracing::debug!(code = ?status.code(), "authd ValidateToken failed");
@@ -239,7 +310,7 @@ async fn serve(
                         org_id: org.to_string(),
                         agent_id: agent.to_string(),
                     };
-                    let answer = match client.validate_agent(req).await {
+                    let answer = match client.validate_agent(key.request(req)).await {
                         Ok(r) => agent_answer(r.into_inner()),
                         Err(status) => {
                             tracing::debug!(code = ?status.code(), "authd ValidateAgent failed");
@@ -250,6 +321,14 @@ async fn serve(
                 }
             }
         });
+    }
+}
+
+/// Why authd declined to decide: its guess throttle, or saturation.
+fn refusal(status: &tonic::Status) -> TokenAnswer {
+    match status.metadata().get(REFUSAL_HEADER).map(|v| v.as_bytes()) {
+        Some(b"throttled") => TokenAnswer::Throttled,
+        _ => TokenAnswer::Busy,
     }
 }
 
@@ -330,6 +409,7 @@ fn broadcast(subscribers: &Subscribers, event: FeedEvent) {
 
 async fn watch(
     channel: Channel,
+    key: ServiceKey,
     subscriber: String,
     subscribers: Subscribers,
     stats: Arc<BridgeStats>,
@@ -342,7 +422,7 @@ async fn watch(
         let req = pb::WatchInvalidationsRequest {
             subscriber: subscriber.clone(),
         };
-        match client.watch_invalidations(req).await {
+        match client.watch_invalidations(key.request(req)).await {
             Ok(resp) => {
                 let mut stream = resp.into_inner();
                 // Whatever happened while we were away is unknown.

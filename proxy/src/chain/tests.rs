@@ -93,6 +93,7 @@ impl AuthBackend for Rc<Fake> {
     fn validate_token(
         &self,
         token: &BearerToken,
+        _client: std::net::IpAddr,
     ) -> LocalBoxFuture<'static, Result<TokenAnswer, Unavailable>> {
         self.token_calls.set(self.token_calls.get() + 1);
         if self.down.get() {
