@@ -6,6 +6,7 @@
 //! fixed port, and every process is stopped when its handle is dropped — also when the test
 //! binary itself dies, through a small watchdog process (see [`watchdog`]).
 
+pub mod certs;
 pub mod http;
 pub mod pg;
 pub mod procs;

@@ -8,7 +8,7 @@ use tonic::Streaming;
 use crate::common::*;
 
 /// Waits for the first event matching `want`, skipping heartbeats; panics after `deadline`.
-async fn next_matching(
+pub(crate) async fn next_matching(
     stream: &mut Streaming<pb::InvalidationEvent>,
     deadline: Duration,
     want: impl Fn(&Kind) -> bool,

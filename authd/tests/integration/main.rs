@@ -10,6 +10,7 @@
 mod authorisation;
 mod cli;
 mod common;
+mod control;
 mod invalidation;
 mod lifecycle;
 mod rls_audit;
