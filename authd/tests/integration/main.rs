@@ -14,3 +14,4 @@ mod control;
 mod invalidation;
 mod lifecycle;
 mod rls_audit;
+mod tls;
