@@ -1003,6 +1003,29 @@ fn undecided_guesses_spend_the_failure_budget_but_outages_do_not() {
 }
 
 #[test]
+fn throttle_refusals_are_not_charged_to_the_address() {
+    run(async {
+        let h = H::new();
+        // authd's (id, address) throttle refused: 503 every time, and never
+        // counted as a guess, so the address is not locked out by it (a
+        // holder sharing an address with a guesser keeps being asked about).
+        let shared = "10.8.8.10:4000";
+        for i in 0..30u128 {
+            h.fake
+                .tokens
+                .borrow_mut()
+                .insert(pat(8000 + i), TokenAnswer::Throttled);
+            let bearer = format!("Bearer {}", pat(8000 + i));
+            let r = h
+                .send_from(Method::Get, "/v1/x", &[("Authorization", &bearer)], shared)
+                .await;
+            assert_eq!((r.status, code(&r).as_str()), (503, "AUTH_UNAVAILABLE"));
+        }
+        assert_eq!(h.fake.token_calls.get(), 30, "every one reached authd");
+    });
+}
+
+#[test]
 fn flood_guard_blocks_guessers_but_not_cached_credentials() {
     run(async {
         let h = H::new();
