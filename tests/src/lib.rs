@@ -14,6 +14,7 @@ pub mod redis;
 pub mod stack;
 pub mod watchdog;
 
+pub use nix::sys::signal::Signal;
 pub use pg::Postgres;
 pub use procs::{Authd, Proxy};
 pub use redis::Redis;
