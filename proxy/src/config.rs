@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
+use crate::auth::bridge::BridgeConfig;
 use crate::http::Limits;
 use crate::ratelimit::RateLimitConfig;
 use crate::server::ServerConfig;
@@ -83,6 +84,15 @@ pub struct Config {
     #[arg(long, env = "IBEX_AUTHD_GRPC", default_value = "http://127.0.0.1:9091",
           value_parser = parse_http_url)]
     pub authd_grpc: String,
+
+    /// Key presented to authd on ValidateToken, ValidateAgent and WatchInvalidations
+    /// (`x-ibex-service-key`); the same value as authd's. Required, at least 32 characters.
+    #[arg(long, env = "IBEX_SERVICE_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub service_key: Option<SecretString>,
+
+    /// PEM CA certificate(s) to trust for an `https://` IBEX_AUTHD_GRPC (default: system roots).
+    #[arg(long, env = "IBEX_AUTHD_CA_FILE")]
+    pub authd_ca_file: Option<PathBuf>,
 
     /// Redis holding the per-org rate-limit counters: redis://[:password@]host[:port][/db]
     /// only (no TLS, no unix socket). The password is never printed.
@@ -196,6 +206,29 @@ impl Config {
         check_redis_url(&self.redis_url).map_err(|e| format!("IBEX_REDIS_URL: {e}"))
     }
 
+    /// What the authd bridge needs: the service key (required, ≥ 32 characters) and, for an
+    /// `https://` address, the CA file. Errors name the variable, never its value.
+    pub fn authd_bridge(&self) -> Result<BridgeConfig, String> {
+        let key = self
+            .service_key
+            .as_ref()
+            .ok_or("IBEX_SERVICE_KEY is required (the key authd expects from proxies)")?;
+        if key.expose_secret().chars().count() < MIN_SERVICE_KEY_LEN {
+            return Err(format!(
+                "IBEX_SERVICE_KEY must be at least {MIN_SERVICE_KEY_LEN} characters"
+            ));
+        }
+        if self.authd_ca_file.is_some() && !self.authd_grpc.starts_with("https://") {
+            return Err("IBEX_AUTHD_CA_FILE is set but IBEX_AUTHD_GRPC is not https://".into());
+        }
+        Ok(BridgeConfig {
+            authd_url: self.authd_grpc.clone(),
+            subscriber: format!("ibex-proxy:{}", std::process::id()),
+            service_key: key.clone(),
+            ca_file: self.authd_ca_file.clone(),
+        })
+    }
+
     /// The server's settings: listener, workers, limits and timeouts.
     pub fn server(&self) -> ServerConfig {
         ServerConfig {
@@ -237,6 +270,9 @@ impl Config {
         RateLimitConfig::new(self.redis_url.clone(), self.redis_timeout)
     }
 }
+
+/// Shortest `IBEX_SERVICE_KEY` accepted (authd refuses shorter ones too).
+pub const MIN_SERVICE_KEY_LEN: usize = 32;
 
 fn default_threads() -> u16 {
     std::thread::available_parallelism()
@@ -297,7 +333,6 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-    use secrecy::ExposeSecret;
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         let mut all = vec!["ibex-proxy"];
@@ -455,6 +490,8 @@ mod tests {
             "IBEX_PROXY_THREADS",
             "IBEX_PROXY_PIN_CPUS",
             "IBEX_AUTHD_GRPC",
+            "IBEX_SERVICE_KEY",
+            "IBEX_AUTHD_CA_FILE",
             "IBEX_REDIS_URL",
             "IBEX_REDIS_TIMEOUT",
             "IBEX_AUTH_VALIDATE_TIMEOUT",
@@ -476,6 +513,27 @@ mod tests {
             assert!(help.contains(var), "{var} missing from --help");
         }
         assert!(help.contains("[default: 50ms]"));
+    }
+
+    #[test]
+    fn service_key_is_required_long_and_redacted() {
+        let err = parse(&[]).unwrap().authd_bridge().unwrap_err();
+        assert!(err.contains("IBEX_SERVICE_KEY"), "{err}");
+        let short = parse(&["--service-key", "short-key"]).unwrap();
+        let err = short.authd_bridge().unwrap_err();
+        assert!(
+            err.contains("IBEX_SERVICE_KEY") && !err.contains("short-key"),
+            "{err}"
+        );
+        let key = "k".repeat(MIN_SERVICE_KEY_LEN);
+        let c = parse(&["--service-key", &key]).unwrap();
+        assert_eq!(c.authd_bridge().unwrap().service_key.expose_secret(), key);
+        assert!(!format!("{c:?}").contains(&key));
+        let err = parse(&["--service-key", &key, "--authd-ca-file", "/ca.pem"])
+            .unwrap()
+            .authd_bridge()
+            .unwrap_err();
+        assert!(err.contains("IBEX_AUTHD_CA_FILE"), "{err}");
     }
 
     #[test]
