@@ -24,14 +24,17 @@
 //! counted the whole budget a busy org is refused locally until the window
 //! changes.
 //!
-//! The commands go over the worker's own pipelined connection ([`conn`]); a
-//! per-call timeout and a circuit breaker ([`breaker`]) turn a dead or slow
-//! Redis into an immediate fail-open. Window arithmetic is in [`window`],
-//! the wire format in [`resp`].
+//! The commands go over the worker's own pipelined connection ([`conn`]),
+//! one per master on a Redis Cluster ([`cluster`]: found out by itself,
+//! slot map, `MOVED`/`ASK`); a per-call timeout and a circuit breaker
+//! ([`breaker`]) turn a dead or slow Redis into an immediate fail-open.
+//! Window arithmetic is in [`window`], the wire format in [`resp`].
 //!
 //! Needs a monoio runtime with the timer enabled (`enable_timer()`).
 
 pub mod breaker;
+pub mod cluster;
+pub mod cluster_map;
 pub mod conn;
 pub mod lease;
 pub mod resp;
@@ -48,7 +51,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use self::breaker::{Breaker, Permit, WarnThrottle};
-use self::conn::{Conn, DriveTiming, Event, Phase, SendError, Target};
+use self::cluster::{CallError, Client};
+use self::conn::{DriveTiming, Event};
 use self::lease::{Lease, MAX_ENTRIES};
 use self::resp::Frame;
 use self::window::{Window, KEY_TTL_MS};
@@ -112,7 +116,7 @@ impl RateLimitConfig {
     /// Checks the URL so a bad one stops the process at startup instead of
     /// failing every request open. The message never contains the URL.
     pub fn validate(&self) -> Result<(), String> {
-        Target::parse(&self.redis_url).map(|_| ())
+        cluster::parse_seeds(&self.redis_url).map(|_| ())
     }
 }
 
@@ -182,6 +186,8 @@ enum Failure {
     ConnectionLost,
     ErrorReply,
     BadReply,
+    /// Redis Cluster: the key's slot has no answering master right now.
+    SlotDown,
 }
 
 impl Failure {
@@ -194,15 +200,29 @@ impl Failure {
             Failure::ConnectionLost => "connection lost",
             Failure::ErrorReply => "Redis returned an error",
             Failure::BadReply => "unexpected reply",
+            Failure::SlotDown => "no answering Redis Cluster master for the slot",
         }
+    }
+
+    /// Failures that concern one slot or one master of a cluster and cost
+    /// no wait: they must not open the breaker for every other slot.
+    fn is_local(self) -> bool {
+        matches!(
+            self,
+            Failure::NotConnected | Failure::ConnectionLost | Failure::SlotDown
+        )
     }
 }
 
-impl From<SendError> for Failure {
-    fn from(e: SendError) -> Self {
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Self {
         match e {
-            SendError::NotConnected => Failure::NotConnected,
-            SendError::QueueFull => Failure::QueueFull,
+            CallError::NotConnected => Failure::NotConnected,
+            CallError::QueueFull => Failure::QueueFull,
+            CallError::Timeout => Failure::Timeout,
+            CallError::ConnectionLost => Failure::ConnectionLost,
+            CallError::SlotDown => Failure::SlotDown,
+            CallError::Redirects => Failure::ErrorReply,
         }
     }
 }
@@ -235,10 +255,12 @@ enum Step {
 struct Shared {
     config: Rc<RateLimitConfig>,
     stats: Arc<RateLimitStats>,
-    conn: Rc<Conn>,
+    /// One server or a cluster; dropping it stops its connections.
+    redis: Client,
     breaker: RefCell<Breaker>,
     warn: RefCell<WarnThrottle>,
-    /// Reused buffer for the key of the check being sent.
+    /// Reused buffer for the key of the check being sent (taken out for
+    /// the call; a concurrent call makes its own).
     key: RefCell<String>,
     /// Leases by org, bounded by [`MAX_ENTRIES`].
     leases: RefCell<HashMap<Uuid, Entry>>,
@@ -256,8 +278,6 @@ pub struct RateLimiter {
     config: Rc<RateLimitConfig>,
     stats: Arc<RateLimitStats>,
     shared: Rc<Shared>,
-    /// Dropping the limiter drops this, which stops its connection task.
-    _stop: futures::channel::oneshot::Sender<()>,
 }
 
 impl RateLimiter {
@@ -272,55 +292,54 @@ impl RateLimiter {
     /// timeouts and the breaker run on monotonic time.
     pub fn with_clock(config: Rc<RateLimitConfig>, clock: Rc<dyn Fn() -> u64>) -> Self {
         let stats = Arc::new(RateLimitStats::default());
-        let conn = Rc::new(Conn::new(config.max_pending));
         let timeout_ms = u64::try_from(config.timeout.as_millis()).unwrap_or(u64::MAX);
-        let shared = Rc::new(Shared {
-            config: config.clone(),
-            stats: stats.clone(),
-            conn: conn.clone(),
-            breaker: RefCell::new(Breaker::new(
-                config.breaker_failures,
-                u64::try_from(config.breaker_open.as_millis()).unwrap_or(u64::MAX),
-                timeout_ms.saturating_mul(2).max(10),
-            )),
-            warn: RefCell::new(WarnThrottle::new(
-                u64::try_from(config.warn_interval.as_millis()).unwrap_or(u64::MAX),
-            )),
-            key: RefCell::new(String::with_capacity(64)),
-            leases: RefCell::new(HashMap::new()),
-            sha: redis::Script::new(SCRIPT).get_hash().to_string(),
-            ttl_arg: KEY_TTL_MS.to_string(),
-            clock,
-            started: std::time::Instant::now(),
-        });
-        let (stop, stopped) = futures::channel::oneshot::channel::<()>();
-        match Target::parse(&config.redis_url) {
-            Ok(target) => {
-                let timing = DriveTiming {
-                    connect_timeout: config.connect_timeout,
-                    backoff_min: config.reconnect_min,
-                    backoff_max: config.reconnect_max.max(config.reconnect_min),
-                };
-                let events = shared.clone();
-                monoio::spawn(conn::drive(
-                    conn,
-                    target,
-                    Rc::from(SCRIPT),
-                    timing,
-                    move |event| events.on_connection_event(event),
-                    async move {
-                        let _ = stopped.await;
-                    },
-                ));
-            }
+        let seeds = cluster::parse_seeds(&config.redis_url).unwrap_or_else(|msg| {
             // Never connects: every check fails open, `healthy()` stays false.
-            Err(msg) => tracing::error!(error = %msg, "rate limiter disabled: bad Redis URL"),
-        }
+            tracing::error!(error = %msg, "rate limiter disabled: bad Redis URL");
+            Vec::new()
+        });
+        let timing = DriveTiming {
+            connect_timeout: config.connect_timeout,
+            backoff_min: config.reconnect_min,
+            backoff_max: config.reconnect_max.max(config.reconnect_min),
+        };
+        let shared = Rc::new_cyclic(|me: &std::rc::Weak<Shared>| {
+            let events = me.clone();
+            let redis = Client::start(
+                seeds,
+                Rc::from(SCRIPT),
+                timing,
+                config.max_pending,
+                move |event| {
+                    if let Some(shared) = events.upgrade() {
+                        shared.on_connection_event(event);
+                    }
+                },
+            );
+            Shared {
+                config: config.clone(),
+                stats: stats.clone(),
+                redis,
+                breaker: RefCell::new(Breaker::new(
+                    config.breaker_failures,
+                    u64::try_from(config.breaker_open.as_millis()).unwrap_or(u64::MAX),
+                    timeout_ms.saturating_mul(2).max(10),
+                )),
+                warn: RefCell::new(WarnThrottle::new(
+                    u64::try_from(config.warn_interval.as_millis()).unwrap_or(u64::MAX),
+                )),
+                key: RefCell::new(String::with_capacity(64)),
+                leases: RefCell::new(HashMap::new()),
+                sha: redis::Script::new(SCRIPT).get_hash().to_string(),
+                ttl_arg: KEY_TTL_MS.to_string(),
+                clock,
+                started: std::time::Instant::now(),
+            }
+        });
         Self {
             config,
             stats,
             shared,
-            _stop: stop,
         }
     }
 
@@ -389,11 +408,22 @@ impl RateLimiter {
         }
     }
 
-    /// Whether Redis answered recently (for `/ready`): connected and the
-    /// breaker closed.
+    /// Whether Redis answered recently (for `/ready`): connected (on a
+    /// cluster: every slot has a master, each connected) and the breaker
+    /// closed.
     pub fn healthy(&self) -> bool {
-        self.shared.conn.phase() == Phase::Up
+        self.shared.redis.healthy()
             && self.shared.breaker.borrow().state() == breaker::State::Closed
+    }
+
+    /// Whether the limiter found a Redis Cluster (tests, logs).
+    pub fn is_cluster(&self) -> bool {
+        self.shared.redis.is_cluster()
+    }
+
+    /// How many times the client read the cluster's slot map (tests).
+    pub fn map_refreshes(&self) -> u64 {
+        self.shared.redis.refreshes()
     }
 }
 
@@ -504,13 +534,14 @@ impl Shared {
             Err(failure) => {
                 let now = self.mono_ms();
                 self.stats.redis_errors.fetch_add(1, Relaxed);
-                self.breaker.borrow_mut().on_failure(now);
-                self.publish_breaker();
-                if failure == Failure::Timeout
-                    && self.conn.oldest_wait_ms(now) > self.config.breaker_open.as_millis() as u64
-                {
+                if !(failure.is_local() && self.redis.is_cluster()) {
+                    self.breaker.borrow_mut().on_failure(now);
+                    self.publish_breaker();
+                }
+                if failure == Failure::Timeout {
                     // Redis kept the socket but stopped answering: start over.
-                    self.conn.request_reset();
+                    self.redis
+                        .reset_stalled(now, self.config.breaker_open.as_millis() as u64);
                 }
                 Err(failure)
             }
@@ -521,58 +552,35 @@ impl Shared {
     async fn count(&self, org: &Uuid, window: &Window, n: u64, now: u64) -> Result<u64, Failure> {
         let units = itoa_u64(n);
         let deadline = monoio::time::Instant::now() + self.config.timeout;
-        let rx = {
-            let mut key = self.key.borrow_mut();
-            key.clear();
-            window.write_key(org, &mut key);
-            self.conn.send(
-                &[
-                    b"EVALSHA",
-                    self.sha.as_bytes(),
-                    b"1",
-                    key.as_bytes(),
-                    self.ttl_arg.as_bytes(),
-                    units.as_bytes(),
-                ],
-                now,
-            )?
-        };
-        let mut reply = Self::wait(deadline, rx).await?;
-        if reply.is_noscript() {
-            // Redis restarted or its script cache was flushed: send the body,
-            // which also caches it for the next EVALSHA.
-            let key = window.key(org);
-            let rx = self.conn.send(
-                &[
-                    b"EVAL",
-                    SCRIPT.as_bytes(),
-                    b"1",
-                    key.as_bytes(),
-                    self.ttl_arg.as_bytes(),
-                    units.as_bytes(),
-                ],
-                now,
-            )?;
-            reply = Self::wait(deadline, rx).await?;
+        let mut key = std::mem::take(&mut *self.key.borrow_mut());
+        key.clear();
+        window.write_key(org, &mut key);
+        let slot = cluster_map::key_slot(key.as_bytes());
+        let mut args: [&[u8]; 6] = [
+            b"EVALSHA",
+            self.sha.as_bytes(),
+            b"1",
+            key.as_bytes(),
+            self.ttl_arg.as_bytes(),
+            units.as_bytes(),
+        ];
+        let mut reply = self.redis.request(slot, &args, now, deadline).await;
+        if reply.as_ref().is_ok_and(Frame::is_noscript) {
+            // Redis restarted, its script cache was flushed, or a replica
+            // was promoted: send the body, which also caches it for the
+            // next EVALSHA.
+            args[0] = b"EVAL";
+            args[1] = SCRIPT.as_bytes();
+            reply = self.redis.request(slot, &args, now, deadline).await;
         }
-        match reply {
+        *self.key.borrow_mut() = key;
+        match reply? {
             Frame::Array(Some(items)) => match items.first() {
                 Some(&Frame::Integer(count)) if count >= 1 => Ok(count as u64),
                 _ => Err(Failure::BadReply),
             },
             Frame::Error(_) => Err(Failure::ErrorReply),
             _ => Err(Failure::BadReply),
-        }
-    }
-
-    async fn wait(
-        deadline: monoio::time::Instant,
-        rx: futures::channel::oneshot::Receiver<Frame>,
-    ) -> Result<Frame, Failure> {
-        match monoio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(frame)) => Ok(frame),
-            Ok(Err(_)) => Err(Failure::ConnectionLost),
-            Err(_) => Err(Failure::Timeout),
         }
     }
 
