@@ -16,6 +16,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod ratelimit;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod upstream;
