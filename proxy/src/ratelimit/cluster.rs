@@ -9,7 +9,8 @@
 //! master that owns slots (each loads the script in its handshake), and a
 //! [`Router`] from slot to master; the map is refreshed every
 //! [`REFRESH_EVERY`], and soon after a connection to a master fails, a
-//! `MOVED`, or an error saying a node cannot serve.
+//! `MOVED`, or an error saying a node cannot serve; while a slot has no
+//! answering master, every [`FAILOVER_POLL`] at most until one answers.
 //!
 //! A request for a key goes to its slot's master, on this worker, with no
 //! thread hop. `MOVED` updates the slot and resends; `ASK` sends `ASKING`
@@ -35,6 +36,8 @@ use super::resp::{self, Frame, Limits};
 /// Periodic map refresh in cluster mode (catches a resharding nobody
 /// redirected us for yet, and new masters).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// Longest wait between map reads while a slot has no answering master.
+pub const FAILOVER_POLL: Duration = Duration::from_millis(200);
 /// Least time between two refreshes, whatever asks for them.
 const REFRESH_MIN_GAP: Duration = Duration::from_millis(100);
 /// How long a slot that answered `TRYAGAIN`/`CLUSTERDOWN`/... fails open
@@ -518,7 +521,13 @@ async fn maintain(inner: Rc<Inner>, stopped: oneshot::Receiver<()>) {
                 REFRESH_EVERY
             } else {
                 let wait = retry;
-                retry = (retry * 2).min(inner.timing.backoff_max);
+                // A cluster with a master down: poll for the promoted
+                // replica at a steady pace, not the reconnect backoff's.
+                let most = match inner.mode.get() {
+                    Mode::Cluster => FAILOVER_POLL.min(inner.timing.backoff_max),
+                    _ => inner.timing.backoff_max,
+                };
+                retry = (retry * 2).min(most);
                 wait
             };
             let asked = std::pin::pin!(inner.refresh.notified());
