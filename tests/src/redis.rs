@@ -415,10 +415,14 @@ impl RedisCluster {
             .ok_or_else(|| anyhow!("no live master serves slot {slot}"))
     }
 
-    /// `CLUSTER KEYSLOT key`.
+    /// `CLUSTER KEYSLOT key`, asked of the first running node.
     pub async fn keyslot(&self, key: &str) -> Result<u16> {
-        let port = self.ports()[0];
-        let reply = self.command(port, &["CLUSTER", "KEYSLOT", key]).await?;
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.running.is_some())
+            .ok_or_else(|| anyhow!("no node is running"))?;
+        let reply = node.command(&["CLUSTER", "KEYSLOT", key]).await?;
         reply_text(&reply)
             .parse()
             .with_context(|| format!("CLUSTER KEYSLOT reply {reply:?}"))
