@@ -760,3 +760,82 @@ async fn cluster_slot_migrated_mid_run_follows_ask_then_moved_and_never_fails_op
     assert_eq!(late_seen.iter().filter(|d| d.admitted).count(), 4);
     assert_eq!(cluster.master_of(slot).await.unwrap(), to);
 }
+
+#[tokio::test]
+async fn cluster_master_that_stops_answering_trips_only_its_own_breaker() {
+    let cluster = RedisCluster::start().await.unwrap();
+    let masters = cluster.masters().await.unwrap();
+    let victim = masters[0].port;
+    let mut others = Vec::new();
+    for m in &masters[1..] {
+        others.extend(orgs_on(&cluster, m.port, 2).await);
+    }
+    let probe = orgs_on(&cluster, victim, 1).await[0];
+    let url = cluster.seed_url();
+    let now = mid_minute_ms();
+    let (to_test, mut from_worker) = mpsc::unbounded::<&'static str>();
+    let (mut to_worker, mut from_test) = mpsc::unbounded::<&'static str>();
+    let worker = on_worker(move || async move {
+        let limiter = Rc::new(RateLimiter::with_clock(
+            Rc::new(RateLimitConfig {
+                // Long enough that a loaded box never times out a live master, short
+                // enough that the stopped one trips its breaker well inside the pause.
+                timeout: Duration::from_secs(1),
+                breaker_open: Duration::from_millis(200),
+                reconnect_min: Duration::from_millis(10),
+                reconnect_max: Duration::from_millis(100),
+                ..RateLimitConfig::new(url)
+            }),
+            Rc::new(move || now),
+        ));
+        until_healthy(&limiter).await;
+        let mut to_test = to_test;
+        to_test.send("ready").await.unwrap();
+        assert_eq!(from_test.next().await, Some("stopped"));
+        // A burst on the stopped master: every one times out, which opens its breaker.
+        let burst: Vec<_> = (0..8)
+            .map(|_| {
+                let limiter = limiter.clone();
+                monoio::spawn(async move { limiter.check(&probe, 1_000_000).await })
+            })
+            .collect();
+        // Meanwhile, and after, the other masters' orgs are counted.
+        let mut others_failed = 0;
+        let mut rounds = 0;
+        let resumed = loop {
+            for org in &others {
+                if limiter.check(org, 1_000_000).await.failed_open {
+                    others_failed += 1;
+                }
+            }
+            rounds += 1;
+            if rounds == 150 {
+                to_test.send("resume").await.unwrap();
+            }
+            if rounds > 150 {
+                let d = limiter.check(&probe, 1_000_000).await;
+                if !d.failed_open {
+                    break rounds;
+                }
+                assert!(rounds < 5_000, "the victim never counted again");
+            }
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let burst = futures::future::join_all(burst).await;
+        assert!(
+            burst.iter().all(|d| d.failed_open),
+            "a stopped master answered"
+        );
+        (others_failed, resumed)
+    });
+    let driver = async {
+        assert_eq!(from_worker.next().await, Some("ready"));
+        cluster.pause(victim, true).unwrap();
+        to_worker.send("stopped").await.unwrap();
+        assert_eq!(from_worker.next().await, Some("resume"));
+        cluster.pause(victim, false).unwrap();
+    };
+    let ((others_failed, resumed), ()) = tokio::join!(worker, driver);
+    eprintln!("stopped master: counting its slots again {resumed} rounds in (resumed at 150)");
+    assert_eq!(others_failed, 0, "the other masters' orgs failed open");
+}

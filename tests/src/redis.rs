@@ -438,6 +438,26 @@ impl RedisCluster {
         node.stop().await
     }
 
+    /// SIGSTOPs (`stop: true`) or SIGCONTs the node at `port`: a master that keeps its sockets
+    /// open but stops answering, then answers again.
+    pub fn pause(&self, port: u16, stop: bool) -> Result<()> {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let pid = self
+            .node(port)?
+            .running
+            .as_ref()
+            .and_then(|(child, _)| child.id())
+            .ok_or_else(|| anyhow!("the node on port {port} is not running"))?;
+        let signal = if stop {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(Pid::from_raw(i32::try_from(pid)?), signal).context("signalling redis-server")?;
+        Ok(())
+    }
+
     /// Polls until a live master other than `dead` serves `slot` and every running node says
     /// `cluster_state:ok`; returns how long that took.
     pub async fn wait_failover(&self, slot: u16, dead: u16) -> Result<Duration> {

@@ -35,7 +35,10 @@ impl Shared {
             Err(failure) => {
                 let now = self.mono_ms();
                 self.stats.redis_errors.fetch_add(1, Relaxed);
-                if !(failure.is_local() && self.redis.is_cluster()) {
+                // On a cluster each master has its own breaker (in the
+                // client): one master's failures must not fail open the
+                // slots of the others.
+                if !self.redis.is_cluster() {
                     self.breaker.borrow_mut().on_failure(now);
                     self.publish_breaker();
                 }

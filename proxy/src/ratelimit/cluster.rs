@@ -18,7 +18,9 @@
 //! `CLUSTERDOWN`, `READONLY`, `MASTERDOWN`, `LOADING` and a slot with no
 //! master fail that request open and back the slot off for
 //! [`SLOT_BACKOFF`]. A master that dies fails open only the checks of its
-//! slots (its connection is down) until the map names its promoted replica.
+//! slots (its connection is down) until the map names its promoted replica;
+//! one that keeps its socket but stops answering trips its own circuit
+//! breaker (one per master on a cluster), not the other masters'.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -29,6 +31,7 @@ use futures::channel::oneshot;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
+use super::breaker::{self, Breaker, Permit};
 use super::cluster_map::{self, ClusterError, NodeAddr, Route, Router, SlotRange, SLOTS};
 use super::conn::{self, Conn, DriveTiming, Event, Phase, SendError, Target};
 use super::resp::{self, Frame, Limits};
@@ -113,6 +116,8 @@ pub fn parse_seeds(url: &str) -> Result<Vec<Target>, String> {
 struct NodeConn {
     addr: NodeAddr,
     conn: Rc<Conn>,
+    /// Cluster mode only: this master's breaker (timeouts open it).
+    breaker: RefCell<Breaker>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -123,6 +128,8 @@ struct Inner {
     script: Rc<str>,
     timing: DriveTiming,
     max_pending: usize,
+    /// What each master's breaker starts as.
+    breaker: Breaker,
     mode: Cell<Mode>,
     router: RefCell<Router>,
     /// By node id (the router's), `None` where the router has no node.
@@ -149,6 +156,7 @@ impl Client {
         script: Rc<str>,
         timing: DriveTiming,
         max_pending: usize,
+        breaker: Breaker,
         on_event: impl Fn(Event<'_>) + 'static,
     ) -> Client {
         let inner = Rc::new(Inner {
@@ -156,6 +164,7 @@ impl Client {
             script,
             timing,
             max_pending,
+            breaker,
             mode: Cell::new(Mode::Discovering),
             router: RefCell::new(Router::new()),
             conns: RefCell::new(Vec::new()),
@@ -190,10 +199,9 @@ impl Client {
         }
         let conns = inner.conns.borrow();
         let up = router.ids().filter(|&id| router.owns_slots(id)).all(|id| {
-            conns
-                .get(id)
-                .and_then(Option::as_ref)
-                .is_some_and(|n| n.conn.phase() == Phase::Up)
+            conns.get(id).and_then(Option::as_ref).is_some_and(|n| {
+                n.conn.phase() == Phase::Up && n.breaker.borrow().state() == breaker::State::Closed
+            })
         });
         up
     }
@@ -226,9 +234,15 @@ impl Client {
                 None => inner.send_slot(slot, args, now_ms)?,
             };
             let reply = match monoio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(frame)) => frame,
+                Ok(Ok(frame)) => {
+                    inner.node_outcome(node, true);
+                    frame
+                }
                 Ok(Err(_)) => return Err(CallError::ConnectionLost),
-                Err(_) => return Err(CallError::Timeout),
+                Err(_) => {
+                    inner.node_outcome(node, false);
+                    return Err(CallError::Timeout);
+                }
             };
             let Frame::Error(text) = &reply else {
                 return Ok(reply);
@@ -272,6 +286,23 @@ impl Inner {
         self.router.borrow_mut().back_off(slot, until);
     }
 
+    /// Feeds a master's breaker (cluster mode; a single Redis has the
+    /// limiter's own breaker): an answer closes it, a timeout counts.
+    fn node_outcome(&self, node: usize, answered: bool) {
+        if self.mode.get() != Mode::Cluster {
+            return;
+        }
+        let now = self.mono_ms();
+        if let Some(n) = self.conns.borrow().get(node).and_then(Option::as_ref) {
+            let mut breaker = n.breaker.borrow_mut();
+            if answered {
+                breaker.on_success();
+            } else {
+                breaker.on_failure(now);
+            }
+        }
+    }
+
     fn host_of(&self, node: usize) -> String {
         self.router
             .borrow()
@@ -309,11 +340,17 @@ impl Inner {
         now_ms: u64,
     ) -> Result<oneshot::Receiver<Frame>, CallError> {
         let conns = self.conns.borrow();
-        let conn = &conns
+        let node = conns
             .get(node)
             .and_then(Option::as_ref)
-            .ok_or(CallError::NotConnected)?
-            .conn;
+            .ok_or(CallError::NotConnected)?;
+        if self.mode.get() == Mode::Cluster
+            && node.breaker.borrow_mut().permit(self.mono_ms()) == Permit::Reject
+        {
+            // This master timed out lately: its slots fail open at once.
+            return Err(CallError::SlotDown);
+        }
+        let conn = &node.conn;
         if asking {
             // Same connection, same tick: nothing can come between them.
             // Its `+OK` goes to a receiver dropped here.
@@ -387,6 +424,7 @@ impl Inner {
         NodeConn {
             addr,
             conn,
+            breaker: RefCell::new(self.breaker.clone()),
             _stop: stop,
         }
     }

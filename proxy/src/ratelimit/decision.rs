@@ -66,15 +66,6 @@ impl Failure {
             Failure::SlotDown => "no answering Redis Cluster master for the slot",
         }
     }
-
-    /// Failures that concern one slot or one master of a cluster and cost
-    /// no wait: they must not open the breaker for every other slot.
-    pub(super) fn is_local(self) -> bool {
-        matches!(
-            self,
-            Failure::NotConnected | Failure::ConnectionLost | Failure::SlotDown
-        )
-    }
 }
 
 impl From<CallError> for Failure {

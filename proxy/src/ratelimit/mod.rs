@@ -118,6 +118,11 @@ impl RateLimiter {
             backoff_min: config.reconnect_min,
             backoff_max: config.reconnect_max.max(config.reconnect_min),
         };
+        let breaker = Breaker::new(
+            config.breaker_failures,
+            u64::try_from(config.breaker_open.as_millis()).unwrap_or(u64::MAX),
+            timeout_ms.saturating_mul(2).max(10),
+        );
         let shared = Rc::new_cyclic(|me: &std::rc::Weak<Shared>| {
             let events = me.clone();
             let redis = Client::start(
@@ -125,6 +130,9 @@ impl RateLimiter {
                 Rc::from(SCRIPT),
                 timing,
                 config.max_pending,
+                // One per master on a cluster; on a single Redis the
+                // limiter's own (below) is the breaker.
+                breaker.clone(),
                 move |event| {
                     if let Some(shared) = events.upgrade() {
                         shared.on_connection_event(event);
@@ -135,11 +143,7 @@ impl RateLimiter {
                 config: config.clone(),
                 stats: stats.clone(),
                 redis,
-                breaker: RefCell::new(Breaker::new(
-                    config.breaker_failures,
-                    u64::try_from(config.breaker_open.as_millis()).unwrap_or(u64::MAX),
-                    timeout_ms.saturating_mul(2).max(10),
-                )),
+                breaker: RefCell::new(breaker),
                 warn: RefCell::new(WarnThrottle::new(
                     u64::try_from(config.warn_interval.as_millis()).unwrap_or(u64::MAX),
                 )),
