@@ -331,3 +331,74 @@ async fn a_killed_master_fails_open_only_its_orgs_until_its_replica_is_promoted(
     }
     Ok(())
 }
+
+/// One org counted through a migration of its slot: `limit` requests alternating between the
+/// proxies with the slot moved from `from` to `to` in three steps along the way; every
+/// response must be counted with `Remaining` exactly one less (nothing fails open).
+async fn count_through_migration(env: &Env, from: u16, to: u16, limit: u64) -> Result<Run> {
+    let t = env.tenant_on(from, u32::try_from(limit)?).await?;
+    let slot = env.cluster.keyslot(&format!("{{{}}}", t.org)).await?;
+    let mut window = None;
+    for i in 1..=limit + 2 {
+        match i {
+            6 => env.cluster.begin_migration(slot, from, to).await?,
+            10 => {
+                let moved = env.cluster.migrate_keys(slot, from, to).await?;
+                ensure!(moved >= 1, "the org's key was not on the source");
+            }
+            14 => env.cluster.finish_migration(slot, from, to).await?,
+            _ => {}
+        }
+        let p = usize::try_from(i % 2)?;
+        let r = env.send(p, &t.probe()).await?;
+        let (status, remaining, reset) = outcome(&r)?;
+        if *window.get_or_insert(reset) != reset {
+            return Ok(Run::Disturbed);
+        }
+        let (want_status, want) = if i <= limit {
+            (200, limit - i)
+        } else {
+            (429, 0)
+        };
+        ensure!(
+            status == want_status && remaining == Some(want),
+            "request {i} on proxy {p} (slot {slot} moving {from} -> {to}): status {status}, \
+             Remaining {remaining:?} (None = failed open), want {want_status} / {want}"
+        );
+    }
+    ensure!(
+        env.cluster.master_of(slot).await? == to,
+        "slot {slot} did not end on the target"
+    );
+    Ok(Run::Done)
+}
+
+#[tokio::test]
+async fn a_slot_migrated_mid_run_is_followed_through_ask_and_moved_without_failing_open(
+) -> Result<()> {
+    let env = Env::start().await?;
+    let masters = env.cluster.masters().await?;
+    let (from, to) = (masters[0].port, masters[1].port);
+    let asking = async || -> Result<u64> {
+        let info = env.cluster.command(to, &["INFO", "commandstats"]).await?;
+        Ok(info
+            .split("cmdstat_asking:calls=")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    };
+    let before = asking().await?;
+    for _ in 0..3 {
+        if let Run::Done = count_through_migration(&env, from, to, 24).await? {
+            let asked = asking().await? - before;
+            ensure!(
+                asked >= 1,
+                "no ASKING reached the target: ASK was not followed"
+            );
+            say!("   cluster: a slot migrated mid-run (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE): 24 of 24 counted exactly over both proxies, {asked} ASKING on the target, nothing failed open");
+            return Ok(());
+        }
+    }
+    bail!("three minute boundaries in a row spoiled the count")
+}
