@@ -118,11 +118,11 @@ fn run_worker(url: String, orgs: usize, rate: u64, secs: u64) -> Row {
             };
         };
         rt.block_on(async move {
-            let config = Rc::new(RateLimitConfig {
-                timeout: Duration::from_secs(1),
-                ..RateLimitConfig::new(url)
-            });
-            let limiter = Rc::new(RateLimiter::new(config));
+            let config = Rc::new(RateLimitConfig::new(url, Duration::from_secs(1)));
+            let limiter = Rc::new(RateLimiter::new(
+                config,
+                Rc::new(ibex_proxy::clock::SystemClock::new()),
+            ));
             let start = Instant::now();
             while !limiter.healthy() && start.elapsed() < Duration::from_secs(10) {
                 monoio::time::sleep(Duration::from_millis(5)).await;

@@ -27,8 +27,9 @@
 //! The commands go over the worker's own pipelined connection ([`conn`]),
 //! one per master on a Redis Cluster ([`cluster`]: found out by itself,
 //! slot map, `MOVED`/`ASK`); a per-call timeout and a circuit breaker
-//! ([`breaker`]) turn a dead or slow Redis into an immediate fail-open.
-//! Window arithmetic is in [`window`], the wire format in [`resp`].
+//! ([`breaker`]; one per master on a cluster) turn a dead or slow Redis
+//! into an immediate fail-open. Window arithmetic is in [`window`], the
+//! wire format in [`resp`].
 //!
 //! Needs a monoio runtime with the timer enabled (`enable_timer()`).
 
@@ -45,49 +46,27 @@ mod call;
 mod config;
 mod decision;
 mod script;
+mod state;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
-use self::admit::{Entry, Step};
+use self::admit::Step;
 use self::breaker::{Breaker, Permit, WarnThrottle};
 use self::cluster::Client;
 use self::conn::DriveTiming;
 use self::decision::Failure;
+use self::state::Shared;
 use self::window::{Window, KEY_TTL_MS};
+use crate::clock::Clock;
 pub use config::RateLimitConfig;
 pub use decision::{RateDecision, RateLimitStats};
 pub use script::SCRIPT;
-
-type Clock = Rc<dyn Fn() -> u64>;
-
-struct Shared {
-    config: Rc<RateLimitConfig>,
-    stats: Arc<RateLimitStats>,
-    /// One server or a cluster; dropping it stops its connections.
-    redis: Client,
-    breaker: RefCell<Breaker>,
-    warn: RefCell<WarnThrottle>,
-    /// Reused buffer for the key of the check being sent (taken out for
-    /// the call; a concurrent call makes its own).
-    key: RefCell<String>,
-    /// Leases by org, bounded by [`lease::MAX_ENTRIES`].
-    leases: RefCell<HashMap<Uuid, Entry>>,
-    sha: String,
-    ttl_arg: String,
-    /// Wall clock (unix ms): decides the window and times the rate that
-    /// sizes leases (a clock going back only restarts the measurement).
-    clock: Clock,
-    /// Monotonic origin for the breaker, the throttle and queue ages, which
-    /// must not jump with (or be frozen by) the wall clock.
-    started: std::time::Instant,
-}
 
 pub struct RateLimiter {
     config: Rc<RateLimitConfig>,
@@ -96,16 +75,12 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// Called on the worker thread, inside its monoio runtime.
-    pub fn new(config: Rc<RateLimitConfig>) -> Self {
-        Self::with_clock(config, Rc::new(unix_now_ms))
-    }
-
-    /// Like [`RateLimiter::new`] with the wall clock replaced (tests):
-    /// `clock()` returns unix milliseconds and decides the window and the
-    /// rate measurement behind lease sizes (a frozen clock never leases);
-    /// timeouts and the breaker run on monotonic time.
-    pub fn with_clock(config: Rc<RateLimitConfig>, clock: Rc<dyn Fn() -> u64>) -> Self {
+    /// Called on the worker thread, inside its monoio runtime, with the
+    /// worker's clock ([`crate::ctx::WorkerCtx`]). Its wall time decides the
+    /// window and the rate measurement behind lease sizes (a frozen
+    /// [`crate::clock::FakeClock`] never leases); timeouts and the breaker
+    /// run on the runtime's monotonic time.
+    pub fn new(config: Rc<RateLimitConfig>, clock: Rc<dyn Clock>) -> Self {
         let stats = Arc::new(RateLimitStats::default());
         let timeout_ms = u64::try_from(config.timeout.as_millis()).unwrap_or(u64::MAX);
         let seeds = cluster::parse_seeds(&config.redis_url).unwrap_or_else(|msg| {
@@ -170,7 +145,7 @@ impl RateLimiter {
     pub async fn check(&self, org: &Uuid, limit: u32) -> RateDecision {
         let s = &self.shared;
         s.stats.checks.fetch_add(1, Relaxed);
-        let wall = (s.clock)();
+        let wall = u64::try_from(s.clock.unix_ms()).unwrap_or(0);
         let window = Window::at(wall);
         if limit == 0 {
             s.stats.limited.fetch_add(1, Relaxed);
@@ -244,10 +219,4 @@ impl RateLimiter {
     pub fn map_refreshes(&self) -> u64 {
         self.shared.redis.refreshes()
     }
-}
-
-fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
