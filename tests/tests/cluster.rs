@@ -287,6 +287,13 @@ async fn a_killed_master_fails_open_only_its_orgs_until_its_replica_is_promoted(
             }
             let r = env.send(p, &probe.probe()).await?;
             ensure!(r.status == 200, "{}", r.dump());
+            // One master's failover does not make a proxy unready.
+            let ready = Request::get("/ready").send(env.proxies[p].addr).await?;
+            ensure!(
+                ready.status == 200,
+                "proxy {p} /ready during the failover:\n{}",
+                ready.dump()
+            );
             match outcome(&r)?.1 {
                 None => probe_failed_open += 1,
                 Some(_) if recovered.is_none() => *recovered = Some(killed.elapsed()),
@@ -315,7 +322,7 @@ async fn a_killed_master_fails_open_only_its_orgs_until_its_replica_is_promoted(
     say!(
         "   cluster failover: replica promoted {promoted:?} after SIGKILL; proxies counting its \
          org again after {:?} / {:?} ({probe_failed_open} of its requests failed open); other \
-         masters' orgs counted throughout; bound: promotion + {BOUND:?}",
+         masters' orgs counted and /ready 200 throughout; bound: promotion + {BOUND:?}",
         recovered[0].unwrap_or_default(),
         recovered[1].unwrap_or_default()
     );

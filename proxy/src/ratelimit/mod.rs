@@ -203,8 +203,8 @@ impl RateLimiter {
     }
 
     /// Whether Redis answered recently (for `/ready`): connected (on a
-    /// cluster: every slot has a master, each connected) and the breaker
-    /// closed.
+    /// cluster: at least one master, see [`cluster::Client::healthy`]) and
+    /// the breaker closed.
     pub fn healthy(&self) -> bool {
         self.shared.redis.healthy()
             && self.shared.breaker.borrow().state() == breaker::State::Closed
