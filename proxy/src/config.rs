@@ -95,7 +95,9 @@ pub struct Config {
     pub authd_ca_file: Option<PathBuf>,
 
     /// Redis holding the per-org rate-limit counters: redis://[:password@]host[:port][/db]
-    /// only (no TLS, no unix socket). The password is never printed.
+    /// only (no TLS, no unix socket). A Redis Cluster is found out by itself from any one
+    /// node, or from a seed list: redis://[:password@]host:port,host:port,... (db 0).
+    /// The password is never printed.
     #[arg(
         long,
         env = "IBEX_REDIS_URL",
@@ -305,7 +307,7 @@ fn parse_http_url(s: &str) -> Result<String, String> {
 fn check_redis_url(url: &str) -> Result<(), String> {
     if !url.starts_with("redis://") {
         return Err(
-            "only redis://[:password@]host[:port][/db] is supported (not rediss:// or unix://)"
+            "only redis://[:password@]host[:port][,host[:port]...][/db] is supported (not rediss:// or unix://)"
                 .into(),
         );
     }
@@ -313,7 +315,7 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     // this message has one prefix and cannot quote the URL either way.
     RateLimitConfig::new(url, Duration::ZERO)
         .validate()
-        .map_err(|_| "not a valid redis://[:password@]host[:port][/db] URL".into())
+        .map_err(|_| "not a valid redis://[:password@]host[:port][,host[:port]...][/db] URL".into())
 }
 
 fn parse_secret(s: &str) -> Result<SecretString, String> {
@@ -455,7 +457,11 @@ mod tests {
 
     #[test]
     fn only_plain_redis_urls_pass_and_no_message_quotes_the_url() {
-        for ok in ["redis://127.0.0.1:6379/0", "redis://:pw@localhost"] {
+        for ok in [
+            "redis://127.0.0.1:6379/0",
+            "redis://:pw@localhost",
+            "redis://:pw@10.0.0.1:7000,10.0.0.2:7000",
+        ] {
             assert!(
                 parse(&["--redis-url", ok]).unwrap().validate().is_ok(),
                 "{ok}"
@@ -466,6 +472,7 @@ mod tests {
             "unix:///tmp/hunter2.sock",
             "localhost:hunter2",
             "redis://:hunter2@[bad",
+            "redis://:hunter2@a:7000,,b:7000",
             "",
         ] {
             let err = parse(&["--redis-url", bad])
