@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use anyhow::Context;
 use clap::Parser;
-use ibex_proxy::auth::bridge::{Bridge, BridgeConfig};
+use ibex_proxy::auth::bridge::Bridge;
 use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
 use ibex_proxy::clock::SystemClock;
@@ -39,11 +39,8 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> anyhow::Result<()> {
     check_before_serving(&config)?;
-    let bridge = Bridge::start(BridgeConfig {
-        authd_url: config.authd_grpc.clone(),
-        subscriber: format!("ibex-proxy:{}", std::process::id()),
-    })
-    .context("IBEX_AUTHD_GRPC")?;
+    let bridge = Bridge::start(config.authd_bridge().map_err(anyhow::Error::msg)?)
+        .context("IBEX_AUTHD_GRPC")?;
     let server = Server::bind(config.server())
         .with_context(|| format!("binding {} (admin {})", config.listen, config.admin_listen))?;
     let addr = server.local_addr();
@@ -77,6 +74,7 @@ fn run(config: Config) -> anyhow::Result<()> {
 /// What would make every worker fail is refused before the ready line.
 fn check_before_serving(config: &Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    config.authd_bridge().map_err(anyhow::Error::msg)?;
     if let Some(upstream) = Wiring::upstream_config(config) {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()?
