@@ -591,8 +591,18 @@ fn shutdown_drains_in_flight_requests() {
 
 #[test]
 fn a_draining_server_answers_an_idle_connection_that_sends_again() {
+    answers_an_idle_connection_while_draining(false);
+}
+
+#[test]
+fn a_draining_server_answers_an_idle_connection_that_sends_again_legacy_driver() {
+    answers_an_idle_connection_while_draining(true);
+}
+
+fn answers_an_idle_connection_while_draining(legacy_driver: bool) {
     let mut srv = Running::start(ServerConfig {
         threads: 1,
+        legacy_driver,
         ..test_config()
     });
     let mut c = Client::new(srv.connect());
