@@ -9,10 +9,16 @@ use anyhow::Context;
 use super::{connect_admin, Global};
 
 /// Every migration, in order. The SQL is compiled in, so the binary works from any directory.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_core",
-    include_str!("../../../migrations/0001_core.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_core",
+        include_str!("../../../migrations/0001_core.sql"),
+    ),
+    (
+        "0003_usage",
+        include_str!("../../../migrations/0003_usage.sql"),
+    ),
+];
 
 pub const APP_ROLE: &str = "ibex_app";
 const LOCK_KEY: i64 = 0x1be7_0001;
