@@ -18,7 +18,7 @@ use crate::service::agent_status_name;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn client(global: &Global) -> anyhow::Result<AuthServiceClient<Channel>> {
+pub(super) async fn client(global: &Global) -> anyhow::Result<AuthServiceClient<Channel>> {
     let channel = Endpoint::from_shared(global.authd.clone())
         .context("IBEX_AUTHD_GRPC is not a valid URL")?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -30,7 +30,7 @@ async fn client(global: &Global) -> anyhow::Result<AuthServiceClient<Channel>> {
 }
 
 /// Wraps a message with the caller's credential.
-fn request<T>(global: &Global, message: T) -> anyhow::Result<tonic::Request<T>> {
+pub(super) fn request<T>(global: &Global, message: T) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
     if let Some(token) = &global.token {
         let value = MetadataValue::try_from(format!("Bearer {}", token.expose_secret()))
@@ -46,7 +46,7 @@ fn request<T>(global: &Global, message: T) -> anyhow::Result<tonic::Request<T>> 
     Ok(request)
 }
 
-fn rpc_error(status: tonic::Status) -> anyhow::Error {
+pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
