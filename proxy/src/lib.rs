@@ -14,6 +14,7 @@ pub mod chain;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod ledger;
 pub mod metrics;
 pub mod ratelimit;
 pub mod routes;
