@@ -4,7 +4,9 @@
 
 use bytes::Bytes;
 
-use crate::http::{Body, HeaderValue, Response};
+use crate::http::chunked::ChunkedError;
+use crate::http::{Body, HeaderValue, ParseError, Response};
+use crate::upstream::UpstreamError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiError {
@@ -120,6 +122,37 @@ impl ApiError {
     }
 }
 
+/// A refused request head: every variant closes the connection.
+impl From<ParseError> for ApiError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::Malformed => ApiError::BadRequest,
+            ParseError::HeadersTooLarge => ApiError::HeadersTooLarge,
+            ParseError::BodyTooLarge => ApiError::PayloadTooLarge,
+        }
+    }
+}
+
+/// A refused chunked body.
+impl From<ChunkedError> for ApiError {
+    fn from(e: ChunkedError) -> Self {
+        match e {
+            ChunkedError::TrailersTooLarge => ApiError::HeadersTooLarge,
+            ChunkedError::Malformed | ChunkedError::ExtensionsTooLong => ApiError::BadRequest,
+        }
+    }
+}
+
+/// The upstream failed after the chain admitted the request: 502 or 504.
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Unavailable => ApiError::UpstreamUnavailable,
+            UpstreamError::Timeout => ApiError::UpstreamTimeout,
+        }
+    }
+}
+
 /// Renders `err` as the envelope. `request_id` must already be validated or
 /// freshly generated (it is echoed verbatim); the caller adds `X-Request-ID`
 /// and any other headers (rate-limit figures) to the returned response.
@@ -230,6 +263,12 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn upstream_errors_map_to_502_and_504() {
+        assert_eq!(ApiError::from(UpstreamError::Unavailable).status(), 502);
+        assert_eq!(ApiError::from(UpstreamError::Timeout).status(), 504);
     }
 
     #[test]

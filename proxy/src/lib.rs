@@ -17,6 +17,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod ratelimit;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod upstream;

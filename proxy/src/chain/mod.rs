@@ -10,8 +10,8 @@
 //! [`wiring`].
 
 pub mod access_log;
+pub mod handlers;
 pub mod limiter;
-pub mod request_id;
 #[cfg(test)]
 mod tests;
 pub mod wiring;
@@ -24,7 +24,6 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub use limiter::{Limiter, NoLimit};
-use request_id::RequestId;
 
 use crate::auth::step::agent_header;
 use crate::auth::{AuthBackend, Authenticator, Principal};
@@ -32,8 +31,9 @@ use crate::error::{render, ApiError};
 use crate::http::{ConnInfo, HeaderValue, Method, Request, Response, Service};
 use crate::metrics::{Registry, WorkerMetrics};
 use crate::ratelimit::RateDecision;
-use crate::routes::{self, handlers, Matched, RouteError, RouteId};
-use crate::upstream::Upstream;
+use crate::request_id::{self, RequestId};
+use crate::routes::{self, Matched, RouteError, RouteId};
+use crate::upstream::{Upstream, UpstreamRoute};
 
 /// One worker's chain. Everything in it is per worker; the only shared
 /// pieces are the metrics registry (read on scrape) and the bridge queue
@@ -145,21 +145,25 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
             RouteId::OrgProbe => handlers::org_auth_probe(p, routes::org_segment(&req.path)),
             // Boxed: the forwarding future is large, and keeping it inline
             // would make every request's future (moved on each call) as big.
-            RouteId::Models | RouteId::Chat => {
-                Box::pin(handlers::forward(
-                    self.upstream.as_ref(),
-                    req,
-                    route,
-                    p,
-                    rid.as_str(),
-                ))
-                .await
+            RouteId::Models => Box::pin(self.forward(req, UpstreamRoute::Models, p, rid)).await,
+            RouteId::Chat => {
+                Box::pin(self.forward(req, UpstreamRoute::ChatCompletions, p, rid)).await
             }
             // Public routes never get here; answer as if unknown.
             RouteId::Health | RouteId::Ready | RouteId::Metrics | RouteId::Unmatched => {
                 Err(ApiError::NotFound)
             }
         }
+    }
+
+    async fn forward(
+        &self,
+        req: Request,
+        target: UpstreamRoute,
+        p: &Principal,
+        rid: &RequestId,
+    ) -> Result<Response, ApiError> {
+        handlers::forward(self.upstream.as_ref(), req, target, p, rid.as_str()).await
     }
 
     fn public(&self, route: RouteId, rid: &RequestId) -> Response {

@@ -48,17 +48,6 @@ pub enum ParseError {
     BodyTooLarge,
 }
 
-impl ParseError {
-    pub fn api_error(self) -> crate::error::ApiError {
-        use crate::error::ApiError;
-        match self {
-            ParseError::Malformed => ApiError::BadRequest,
-            ParseError::HeadersTooLarge => ApiError::HeadersTooLarge,
-            ParseError::BodyTooLarge => ApiError::PayloadTooLarge,
-        }
-    }
-}
-
 /// How the body that follows a head is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFraming {

@@ -5,6 +5,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 
 use super::*;
+use crate::error::ApiError;
 
 const GET: &[u8] = b"GET /v1/internal/auth-probe?x=1&y=2 HTTP/1.1\r\n\
 Host: proxy.local\r\n\
@@ -295,8 +296,8 @@ fn smuggling_and_syntax_cases_are_400() {
             Err(ParseError::Malformed),
             "{name}"
         );
-        assert_eq!(ParseError::Malformed.api_error().status(), 400);
-        assert!(ParseError::Malformed.api_error().closes_connection());
+        assert_eq!(ApiError::from(ParseError::Malformed).status(), 400);
+        assert!(ApiError::from(ParseError::Malformed).closes_connection());
     }
 }
 
@@ -336,7 +337,7 @@ fn header_bytes_limit_is_431() {
     assert!(parse_head(&mut BytesMut::from(raw.as_bytes()), &limits)
         .unwrap()
         .is_none());
-    assert_eq!(ParseError::HeadersTooLarge.api_error().status(), 431);
+    assert_eq!(ApiError::from(ParseError::HeadersTooLarge).status(), 431);
 }
 
 #[test]
@@ -401,7 +402,7 @@ fn declared_body_over_limit_is_413() {
         parse_head(&mut BytesMut::from(&huge[..]), &limits).err(),
         Some(ParseError::BodyTooLarge)
     );
-    assert_eq!(ParseError::BodyTooLarge.api_error().status(), 413);
+    assert_eq!(ApiError::from(ParseError::BodyTooLarge).status(), 413);
 }
 
 #[test]

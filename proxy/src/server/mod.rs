@@ -9,7 +9,9 @@
 //! Not here: request parsing ([`crate::http`]) and everything about what a
 //! request means ([`crate::chain`]).
 
+mod accept;
 mod conn;
+mod respond;
 mod runtime;
 mod shutdown;
 

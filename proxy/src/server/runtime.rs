@@ -8,7 +8,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 
-use super::conn;
+use super::accept;
 use super::shutdown::ShutdownHandle;
 use super::{Server, ServerConfig};
 use crate::http::Service;
@@ -294,7 +294,7 @@ where
     };
     let service = make(worker);
     let _ = events.send((worker, WorkerEvent::Ready));
-    conn::serve(worker, cfg, listener, service, shutdown.subscribe()).await;
+    accept::serve(worker, cfg, listener, service, shutdown.subscribe()).await;
     Ok(())
 }
 

@@ -31,7 +31,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use secrecy::ExposeSecret;
 
-use crate::error::ApiError;
 use crate::http::{Body, Request, Response};
 use body::{BodyError, BodyReader, Decoder, Record};
 use conn::{Conn, Connector, Pool};
@@ -80,16 +79,6 @@ pub enum UpstreamError {
     Unavailable,
     /// No response headers within the timeout → 504.
     Timeout,
-}
-
-impl UpstreamError {
-    /// The envelope the chain answers with.
-    pub fn api_error(self) -> ApiError {
-        match self {
-            UpstreamError::Unavailable => ApiError::UpstreamUnavailable,
-            UpstreamError::Timeout => ApiError::UpstreamTimeout,
-        }
-    }
 }
 
 /// Why a send on one connection failed.

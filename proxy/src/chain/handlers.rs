@@ -5,11 +5,10 @@
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::RouteId;
 use crate::auth::Principal;
 use crate::error::{render, ApiError};
 use crate::http::{Body, HeaderValue, Request, Response};
-use crate::upstream::{ForwardCtx, Upstream, UpstreamError, UpstreamRoute};
+use crate::upstream::{ForwardCtx, Upstream, UpstreamRoute};
 
 fn json(status: u16, body: impl Into<Bytes>) -> Response {
     Response {
@@ -90,23 +89,19 @@ pub fn org_auth_probe(p: &Principal, org_segment: &[u8]) -> Result<Response, Api
     }
 }
 
-/// `GET /v1/models`, `POST /v1/chat/completions`: to the configured upstream
-/// with the client's `Authorization` and `X-IBEX-*` headers removed.
+/// `GET /v1/models`, `POST /v1/chat/completions`: to the configured upstream,
+/// which drops the client's `Authorization` and `X-IBEX-*` headers
+/// ([`crate::upstream::request`]).
 pub async fn forward(
     upstream: Option<&Upstream>,
-    mut req: Request,
-    route: RouteId,
+    req: Request,
+    target: UpstreamRoute,
     p: &Principal,
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let Some(upstream) = upstream else {
         return Err(ApiError::ProviderNotConfigured);
     };
-    let target = match route {
-        RouteId::Chat => UpstreamRoute::ChatCompletions,
-        _ => UpstreamRoute::Models,
-    };
-    strip_client_credentials(&mut req);
     let org = p.org();
     let ctx = ForwardCtx {
         request_id,
@@ -115,67 +110,12 @@ pub async fn forward(
     upstream
         .forward(&req, target, ctx)
         .await
-        .map_err(upstream_error)
-}
-
-pub fn upstream_error(e: UpstreamError) -> ApiError {
-    match e {
-        UpstreamError::Unavailable => ApiError::UpstreamUnavailable,
-        UpstreamError::Timeout => ApiError::UpstreamTimeout,
-    }
-}
-
-/// SPEC §3: the client's `Authorization` and every `X-IBEX-*` header never
-/// leave the proxy.
-pub fn strip_client_credentials(req: &mut Request) {
-    req.headers.0.retain(|h| {
-        !(h.name.eq_ignore_ascii_case(b"authorization")
-            || h.name.len() >= 7 && h.name[..7].eq_ignore_ascii_case(b"x-ibex-"))
-    });
+        .map_err(ApiError::from)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::{Header, Headers, Method, Version};
-
-    #[test]
-    fn credentials_are_stripped_before_forwarding() {
-        let h = |n: &'static str| Header {
-            name: Bytes::from_static(n.as_bytes()),
-            value: Bytes::from_static(b"v"),
-        };
-        let mut req = Request {
-            method: Method::Post,
-            path: Bytes::from_static(b"/v1/chat/completions"),
-            query: None,
-            version: Version::Http11,
-            headers: Headers(vec![
-                h("Authorization"),
-                h("X-IBEX-Agent-ID"),
-                h("x-ibex-anything"),
-                h("Content-Type"),
-                h("X-Request-ID"),
-            ]),
-            body: Bytes::new(),
-            keep_alive: true,
-        };
-        strip_client_credentials(&mut req);
-        let left: Vec<_> = req.headers.iter().map(|h| h.name.clone()).collect();
-        assert_eq!(
-            left,
-            vec![
-                Bytes::from_static(b"Content-Type"),
-                Bytes::from_static(b"X-Request-ID")
-            ]
-        );
-    }
-
-    #[test]
-    fn upstream_errors_map_to_502_and_504() {
-        assert_eq!(upstream_error(UpstreamError::Unavailable).status(), 502);
-        assert_eq!(upstream_error(UpstreamError::Timeout).status(), 504);
-    }
 
     #[test]
     fn ready_names_what_is_down() {

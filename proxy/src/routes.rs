@@ -1,11 +1,14 @@
-//! The route table and the handlers behind it.
+//! The route table: which templates exist, which method each takes, which
+//! permission bit it needs and which are public. Pure and at the bottom of
+//! the crate (it imports only the codec's [`Method`] and the shared
+//! permission bits); what each route answers is in [`crate::chain::handlers`].
 //!
 //! Deny by default: only the templates in [`PUBLIC`] skip authentication.
 //! Every other path — known, unknown, or outside `/v1` — is protected, so an
 //! anonymous caller gets 401 before it can learn whether a route exists
 //! (SPEC §3: 404 and 405 only after auth).
 
-pub mod handlers;
+use ibex_proto::perms;
 
 use crate::http::Method;
 
@@ -59,14 +62,11 @@ impl RouteId {
     /// The permission bit a protected route needs (SPEC §2).
     pub fn permission(self) -> u64 {
         match self {
-            RouteId::Chat => PERM_CHAT,
-            _ => PERM_READ,
+            RouteId::Chat => perms::CHAT,
+            _ => perms::READ,
         }
     }
 }
-
-pub const PERM_READ: u64 = 1;
-pub const PERM_CHAT: u64 = 2;
 
 /// Routes answered without credentials.
 const PUBLIC: [RouteId; 3] = [RouteId::Health, RouteId::Ready, RouteId::Metrics];
@@ -207,8 +207,8 @@ mod tests {
             match_route(Method::Delete, b"/v1/models"),
             Matched::Protected(Err((RouteId::Models, RouteError::MethodNotAllowed)))
         );
-        assert_eq!(RouteId::Chat.permission(), PERM_CHAT);
-        assert_eq!(RouteId::Models.permission(), PERM_READ);
+        assert_eq!(RouteId::Chat.permission(), perms::CHAT);
+        assert_eq!(RouteId::Models.permission(), perms::READ);
         assert_eq!(org_segment(b"/v1/orgs/abc/auth-probe"), b"abc");
         assert_eq!(org_segment(b"/v1/orgs//auth-probe"), b"");
     }

@@ -1,0 +1,109 @@
+//! The slow path: the proxy's only tokio code. One tokio thread owns the
+//! tonic channels to authd; the monoio workers reach it through two doors,
+//! both bounded and both used only off the hot path:
+//!
+//! - [`BridgeClient`] ([`validate`]): a cache miss sends a validation into a
+//!   bounded queue (full → 503 AUTH_UNAVAILABLE at once) and awaits its
+//!   oneshot reply.
+//! - [`FeedReceiver`] ([`feed`]): the same thread holds the
+//!   `WatchInvalidations` stream and fans every event out to every worker's
+//!   own queue, reconnecting with backoff (50 ms doubling to 1 s).
+//!
+//! Not here: caching and deadlines (the workers' [`super::step`] apply
+//! `IBEX_AUTH_VALIDATE_TIMEOUT` themselves), and any decision on what an
+//! answer means for a request.
+
+mod feed;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+
+use crate::metrics::BridgeStats;
+pub use feed::FeedReceiver;
+use feed::Subscribers;
+pub use validate::BridgeClient;
+use validate::Call;
+
+/// Validations waiting for the bridge thread; past this, workers answer 503.
+const QUEUE_DEPTH: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct BridgeConfig {
+    /// `IBEX_AUTHD_GRPC`.
+    pub authd_url: String,
+    /// Name sent to authd's logs with the feed subscription.
+    pub subscriber: String,
+}
+
+/// Handle to the bridge thread; cheap to clone, shared by every worker.
+#[derive(Clone)]
+pub struct Bridge {
+    calls: mpsc::Sender<Call>,
+    subscribers: Subscribers,
+    stats: Arc<BridgeStats>,
+}
+
+impl Bridge {
+    /// Starts the bridge thread. Fails on an unusable authd URL; authd being
+    /// down is not an error (calls answer 503 until it is up).
+    pub fn start(config: BridgeConfig) -> anyhow::Result<Bridge> {
+        let endpoint = Endpoint::from_shared(config.authd_url.clone())?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let (calls, rx) = mpsc::channel(QUEUE_DEPTH);
+        let subscribers: Subscribers = Arc::default();
+        let stats = Arc::new(BridgeStats::default());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("ibex-authd-bridge")
+            .build()?;
+        let (subs, st) = (subscribers.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("ibex-authd-bridge".into())
+            .spawn(move || runtime.block_on(serve(endpoint, config, rx, subs, st)))?;
+        Ok(Bridge {
+            calls,
+            subscribers,
+            stats,
+        })
+    }
+
+    /// The backend a worker's auth step calls on misses.
+    pub fn client(&self) -> BridgeClient {
+        BridgeClient::new(self.calls.clone(), self.stats.clone())
+    }
+
+    /// A new worker's feed; run it with [`FeedReceiver::run`] on that worker.
+    pub fn subscribe(&self) -> FeedReceiver {
+        feed::subscribe(&self.subscribers)
+    }
+
+    pub fn stats(&self) -> Arc<BridgeStats> {
+        self.stats.clone()
+    }
+}
+
+/// The bridge thread: the feed on its own task, the validation loop here.
+async fn serve(
+    endpoint: Endpoint,
+    config: BridgeConfig,
+    calls: mpsc::Receiver<Call>,
+    subscribers: Subscribers,
+    stats: Arc<BridgeStats>,
+) {
+    // The feed gets its own connection so a slow validation can never delay
+    // an invalidation (and vice versa).
+    tokio::spawn(feed::watch(
+        endpoint.connect_lazy(),
+        config.subscriber,
+        subscribers,
+        stats,
+    ));
+    validate::run(endpoint, calls).await;
+}

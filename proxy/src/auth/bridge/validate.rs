@@ -1,0 +1,222 @@
+//! The validation door: a worker's cache miss becomes a [`Call`] in the
+//! bridge's bounded queue; the bridge thread runs at most
+//! [`MAX_IN_FLIGHT`] authd calls at once and answers each on its oneshot.
+//! authd's replies are mapped here, failing closed on anything unexpected.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::LocalBoxFuture;
+use ibex_proto::pb;
+use ibex_proto::pb::auth_service_client::AuthServiceClient;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tonic::transport::Endpoint;
+use uuid::Uuid;
+
+use crate::auth::backend::{
+    AgentAnswer, Answer, AuthBackend, TokenAnswer, Unavailable, ValidToken,
+};
+use crate::auth::secret::BearerToken;
+use crate::metrics::BridgeStats;
+
+/// Concurrent authd calls the bridge makes.
+const MAX_IN_FLIGHT: usize = 512;
+/// Longest the bridge keeps one validation call open.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) enum Call {
+    Token {
+        token: SecretString,
+        reply: oneshot::Sender<Answer<TokenAnswer>>,
+    },
+    Agent {
+        org: Uuid,
+        agent: Uuid,
+        reply: oneshot::Sender<Answer<AgentAnswer>>,
+    },
+}
+
+/// A worker's handle for validations.
+#[derive(Clone)]
+pub struct BridgeClient {
+    calls: mpsc::Sender<Call>,
+    stats: Arc<BridgeStats>,
+}
+
+impl BridgeClient {
+    pub(super) fn new(calls: mpsc::Sender<Call>, stats: Arc<BridgeStats>) -> Self {
+        Self { calls, stats }
+    }
+
+    fn submit<T: 'static>(
+        &self,
+        call: Call,
+        rx: oneshot::Receiver<Answer<T>>,
+    ) -> LocalBoxFuture<'static, Answer<T>> {
+        if self.calls.try_send(call).is_err() {
+            self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            return Box::pin(async { Err(Unavailable) });
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(Unavailable)) })
+    }
+}
+
+impl AuthBackend for BridgeClient {
+    fn validate_token(&self, token: &BearerToken) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
+        let (reply, rx) = oneshot::channel();
+        // A malformed value may not be UTF-8 (obs-text). The lossy form can
+        // never be a PAT (U+FFFD is not alphanumeric), so authd refuses it
+        // like any other malformed token, after the same dummy Argon2.
+        let token = SecretString::from(String::from_utf8_lossy(token.expose()).into_owned());
+        self.submit(Call::Token { token, reply }, rx)
+    }
+
+    fn validate_agent(
+        &self,
+        org: Uuid,
+        agent: Uuid,
+    ) -> LocalBoxFuture<'static, Answer<AgentAnswer>> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Call::Agent { org, agent, reply }, rx)
+    }
+}
+
+/// The bridge thread's validation loop, until every worker's client is gone.
+pub(super) async fn run(endpoint: Endpoint, mut calls: mpsc::Receiver<Call>) {
+    // Workers give up after IBEX_AUTH_VALIDATE_TIMEOUT; this bound only makes
+    // sure a call authd never answers cannot hold its permit forever.
+    let client = AuthServiceClient::new(endpoint.timeout(CALL_TIMEOUT).connect_lazy());
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(call) = calls.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match call {
+                Call::Token { token, reply } => {
+                    if reply.is_closed() {
+                        return; // the worker gave up already
+                    }
+                    let req = pb::ValidateTokenRequest {
+                        token: token.expose_secret().to_owned(),
+                    };
+                    let answer = match client.validate_token(req).await {
+                        Ok(r) => token_answer(r.into_inner()),
+                        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                            Ok(TokenAnswer::Busy)
+                        }
+                        Err(status) => {
+                            tracing::debug!(code = ?status.code(), "authd ValidateToken failed");
+                            Err(Unavailable)
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+                Call::Agent { org, agent, reply } => {
+                    if reply.is_closed() {
+                        return;
+                    }
+                    let req = pb::ValidateAgentRequest {
+                        org_id: org.to_string(),
+                        agent_id: agent.to_string(),
+                    };
+                    let answer = match client.validate_agent(req).await {
+                        Ok(r) => agent_answer(r.into_inner()),
+                        Err(status) => {
+                            tracing::debug!(code = ?status.code(), "authd ValidateAgent failed");
+                            Err(Unavailable)
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+        });
+    }
+}
+
+/// Maps authd's reply; anything unexpected fails closed.
+fn token_answer(r: pb::ValidateTokenResponse) -> Answer<TokenAnswer> {
+    match pb::TokenStatus::try_from(r.status) {
+        Ok(pb::TokenStatus::Valid) => {
+            let org = Uuid::parse_str(&r.org_id).map_err(|_| Unavailable)?;
+            let token_id = Uuid::parse_str(&r.token_id).map_err(|_| Unavailable)?;
+            let agent = match r.agent_id.as_str() {
+                "" => None,
+                a => Some(Uuid::parse_str(a).map_err(|_| Unavailable)?),
+            };
+            Ok(TokenAnswer::Valid(ValidToken {
+                org,
+                token_id,
+                permissions: r.permissions,
+                expires_at_ms: (r.expires_at_unix_ms != 0).then_some(r.expires_at_unix_ms),
+                agent,
+                rpm: r.org_rpm_limit,
+            }))
+        }
+        Ok(pb::TokenStatus::Invalid) => Ok(TokenAnswer::Invalid),
+        Ok(pb::TokenStatus::Revoked) => Ok(TokenAnswer::Revoked),
+        Ok(pb::TokenStatus::Expired) => Ok(TokenAnswer::Expired),
+        Ok(pb::TokenStatus::Unspecified) | Err(_) => Err(Unavailable),
+    }
+}
+
+fn agent_answer(r: pb::ValidateAgentResponse) -> Answer<AgentAnswer> {
+    match pb::AgentStatus::try_from(r.status) {
+        Ok(pb::AgentStatus::Active) => Ok(AgentAnswer::Active),
+        Ok(pb::AgentStatus::Paused | pb::AgentStatus::Archived | pb::AgentStatus::Suspended) => {
+            Ok(AgentAnswer::Inactive)
+        }
+        Ok(pb::AgentStatus::NotFound) => Ok(AgentAnswer::NotFound),
+        Ok(pb::AgentStatus::Unspecified) | Err(_) => Err(Unavailable),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_replies_fail_closed_on_nonsense() {
+        let ok = pb::ValidateTokenResponse {
+            status: pb::TokenStatus::Valid as i32,
+            org_id: Uuid::from_u128(1).to_string(),
+            token_id: Uuid::from_u128(2).to_string(),
+            permissions: 3,
+            expires_at_unix_ms: 0,
+            agent_id: String::new(),
+            user_id: String::new(),
+            org_rpm_limit: 60,
+        };
+        let Ok(TokenAnswer::Valid(v)) = token_answer(ok.clone()) else {
+            panic!("valid")
+        };
+        assert_eq!((v.expires_at_ms, v.agent, v.rpm), (None, None, 60));
+        let bad_org = pb::ValidateTokenResponse {
+            org_id: "x".into(),
+            ..ok.clone()
+        };
+        assert_eq!(token_answer(bad_org), Err(Unavailable));
+        let unspecified = pb::ValidateTokenResponse {
+            status: 0,
+            ..ok.clone()
+        };
+        assert_eq!(token_answer(unspecified), Err(Unavailable));
+        let unknown = pb::ValidateTokenResponse { status: 99, ..ok };
+        assert_eq!(token_answer(unknown), Err(Unavailable));
+    }
+
+    #[test]
+    fn agent_statuses() {
+        let a = |s: pb::AgentStatus| agent_answer(pb::ValidateAgentResponse { status: s as i32 });
+        assert_eq!(a(pb::AgentStatus::Active), Ok(AgentAnswer::Active));
+        assert_eq!(a(pb::AgentStatus::Paused), Ok(AgentAnswer::Inactive));
+        assert_eq!(a(pb::AgentStatus::Archived), Ok(AgentAnswer::Inactive));
+        assert_eq!(a(pb::AgentStatus::Suspended), Ok(AgentAnswer::Inactive));
+        assert_eq!(a(pb::AgentStatus::NotFound), Ok(AgentAnswer::NotFound));
+        assert_eq!(a(pb::AgentStatus::Unspecified), Err(Unavailable));
+    }
+}

@@ -1,0 +1,187 @@
+//! One count in Redis and what guards it: the `EVALSHA` (with `EVAL` on
+//! `NOSCRIPT`) over the worker's pipelined connection, the per-call timeout,
+//! the circuit breaker fed by every outcome, and the throttled fail-open
+//! warning.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use uuid::Uuid;
+
+use super::conn::Event;
+use super::decision::{Failure, RateDecision};
+use super::resp::Frame;
+use super::script::SCRIPT;
+use super::window::Window;
+use super::Shared;
+
+impl Shared {
+    /// Adds `n` to the window's count in Redis and returns the count,
+    /// feeding the breaker and the error counter.
+    pub(super) async fn call(
+        &self,
+        org: &Uuid,
+        window: &Window,
+        n: u64,
+        now: u64,
+    ) -> Result<u64, Failure> {
+        match self.count(org, window, n, now).await {
+            Ok(count) => {
+                self.breaker.borrow_mut().on_success();
+                self.publish_breaker();
+                Ok(count)
+            }
+            Err(failure) => {
+                let now = self.mono_ms();
+                self.stats.redis_errors.fetch_add(1, Relaxed);
+                self.breaker.borrow_mut().on_failure(now);
+                self.publish_breaker();
+                if failure == Failure::Timeout
+                    && self.conn.oldest_wait_ms(now) > self.config.breaker_open.as_millis() as u64
+                {
+                    // Redis kept the socket but stopped answering: start over.
+                    self.conn.request_reset();
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// Runs the script adding `n` and returns the window's count.
+    async fn count(&self, org: &Uuid, window: &Window, n: u64, now: u64) -> Result<u64, Failure> {
+        let units = itoa_u64(n);
+        let deadline = monoio::time::Instant::now() + self.config.timeout;
+        let rx = {
+            let mut key = self.key.borrow_mut();
+            key.clear();
+            window.write_key(org, &mut key);
+            self.conn.send(
+                &[
+                    b"EVALSHA",
+                    self.sha.as_bytes(),
+                    b"1",
+                    key.as_bytes(),
+                    self.ttl_arg.as_bytes(),
+                    units.as_bytes(),
+                ],
+                now,
+            )?
+        };
+        let mut reply = Self::wait(deadline, rx).await?;
+        if reply.is_noscript() {
+            // Redis restarted or its script cache was flushed: send the body,
+            // which also caches it for the next EVALSHA.
+            let key = window.key(org);
+            let rx = self.conn.send(
+                &[
+                    b"EVAL",
+                    SCRIPT.as_bytes(),
+                    b"1",
+                    key.as_bytes(),
+                    self.ttl_arg.as_bytes(),
+                    units.as_bytes(),
+                ],
+                now,
+            )?;
+            reply = Self::wait(deadline, rx).await?;
+        }
+        match reply {
+            Frame::Array(Some(items)) => match items.first() {
+                Some(&Frame::Integer(count)) if count >= 1 => Ok(count as u64),
+                _ => Err(Failure::BadReply),
+            },
+            Frame::Error(_) => Err(Failure::ErrorReply),
+            _ => Err(Failure::BadReply),
+        }
+    }
+
+    async fn wait(
+        deadline: monoio::time::Instant,
+        rx: futures::channel::oneshot::Receiver<Frame>,
+    ) -> Result<Frame, Failure> {
+        match monoio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(_)) => Err(Failure::ConnectionLost),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    pub(super) fn fail_open(
+        &self,
+        window: Window,
+        limit: u32,
+        why: Failure,
+        now: u64,
+    ) -> RateDecision {
+        self.stats.failed_open.fetch_add(1, Relaxed);
+        if let Some(count) = self.warn.borrow_mut().note(now) {
+            tracing::warn!(
+                failed_open = count,
+                reason = why.as_str(),
+                "Redis unavailable: rate limiting is failing open"
+            );
+        }
+        window.fail_open(limit)
+    }
+
+    pub(super) fn mono_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(super) fn publish_breaker(&self) {
+        let state = self.breaker.borrow().state().as_metric();
+        self.stats.breaker_state.store(state, Relaxed);
+    }
+
+    pub(super) fn on_connection_event(&self, event: Event<'_>) {
+        match event {
+            Event::Connected => tracing::info!("rate limiter connected to Redis"),
+            Event::ConnectFailed(err) | Event::Lost(err) => {
+                self.stats.redis_errors.fetch_add(1, Relaxed);
+                // Shares the throttle with fail-open warnings: one line per
+                // interval whatever the mix of causes.
+                if let Some(count) = self.warn.borrow_mut().note(self.mono_ms()) {
+                    tracing::warn!(events = count, error = %err, "Redis connection failed; rate limiting fails open until it is back");
+                }
+            }
+        }
+    }
+}
+
+/// `n` in decimal without allocating.
+fn itoa_u64(mut n: u64) -> ItoaBuf {
+    let mut buf = ItoaBuf {
+        bytes: [0; 20],
+        start: 20,
+    };
+    loop {
+        buf.start -= 1;
+        buf.bytes[buf.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return buf;
+        }
+    }
+}
+
+struct ItoaBuf {
+    bytes: [u8; 20],
+    start: usize,
+}
+
+impl ItoaBuf {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_are_written_in_decimal() {
+        for n in [0u64, 1, 9, 10, 64, 1234, u64::MAX] {
+            assert_eq!(itoa_u64(n).as_bytes(), n.to_string().as_bytes());
+        }
+    }
+}
