@@ -30,6 +30,8 @@ pub enum ApiError {
     ProviderNotConfigured,
     UpstreamUnavailable,
     AuthUnavailable,
+    /// The usage spool is full (SPEC §10): a request that would go unmetered is refused.
+    UsageUnavailable,
     UpstreamTimeout,
     /// `/ready` when a dependency is down; the message names it.
     NotReady(&'static str),
@@ -50,7 +52,7 @@ impl ApiError {
             HeadersTooLarge => 431,
             ProviderNotConfigured => 501,
             UpstreamUnavailable => 502,
-            AuthUnavailable | NotReady(_) => 503,
+            AuthUnavailable | UsageUnavailable | NotReady(_) => 503,
             UpstreamTimeout => 504,
         }
     }
@@ -78,6 +80,7 @@ impl ApiError {
             ProviderNotConfigured => "PROVIDER_NOT_CONFIGURED",
             UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             AuthUnavailable => "AUTH_UNAVAILABLE",
+            UsageUnavailable => "USAGE_UNAVAILABLE",
             UpstreamTimeout => "UPSTREAM_TIMEOUT",
             NotReady(_) => "NOT_READY",
         }
@@ -106,6 +109,7 @@ impl ApiError {
             ProviderNotConfigured => "no upstream provider is configured",
             UpstreamUnavailable => "upstream provider is unavailable",
             AuthUnavailable => "authentication service is unavailable",
+            UsageUnavailable => "usage ledger is full; retry later",
             UpstreamTimeout => "upstream provider timed out",
             NotReady(what) => what,
         }
@@ -248,6 +252,7 @@ mod tests {
             ProviderNotConfigured,
             UpstreamUnavailable,
             AuthUnavailable,
+            UsageUnavailable,
             UpstreamTimeout,
             NotReady("not ready: authd is unavailable"),
         ];

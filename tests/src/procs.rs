@@ -163,12 +163,17 @@ impl Authd {
 #[derive(Debug)]
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// `IBEX_USAGE_SPOOL_DIR`: the caller's, or a directory of this proxy's own (kept across
+    /// [`Proxy::restart`], removed on drop).
+    pub spool_dir: std::path::PathBuf,
     service: Service,
+    _spool: Option<tempfile::TempDir>,
 }
 
 impl Proxy {
     /// Starts the proxy against `authd_grpc` and `redis_url` with `IBEX_PROXY_THREADS=2`,
-    /// `IBEX_LOG=info` and `IBEX_AUTH_VALIDATE_TIMEOUT=2s`; `extra_env` overrides any of them.
+    /// `IBEX_LOG=info`, `IBEX_AUTH_VALIDATE_TIMEOUT=2s` and a usage spool of its own;
+    /// `extra_env` overrides any of them.
     pub async fn start(
         authd_grpc: SocketAddr,
         redis_url: &str,
@@ -185,12 +190,26 @@ impl Proxy {
             // the timeout itself set it explicitly.
             ("IBEX_AUTH_VALIDATE_TIMEOUT".to_owned(), "2s".to_owned()),
         ];
+        let (spool_dir, spool) = match extra_env.iter().find(|(k, _)| *k == "IBEX_USAGE_SPOOL_DIR")
+        {
+            Some((_, dir)) => (std::path::PathBuf::from(dir), None),
+            None => {
+                let dir = tempfile::Builder::new().prefix("ibex-spool-").tempdir()?;
+                (dir.path().to_owned(), Some(dir))
+            }
+        };
+        env.push((
+            "IBEX_USAGE_SPOOL_DIR".to_owned(),
+            spool_dir.to_string_lossy().into_owned(),
+        ));
         merge_env(&mut env, extra_env);
         let mut service = Service::new("ibex-proxy", env)?;
         let ready = service.spawn(&[]).await?;
         Ok(Proxy {
             addr: ready_addr(&ready, "http")?,
+            spool_dir,
             service,
+            _spool: spool,
         })
     }
 

@@ -23,6 +23,7 @@ pub struct Wiring {
     config: Arc<Config>,
     bridge: Bridge,
     registry: Arc<Registry>,
+    meters: Option<crate::ledger::meter::MeterFactory>,
 }
 
 impl Wiring {
@@ -33,7 +34,15 @@ impl Wiring {
             config: Arc::new(config),
             bridge,
             registry,
+            meters: None,
         }
+    }
+
+    /// Every worker's upstream records its requests in the usage ledger.
+    pub fn with_ledger(mut self, meters: crate::ledger::meter::MeterFactory) -> Self {
+        self.registry.register_ledger(meters.ledger.clone());
+        self.meters = Some(meters);
+        self
     }
 
     /// The upstream settings, if one is configured.
@@ -66,10 +75,13 @@ impl Wiring {
         monoio::spawn(super::access_log::flush_periodically());
 
         let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()));
-        let upstream = match Self::upstream_config(cfg) {
+        let mut upstream = match Self::upstream_config(cfg) {
             Some(u) => Some(Upstream::new(Rc::new(u))?),
             None => None,
         };
+        if let (Some(u), Some(m)) = (upstream.as_mut(), self.meters.as_ref()) {
+            u.set_meter(m.meter());
+        }
         self.registry.register_worker(
             metrics,
             Some(limiter.stats()),

@@ -13,6 +13,7 @@
 //!
 //! Not here: what a record says (built by the forwarding handler) and prices ([`prices`]).
 
+pub mod meter;
 pub mod prices;
 pub mod record;
 pub mod segment;
@@ -130,6 +131,8 @@ impl Recorder {
 /// The running ledger: writer and shipper threads over one spool directory.
 pub struct Ledger {
     shared: Arc<Shared>,
+    /// Held for the life of the ledger: one process per spool directory.
+    _lock: std::fs::File,
     writer: Option<std::thread::JoinHandle<()>>,
     shipper: Option<std::thread::JoinHandle<()>>,
 }
@@ -140,6 +143,18 @@ impl Ledger {
         use anyhow::Context;
         std::fs::create_dir_all(&config.dir)
             .with_context(|| format!("creating IBEX_USAGE_SPOOL_DIR {}", config.dir.display()))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(config.dir.join("lock"))
+            .context("opening the spool lock")?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "IBEX_USAGE_SPOOL_DIR {} is in use by another process (each proxy needs its own)",
+                config.dir.display()
+            );
+        }
         let key = segment::load_key(&config.dir).context("reading the spool key")?;
         let existing = segment::list(&config.dir).context("listing the spool")?;
         let mut segments = BTreeMap::new();
@@ -177,6 +192,7 @@ impl Ledger {
         let writer = writer::spawn(shared.clone(), next_id)?;
         Ok(Ledger {
             shared,
+            _lock: lock,
             writer: Some(writer),
             shipper: None,
         })
@@ -190,11 +206,15 @@ impl Ledger {
 
     /// A handle for one worker (call once per worker thread).
     pub fn recorder(&self) -> Recorder {
+        Self::recorder_for(&self.shared)
+    }
+
+    pub fn recorder_for(shared: &Arc<Shared>) -> Recorder {
         let buf = Arc::new(WorkerBuf::default());
-        lock(&self.shared.workers).push(buf.clone());
+        lock(&shared.workers).push(buf.clone());
         Recorder {
             buf,
-            shared: self.shared.clone(),
+            shared: shared.clone(),
         }
     }
 

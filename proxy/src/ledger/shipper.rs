@@ -28,7 +28,9 @@ pub trait Sink {
 
 /// `RecordUsage` over tonic, with the service key when one is configured.
 pub struct AuthdSink {
-    client: pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>,
+    endpoints: Vec<tonic::transport::Endpoint>,
+    /// Made on first use, inside the shipper's runtime (tonic's balancer spawns on it).
+    client: Option<pb::auth_service_client::AuthServiceClient<tonic::transport::Channel>>,
     metadata: Vec<(
         &'static str,
         tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
@@ -57,10 +59,9 @@ impl AuthdSink {
             !endpoints.is_empty(),
             "no authd address for the usage shipper"
         );
-        let channel = tonic::transport::Channel::balance_list(endpoints.into_iter());
         Ok(AuthdSink {
-            client: pb::auth_service_client::AuthServiceClient::new(channel)
-                .max_decoding_message_size(1 << 20),
+            endpoints,
+            client: None,
             metadata,
         })
     }
@@ -72,7 +73,13 @@ impl Sink for AuthdSink {
         for (k, v) in &self.metadata {
             request.metadata_mut().insert(*k, v.clone());
         }
-        self.client
+        let client = self.client.get_or_insert_with(|| {
+            let channel =
+                tonic::transport::Channel::balance_list(self.endpoints.clone().into_iter());
+            pb::auth_service_client::AuthServiceClient::new(channel)
+                .max_decoding_message_size(1 << 20)
+        });
+        client
             .record_usage(request)
             .await
             .map(|_| ())

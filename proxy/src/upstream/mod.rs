@@ -32,6 +32,7 @@ use monoio::buf::IoBufMut;
 use secrecy::ExposeSecret;
 
 use crate::http::{Body, Request, Response};
+use crate::ledger::meter::{Meter, Pending};
 use body::{BodyError, BodyReader, Decoder, Record};
 use conn::{Conn, Connector, Pool};
 use request::HeadPrefix;
@@ -71,6 +72,8 @@ pub enum UpstreamRoute {
 pub struct ForwardCtx<'a> {
     pub request_id: &'a str,
     pub org_id: &'a uuid::Uuid,
+    pub agent_id: &'a uuid::Uuid,
+    pub token_id: &'a uuid::Uuid,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +99,8 @@ pub struct Upstream {
     stats: Arc<UpstreamStats>,
     chat: HeadPrefix,
     models: HeadPrefix,
+    /// The usage ledger (SPEC §10): one record per forwarded request.
+    meter: Option<Rc<Meter>>,
 }
 
 impl Upstream {
@@ -131,7 +136,18 @@ impl Upstream {
             chat,
             models,
             config,
+            meter: None,
         })
+    }
+
+    /// Records every forwarded request in the usage ledger from now on.
+    pub fn set_meter(&mut self, meter: Rc<Meter>) {
+        self.meter = Some(meter);
+    }
+
+    /// False while the usage spool is full: a metered route must answer 503.
+    pub fn admits(&self) -> bool {
+        self.meter.as_ref().is_none_or(|m| m.admits())
     }
 
     /// This worker's counters, for `/metrics` ([`render_prometheus`]).
@@ -154,6 +170,20 @@ impl Upstream {
             UpstreamRoute::ChatCompletions => (&self.chat, req.body.clone()),
             UpstreamRoute::Models => (&self.models, Bytes::new()),
         };
+        let mut pending = self.meter.as_ref().map(|m| {
+            let path = match route {
+                UpstreamRoute::ChatCompletions => "/v1/chat/completions",
+                UpstreamRoute::Models => "/v1/models",
+            };
+            m.start(
+                ctx.request_id,
+                *ctx.org_id,
+                *ctx.agent_id,
+                *ctx.token_id,
+                path,
+                body.clone(),
+            )
+        });
         let mut head = Vec::with_capacity(512 + body.len().min(COALESCE_BODY));
         let content_length = (route == UpstreamRoute::ChatCompletions).then_some(body.len());
         request::render_head(&mut head, prefix, req, ctx.request_id, content_length);
@@ -161,13 +191,35 @@ impl Upstream {
         let exchanged = monoio::time::timeout(self.config.timeout, self.exchange(head, body)).await;
         let (conn, resp, rest) = match exchanged {
             Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(self.failed(e, route, ctx, started)),
-            Err(_) => return Err(self.failed(UpstreamError::Timeout, route, ctx, started)),
+            Ok(Err(e)) => return Err(self.failed_metered(pending, e, route, ctx, started)),
+            Err(_) => {
+                let e = UpstreamError::Timeout;
+                return Err(self.failed_metered(pending, e, route, ctx, started));
+            }
         };
         let ttfb = started.elapsed();
         self.stats.response(resp.status, ttfb);
-        self.respond(conn, resp, rest, route, ctx, started, ttfb)
+        if let Some(p) = pending.as_mut() {
+            p.seen.status = resp.status;
+        }
+        self.respond(conn, resp, rest, route, ctx, started, ttfb, pending)
             .await
+    }
+
+    /// [`Upstream::failed`], recording the request with the status the client gets.
+    fn failed_metered(
+        &self,
+        pending: Option<Pending>,
+        err: UpstreamError,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        started: Instant,
+    ) -> UpstreamError {
+        if let Some(mut p) = pending {
+            p.seen.status = crate::error::ApiError::from(err).status();
+            p.finish();
+        }
+        self.failed(err, route, ctx, started)
     }
 
     fn failed(
@@ -229,6 +281,7 @@ impl Upstream {
         ctx: ForwardCtx<'_>,
         started: Instant,
         ttfb: Duration,
+        pending: Option<Pending>,
     ) -> Result<Response, UpstreamError> {
         let scanner = match route {
             UpstreamRoute::Models => Scanner::Off,
@@ -247,6 +300,7 @@ impl Upstream {
             bytes: 0,
             scanner,
             outcome: "client_gone",
+            ledger: pending,
         };
         let (decoder, stream) = match head.framing {
             Framing::Empty => (Decoder::Length(0), false),
@@ -270,17 +324,19 @@ impl Upstream {
         } else if stream {
             Body::Stream(reader.into_stream())
         } else if too_large {
+            reader.record.client_status(UpstreamError::Unavailable);
             drop(reader);
             return Err(self.failed(UpstreamError::Unavailable, route, ctx, started));
         } else {
             match reader.read_full(MAX_FULL_BODY).await {
                 Ok(b) => Body::Full(b),
                 Err(e) => {
-                    drop(reader);
                     let err = match e {
                         BodyError::IdleTimeout => UpstreamError::Timeout,
                         _ => UpstreamError::Unavailable,
                     };
+                    reader.record.client_status(err);
+                    drop(reader);
                     return Err(self.failed(err, route, ctx, started));
                 }
             }
