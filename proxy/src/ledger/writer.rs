@@ -113,7 +113,11 @@ fn run(shared: &Shared, mut active: Active) {
                 }
             }
         }
-        if active.len >= segment_max(shared.max_bytes) && !failing {
+        // Past its size, or whenever the spool is full (so the shipper can delete what it
+        // acknowledged and free the space even when the bound is smaller than a segment).
+        let rotate = active.len >= segment_max(shared.max_bytes)
+            || (active.len > 0 && shared.full.load(Ordering::Relaxed));
+        if rotate && !failing {
             match open(shared, active.id + 1) {
                 Ok(next) => {
                     if let Some(s) = shared.segments().get_mut(&active.id) {
