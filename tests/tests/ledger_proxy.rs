@@ -1,8 +1,9 @@
 //! The usage ledger through the real proxy (issue 13, SPEC §10): Postgres, Redis, authd, a fake
 //! OpenAI-compatible upstream (`forwarding/fake_upstream.rs`) and proxies with their own spools.
 //!
-//! `one_record_per_forwarded_request`: a plain chat, a stream that asked for usage (client
-//! stream checked chunk by chunk), a stream the client abandons after the first event, an
+//! `one_record_per_forwarded_request`: a plain chat, a stream that asked for usage and one that
+//! did not (usage added upstream, the usage-only chunk kept from the client; both client streams
+//! checked event by event), a stream the client abandons after the first event, an
 //! upstream 400 and an upstream timeout each leave exactly one record with the fields they
 //! should (ids, tokens, `usage_source`, cost from `IBEX_PRICES_FILE`).
 //!
@@ -37,6 +38,7 @@ const CHAT: &str = "/v1/chat/completions";
 const WITHIN: Duration = Duration::from_secs(20);
 const PLAIN: &str = r#"{"model":"fake-model-1","messages":[{"role":"user","content":"hi"}]}"#;
 const STREAM_WITH_USAGE: &str = r#"{"model":"fake-model-stream","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+const STREAM_NO_USAGE: &str = r#"{"model":"fake-model-stream", "stream":true,"messages":[]}"#;
 const ENDLESS: &str = r#"{"model":"fake-endless","stream":true,"messages":[]}"#;
 const BAD: &str = r#"{"model":"fake-400","messages":[]}"#;
 const PRICES: &str = r#"{"fake-model-1": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}"#;
@@ -275,6 +277,38 @@ async fn one_record_per_forwarded_request() -> Result<()> {
         "{r:?}"
     );
 
+    // A stream that did not ask: usage asked for upstream (only that field written), the
+    // usage-only chunk kept from the client, the provider's numbers in the record.
+    let mut client = Streamed::send(proxy.addr, &t.chat(STREAM_NO_USAGE, "led-stream-2")).await?;
+    client
+        .read_until(|p| p.body.starts_with(STREAM_FIRST.as_bytes()))
+        .await
+        .context("first event")?;
+    let sent = fake
+        .seen()
+        .last()
+        .map(|s| s.body.clone())
+        .unwrap_or_default();
+    let want = STREAM_NO_USAGE.replacen('{', r#"{"stream_options":{"include_usage":true},"#, 1);
+    ensure!(
+        sent == want.as_bytes(),
+        "{}",
+        String::from_utf8_lossy(&sent)
+    );
+    fake.release();
+    let done = client.read_until(|p| p.complete).await?;
+    let expected: String = [STREAM_FIRST, STREAM_REST[0], STREAM_REST[2]].concat();
+    ensure!(
+        done.body == expected.as_bytes(),
+        "{}",
+        String::from_utf8_lossy(&done.body)
+    );
+    let r = recorded(&pg, "led-stream-2").await?;
+    ensure!(
+        (r.prompt, r.completion, r.source.as_str(), r.streamed) == (5, 2, "provider", true),
+        "{r:?}"
+    );
+
     // A stream abandoned after its first event: what was seen, estimated.
     let mut client = Streamed::send(proxy.addr, &t.chat(ENDLESS, "led-gone")).await?;
     client
@@ -320,9 +354,9 @@ async fn one_record_per_forwarded_request() -> Result<()> {
         "{r:?}"
     );
 
-    // Exactly these five, once each (the unique key makes "once" structural; the count
+    // Exactly these six, once each (the unique key makes "once" structural; the count
     // shows nothing else was recorded for the org).
-    ensure!(org_rows(&pg, &t.org).await? == 5);
+    ensure!(org_rows(&pg, &t.org).await? == 6);
     Ok(())
 }
 

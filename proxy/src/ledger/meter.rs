@@ -6,8 +6,8 @@
 //! Estimates when the provider's usage never came (`usage_source = estimated`): prompt tokens
 //! = request body bytes / 4 (rounded up; ≈4 bytes per token for English text in OpenAI's
 //! tokenizers, JSON punctuation included, so it errs high); completion tokens = the number of
-//! `data:` events streamed (OpenAI streams one token per content chunk; the role-only first
-//! chunk and `[DONE]` are not counted) or, for a whole body, its bytes / 4. An upstream error
+//! `data:` events streamed (OpenAI streams about one token per content chunk; `[DONE]` is not
+//! counted) or, for a whole body, its bytes / 4. An upstream error
 //! or timeout (status ≥ 400) without provider usage is recorded with 0 tokens.
 
 use std::cell::RefCell;
@@ -105,6 +105,7 @@ impl Meter {
             seen: Seen::default(),
             model: None,
             streamed: false,
+            strip_usage: false,
         }
     }
 }
@@ -120,6 +121,8 @@ pub struct Pending {
     /// The model the response named, if any.
     pub model: Option<String>,
     pub streamed: bool,
+    /// The proxy added `include_usage` upstream: the usage-only chunk is not the client's.
+    pub strip_usage: bool,
 }
 
 fn quarter(bytes: u64) -> u64 {

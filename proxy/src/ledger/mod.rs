@@ -19,6 +19,7 @@ pub mod record;
 pub mod segment;
 pub mod shipper;
 pub mod stats;
+pub mod stream_usage;
 pub mod writer;
 
 use std::collections::BTreeMap;

@@ -166,7 +166,7 @@ impl Upstream {
         ctx: ForwardCtx<'_>,
     ) -> Result<Response, UpstreamError> {
         let started = Instant::now();
-        let (prefix, body) = match route {
+        let (prefix, mut body) = match route {
             UpstreamRoute::ChatCompletions => (&self.chat, req.body.clone()),
             UpstreamRoute::Models => (&self.models, Bytes::new()),
         };
@@ -184,6 +184,15 @@ impl Upstream {
                 body.clone(),
             )
         });
+        // A metered stream always carries the provider's usage (SPEC §10).
+        if let Some(p) = pending.as_mut() {
+            if route == UpstreamRoute::ChatCompletions {
+                if let Some(asked) = crate::ledger::stream_usage::ask_for_usage(&body) {
+                    body = asked;
+                    p.strip_usage = true;
+                }
+            }
+        }
         let mut head = Vec::with_capacity(512 + body.len().min(COALESCE_BODY));
         let content_length = (route == UpstreamRoute::ChatCompletions).then_some(body.len());
         request::render_head(&mut head, prefix, req, ctx.request_id, content_length);
@@ -283,6 +292,7 @@ impl Upstream {
         ttfb: Duration,
         pending: Option<Pending>,
     ) -> Result<Response, UpstreamError> {
+        let strip_usage = pending.as_ref().is_some_and(|p| p.strip_usage);
         let scanner = match route {
             UpstreamRoute::Models => Scanner::Off,
             UpstreamRoute::ChatCompletions if head.event_stream => Scanner::Sse(Box::default()),
@@ -321,6 +331,10 @@ impl Upstream {
         let body = if head.framing == Framing::Empty {
             reader.next().await.ok();
             Body::Empty
+        } else if stream && strip_usage && head.event_stream {
+            Body::Stream(crate::ledger::stream_usage::strip_usage_chunk(
+                reader.into_stream(),
+            ))
         } else if stream {
             Body::Stream(reader.into_stream())
         } else if too_large {
