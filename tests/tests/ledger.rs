@@ -309,3 +309,72 @@ async fn ledger_store_read_and_verify() -> Result<()> {
     ensure!(still["records"] == 20, "{still}");
     Ok(())
 }
+
+/// Sustained records per second into Postgres through `RecordUsage` (batches of 5,000, the
+/// proxy shipper's size). Measurement, not a check: run it alone, in release,
+/// `cargo build --release --workspace --bins && cargo test --release -p ibex-e2e --test ledger
+/// -- --ignored --nocapture throughput`; figures go to perf/RESULTS.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run explicitly"]
+async fn throughput() -> Result<()> {
+    let pg = Postgres::start().await?;
+    procs::migrate(&pg).await?;
+    let authd = Authd::start(&pg, &[]).await?;
+    let orgs = [
+        org(&authd, "tp-1").await?,
+        org(&authd, "tp-2").await?,
+        org(&authd, "tp-3").await?,
+        org(&authd, "tp-4").await?,
+    ];
+    const BATCH: usize = 5_000;
+    const SECS: u64 = 10;
+    for (label, n_orgs, senders) in [
+        ("1 org, 1 sender", 1, 1),
+        ("1 org, 2 senders", 1, 2),
+        ("4 orgs, 2 senders", 4, 2),
+    ] {
+        let start = std::time::Instant::now();
+        let deadline = start + std::time::Duration::from_secs(SECS);
+        let mut tasks = Vec::new();
+        for s in 0..senders {
+            let mut grpc = client(&authd).await?;
+            let batches: Vec<Vec<pb::UsageRecord>> = (0..4)
+                .map(|b| {
+                    (0..BATCH)
+                        .map(|i| {
+                            let o = &orgs[i % n_orgs];
+                            record(o, &format!("{label}-{s}-{b}-{i}"), "priced", 100, 50)
+                        })
+                        .collect()
+                })
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                let mut stored = 0u64;
+                let mut round = 0u64;
+                while std::time::Instant::now() < deadline {
+                    let mut batch = batches[(round % 4) as usize].clone();
+                    for r in &mut batch {
+                        r.request_id = format!("{}-{round}", r.request_id);
+                    }
+                    round += 1;
+                    let resp = grpc
+                        .record_usage(pb::RecordUsageRequest { records: batch })
+                        .await?
+                        .into_inner();
+                    stored += u64::from(resp.stored);
+                }
+                anyhow::Ok(stored)
+            }));
+        }
+        let mut stored = 0;
+        for t in tasks {
+            stored += t.await??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "ledger throughput, {label}: {stored} records in {secs:.1} s = {:.0} records/s",
+            stored as f64 / secs
+        );
+    }
+    Ok(())
+}
