@@ -327,7 +327,7 @@ async fn throughput() -> Result<()> {
         org(&authd, "tp-4").await?,
     ];
     const BATCH: usize = 5_000;
-    const SECS: u64 = 10;
+    const SECS: u64 = 3;
     for (label, n_orgs, senders) in [
         ("1 org, 1 sender", 1, 1),
         ("1 org, 2 senders", 1, 2),
@@ -368,7 +368,11 @@ async fn throughput() -> Result<()> {
         }
         let mut stored = 0;
         for t in tasks {
-            stored += t.await??;
+            stored += t.await?.map_err(|e| {
+                let log = pg.log_contents();
+                let tail: Vec<_> = log.lines().rev().take(5).collect();
+                anyhow::anyhow!("{e}; authd log tail: {tail:?}")
+            })?;
         }
         let secs = start.elapsed().as_secs_f64();
         eprintln!(

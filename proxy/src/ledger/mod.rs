@@ -76,17 +76,24 @@ impl Shared {
     }
 }
 
+/// Most bytes a worker holds for the writer; past it (a writer stuck in I/O) it refuses
+/// metered requests like a full spool, so memory stays bounded.
+pub const MAX_WORKER_BUF: usize = 16 << 20;
+
 /// One worker's pending records: `u32` LE length + encoding, back to back.
 #[derive(Default)]
 pub struct WorkerBuf {
     buf: Mutex<Vec<u8>>,
+    len: std::sync::atomic::AtomicUsize,
 }
 
 impl WorkerBuf {
     /// Swaps the pending bytes out for `spare` (emptied; its capacity is reused).
     pub fn take(&self, spare: &mut Vec<u8>) {
         spare.clear();
-        std::mem::swap(&mut *lock(&self.buf), spare);
+        let mut buf = lock(&self.buf);
+        std::mem::swap(&mut *buf, spare);
+        self.len.store(0, Ordering::Relaxed);
     }
 
     pub fn len(&self) -> usize {
@@ -109,6 +116,7 @@ impl Recorder {
     /// False while the spool is full: the request must be refused (503 USAGE_UNAVAILABLE).
     pub fn admit(&self) -> bool {
         !self.shared.full.load(Ordering::Relaxed)
+            && self.buf.len.load(Ordering::Relaxed) < MAX_WORKER_BUF
     }
 
     /// Appends one record (at the end of its request). Never blocks on I/O; the lock is the
@@ -121,6 +129,7 @@ impl Recorder {
             record.encode(&mut buf);
             let len = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
             buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            self.buf.len.store(buf.len(), Ordering::Relaxed);
         }
     }
 
