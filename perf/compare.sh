@@ -33,7 +33,7 @@ sed "s#__DIR__#$work#g; s#__PORT__#$NGINX_PORT#g" perf/nginx-static.conf > "$wor
 taskset -c "$SERVER_CPU" nginx -c "$work/nginx.conf" -p "$work" &
 NGINX_PID=$!
 
-IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:0 IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
   taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/proxy.out" 2> "$work/proxy.err" &
 PROXY_PID=$!
 for _ in $(seq 100); do grep -q IBEX_READY "$work/proxy.out" 2>/dev/null && break; sleep 0.1; done

@@ -28,6 +28,7 @@ RP_PORT=${RP_PORT:-18091}
 PROXY_PORT=${PROXY_PORT:-18092}
 SSE_PORT=${SSE_PORT:-18093}
 SSE_PROXY_PORT=${SSE_PROXY_PORT:-18094}
+SSE_ADMIN_PORT=${SSE_ADMIN_PORT:-18095}
 TTFB_REQUESTS=${TTFB_REQUESTS:-200}
 
 [ -f .ibex/dev.env ] || { echo "run 'make dev' first" >&2; exit 1; }
@@ -53,7 +54,7 @@ sed "s#__DIR__#$work#g; s#__PORT__#$RP_PORT#g; s#__UPSTREAM__#127.0.0.1:$FAKE_PO
 taskset -c "$SERVER_CPU" nginx -c "$work/rp.conf" -p "$work" &
 RP_PID=$!
 
-IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:0 IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
 IBEX_UPSTREAM_URL=http://127.0.0.1:$FAKE_PORT/v1 IBEX_UPSTREAM_API_KEY=sk-perf \
   taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/proxy.out" 2> "$work/proxy.err" &
 PROXY_PID=$!
@@ -131,7 +132,7 @@ fi
 taskset -c "$LOAD_CPU" python3 perf/fake_sse_upstream.py "$SSE_PORT" 3 20 &
 SSE_PID=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SSE_PORT") 2>/dev/null && break; sleep 0.1; done
-IBEX_PROXY_LISTEN=127.0.0.1:$SSE_PROXY_PORT IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+IBEX_PROXY_LISTEN=127.0.0.1:$SSE_PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:$SSE_ADMIN_PORT IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
 IBEX_UPSTREAM_URL=http://127.0.0.1:$SSE_PORT/v1 IBEX_UPSTREAM_API_KEY=sk-perf \
   taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/sse-proxy.out" 2> "$work/sse-proxy.err" &
 SSE_PROXY_PID=$!
@@ -156,7 +157,7 @@ ttfb ibex-proxy "$SSE_PROXY_PORT" "${AUTH[@]}"
 # Where the proxy's time goes, from its own /metrics (means over the run):
 # until the upstream's response head, and the whole request as the proxy
 # measured it.
-curl -fsS "http://127.0.0.1:$SSE_PROXY_PORT/metrics" | awk '
+curl -fsS "http://127.0.0.1:$SSE_ADMIN_PORT/metrics" | awk '
   /^ibex_upstream_response_header_seconds_sum/ { us = $2 } /^ibex_upstream_response_header_seconds_count/ { uc = $2 }
   /^ibex_proxy_request_duration_seconds_sum/ { ps += $2 } /^ibex_proxy_request_duration_seconds_count/ { pc += $2 }
   END { printf "{\"sse_proxy_mean_upstream_head_us\":%.0f,\"sse_proxy_mean_request_us\":%.0f}\n", (uc ? us/uc*1e6 : -1), (pc ? ps/pc*1e6 : -1) }'

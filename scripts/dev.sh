@@ -22,6 +22,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/debug"
 
 PROXY_LISTEN="${IBEX_PROXY_LISTEN:-127.0.0.1:8080}"
+PROXY_ADMIN_LISTEN="${IBEX_PROXY_ADMIN_LISTEN:-127.0.0.1:9090}"
 AUTHD_GRPC_LISTEN="${IBEX_AUTHD_GRPC_LISTEN:-127.0.0.1:9091}"
 AUTHD_HTTP_LISTEN="${IBEX_AUTHD_HTTP_LISTEN:-127.0.0.1:8081}"
 # Debug builds verify Argon2 far slower than release: give cold validations room in dev.
@@ -241,6 +242,7 @@ write_shell_env() {
             echo "export IBEX_AUTHD_GRPC='$IBEX_AUTHD_GRPC'"
             echo "export IBEX_ADMIN_KEY='$IBEX_ADMIN_KEY'"
             echo "export IBEX_PROXY_URL='http://$PROXY_LISTEN'"
+            echo "export IBEX_PROXY_ADMIN_URL='http://$PROXY_ADMIN_LISTEN'"
             cat "$DEV/dev.env" 2>/dev/null || true
         } >"$DEV/shell.env"
     )
@@ -305,17 +307,19 @@ up() {
     check_listen_free ibex-authd "$AUTHD_GRPC_LISTEN"
     check_listen_free ibex-authd "$AUTHD_HTTP_LISTEN"
     check_listen_free ibex-proxy "$PROXY_LISTEN"
+    check_listen_free ibex-proxy "$PROXY_ADMIN_LISTEN"
     start_daemon ibex-authd "http://$AUTHD_HTTP_LISTEN/health" env \
         IBEX_DATABASE_URL="$IBEX_DATABASE_URL" IBEX_ADMIN_KEY="$IBEX_ADMIN_KEY" \
         IBEX_AUTHD_GRPC_LISTEN="$AUTHD_GRPC_LISTEN" IBEX_AUTHD_HTTP_LISTEN="$AUTHD_HTTP_LISTEN" \
         "$BIN/ibex-authd"
     start_daemon ibex-proxy "http://$PROXY_LISTEN/health" env \
-        IBEX_PROXY_LISTEN="$PROXY_LISTEN" IBEX_AUTHD_GRPC="$IBEX_AUTHD_GRPC" \
-        IBEX_REDIS_URL="$IBEX_REDIS_URL" IBEX_AUTH_VALIDATE_TIMEOUT="$AUTH_VALIDATE_TIMEOUT" \
+        IBEX_PROXY_LISTEN="$PROXY_LISTEN" IBEX_PROXY_ADMIN_LISTEN="$PROXY_ADMIN_LISTEN" \
+        IBEX_AUTHD_GRPC="$IBEX_AUTHD_GRPC" IBEX_REDIS_URL="$IBEX_REDIS_URL" IBEX_AUTH_VALIDATE_TIMEOUT="$AUTH_VALIDATE_TIMEOUT" \
         "$BIN/ibex-proxy"
     # What dev-smoke needs to know about the running proxy (nothing secret).
     {
         echo "IBEX_PROXY_LISTEN='$PROXY_LISTEN'"
+        echo "IBEX_PROXY_ADMIN_LISTEN='$PROXY_ADMIN_LISTEN'"
         echo "IBEX_UPSTREAM_URL='${IBEX_UPSTREAM_URL:-}'"
     } >"$DEV/run.env"
     echo
@@ -326,6 +330,7 @@ up() {
     say "try:"
     echo "    curl -s http://$PROXY_LISTEN/v1/internal/auth-probe -H \"Authorization: Bearer \$IBEX_DEV_TOKEN\" -H \"X-IBEX-Agent-ID: \$IBEX_DEV_AGENT_ID\""
     echo "    $BIN/ibexctl token list --org 00000000-0000-0000-0000-000000000001"
+    say "metrics (admin listener, plain HTTP, loopback): curl -s http://$PROXY_ADMIN_LISTEN/metrics"
     say "smoke test: make dev-smoke    stop: make dev-down"
 }
 

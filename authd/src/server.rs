@@ -107,6 +107,8 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         )),
     ];
 
+    warm_up(&pool, &validator.hasher, &feed).await;
+
     let service = Service {
         validator: Arc::clone(&validator),
         admin: settings.admin,
@@ -131,6 +133,44 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         grpc,
         background,
     })
+}
+
+/// Longest `start` waits for Postgres and the `LISTEN` feed before it returns anyway.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(10);
+
+/// Opens the pool's first connections, runs each validation query once on them (a fresh
+/// backend's first use of the RLS policies and of `token_lookup` costs ~100 ms of catalog
+/// loading, measured), verifies one dummy Argon2 hash, and waits for the invalidation feed to
+/// listen — so the first validation after the ready line pays for none of it (a fresh stack's
+/// first request must fit the proxy's 50 ms budget). Postgres down is not fatal here: authd
+/// still starts, and answers UNAVAILABLE until it is back (proxies fail closed).
+async fn warm_up(pool: &deadpool_postgres::Pool, hasher: &HashPool, feed: &Feed) {
+    let ready = tokio::time::timeout(WARM_UP_LIMIT, async {
+        let nil = uuid::Uuid::nil();
+        let touch = || async {
+            // Unknown ids: nothing is found, every statement is prepared and planned.
+            let _ = store::lookup_token(pool, nil).await;
+            let _ = store::load_token(pool, nil, nil).await;
+            let _ = store::agent_status(pool, nil, nil).await;
+        };
+        // Two at once, so two connections are warm (one request validates token and agent).
+        tokio::join!(touch(), touch());
+        if let Ok(admission) = hasher.admit() {
+            let _ = admission
+                .verify(secrecy::SecretString::from("ibex-warm-up".to_owned()), None)
+                .await;
+        }
+        while !feed.is_healthy() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    if ready.is_err() {
+        tracing::warn!(
+            waited_ms = WARM_UP_LIMIT.as_millis() as u64,
+            "Postgres or the invalidation feed not ready at start; serving anyway"
+        );
+    }
 }
 
 impl Running {

@@ -55,12 +55,14 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use ibex_proxy::auth::cache::{CacheLimits, TokenCache};
 use ibex_proxy::auth::secret::BearerToken;
 use ibex_proxy::auth::{
-    AgentAnswer, AuthBackend, AuthCore, AuthSettings, Authenticator, Clock, FeedEvent, SystemClock,
-    TokenAnswer, Unavailable, ValidToken,
+    AgentAnswer, AuthBackend, AuthCore, AuthSettings, Authenticator, FeedEvent, TokenAnswer,
+    Unavailable, ValidToken,
 };
 use ibex_proxy::chain::{Chain, NoLimit};
-use ibex_proxy::http::{parse_head, ConnInfo, Limits, Request, Response, Service};
-use ibex_proxy::metrics::{Registry, WorkerMetrics};
+use ibex_proxy::clock::{Clock, SystemClock};
+use ibex_proxy::ctx::WorkerCtx;
+use ibex_proxy::http::{parse_head, ConnInfo, Limits, Listener, Request, Response, Service};
+use ibex_proxy::metrics::Registry;
 use uuid::Uuid;
 
 const TOKEN: &str =
@@ -112,6 +114,7 @@ fn conn(peer: &str) -> ConnInfo {
     ConnInfo {
         peer: peer.parse::<SocketAddr>().expect("peer"),
         worker: 0,
+        listener: Listener::Public,
     }
 }
 
@@ -137,11 +140,13 @@ fn now<F: Future>(f: F) -> F::Output {
 fn warm_chain() -> (BenchChain, Rc<AuthCore>) {
     let settings = AuthSettings::new(Duration::from_secs(3600), Duration::from_secs(1));
     let clock = Rc::new(SystemClock::new());
-    let core = AuthCore::new(clock.clone(), settings, Arc::new(WorkerMetrics::default()));
+    let ctx = WorkerCtx::new(0, clock.clone());
+    let core = AuthCore::new(&ctx, settings);
     core.apply(FeedEvent::Heartbeat {
         sent_at_unix_ms: clock.unix_ms(),
     });
     let chain = Chain::new(
+        ctx,
         Authenticator::new(core.clone(), WarmupAuthd),
         NoLimit,
         None,

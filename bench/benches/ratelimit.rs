@@ -56,6 +56,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{BenchmarkId, Criterion};
 use ibex_e2e::Redis;
+use ibex_proxy::clock::SystemClock;
 use ibex_proxy::ratelimit::resp;
 use ibex_proxy::ratelimit::window::{Window, KEY_TTL_MS};
 use ibex_proxy::ratelimit::{RateLimitConfig, RateLimiter, SCRIPT};
@@ -428,11 +429,11 @@ fn redis_pid(harness: &tokio::runtime::Runtime, redis: &Redis) -> anyhow::Result
 
 fn run<D: monoio::Driver>(mut rt: monoio::Runtime<D>, driver: &str, url: &str, redis_pid: &str) {
     let limiter = rt.block_on(async {
-        let config = RateLimitConfig {
-            timeout: CHECK_TIMEOUT,
-            ..RateLimitConfig::new(url)
-        };
-        let limiter = Rc::new(RateLimiter::new(Rc::new(config)));
+        let config = RateLimitConfig::new(url, CHECK_TIMEOUT);
+        let limiter = Rc::new(RateLimiter::new(
+            Rc::new(config),
+            Rc::new(SystemClock::new()),
+        ));
         let start = Instant::now();
         while !limiter.healthy() {
             assert!(start.elapsed() < Duration::from_secs(10), "no Redis");

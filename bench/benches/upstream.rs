@@ -26,8 +26,8 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ibex_proxy::http::{Header, Headers, Method, Request, Version};
-use ibex_proxy::upstream::request::{render_head, HeadPrefix};
+use ibex_proxy::http::{Method, Request};
+use ibex_proxy::upstream::request::{render_head, HeadPrefix, OperatorHeaders};
 use ibex_proxy::upstream::response::parse_head;
 use ibex_proxy::upstream::usage::{JsonScanner, SseScanner};
 
@@ -44,23 +44,12 @@ fn client_request() -> Request {
         ("Connection", "keep-alive"),
         ("Content-Length", "182"),
     ];
-    Request {
-        method: Method::Post,
-        path: Bytes::from_static(b"/v1/chat/completions"),
-        query: None,
-        version: Version::Http11,
-        headers: Headers(
-            headers
-                .iter()
-                .map(|(n, v)| Header {
-                    name: Bytes::from_static(n.as_bytes()),
-                    value: Bytes::from_static(v.as_bytes()),
-                })
-                .collect(),
-        ),
-        body: Bytes::from_static(&[b'x'; 182]),
-        keep_alive: true,
-    }
+    Request::new(
+        Method::Post,
+        "/v1/chat/completions",
+        &headers,
+        Bytes::from_static(&[b'x'; 182]),
+    )
 }
 
 const RESPONSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\n\
@@ -110,6 +99,7 @@ fn bench_upstream(c: &mut Criterion) {
         "/v1/chat/completions",
         "api.openai.com",
         "sk-proj-0123456789abcdefghijklmnopqrstuvwxyz0123456789",
+        &OperatorHeaders::default(),
     );
     let req = client_request();
     let mut out = Vec::with_capacity(1024);

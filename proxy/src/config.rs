@@ -17,6 +17,7 @@ use secrecy::SecretString;
 use crate::http::Limits;
 use crate::ratelimit::RateLimitConfig;
 use crate::server::ServerConfig;
+use crate::tls::{MinVersion, TlsFiles};
 
 /// Deployment environment; `production` tightens nothing in the proxy yet but
 /// is logged so operators can see what a process believes it is.
@@ -39,6 +40,34 @@ pub struct Config {
     /// Address every worker binds (SO_REUSEPORT).
     #[arg(long, env = "IBEX_PROXY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+
+    /// Plain-HTTP admin listener for /metrics, /health and /ready (served by
+    /// one worker). Keep it on loopback or a private network: /metrics labels
+    /// carry org ids.
+    #[arg(
+        long,
+        env = "IBEX_PROXY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// PEM certificate chain (leaf first). With IBEX_TLS_KEY_FILE, the public
+    /// listener speaks TLS only; SIGHUP re-reads both files.
+    #[arg(long, env = "IBEX_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of IBEX_TLS_CERT_FILE's leaf (ECDSA, RSA or Ed25519).
+    #[arg(long, env = "IBEX_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Lowest TLS version accepted on the public listener: 1.3 or 1.2.
+    #[arg(long, env = "IBEX_TLS_MIN_VERSION", default_value = "1.3")]
+    pub tls_min_version: MinVersion,
+
+    /// Open connections per client address (IPv4, IPv6 /64) across all
+    /// workers; beyond it a new connection is closed at accept. 0 = no cap.
+    #[arg(long, env = "IBEX_MAX_CONNS_PER_IP", default_value_t = 256)]
+    pub max_conns_per_ip: u32,
 
     /// Worker threads, one monoio runtime each (default: available cores).
     #[arg(long, env = "IBEX_PROXY_THREADS", default_value_t = default_threads(),
@@ -88,7 +117,7 @@ pub struct Config {
     pub default_rpm: u32,
 
     /// Largest request body accepted (413 above it).
-    #[arg(long, env = "IBEX_MAX_BODY_BYTES", default_value_t = 4_194_304,
+    #[arg(long, env = "IBEX_MAX_BODY_BYTES", default_value_t = Limits::DEFAULT_BODY_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
     pub max_body_bytes: u64,
 
@@ -127,6 +156,15 @@ pub struct Config {
     /// PEM bundle that replaces the platform roots for the upstream TLS.
     #[arg(long, env = "IBEX_UPSTREAM_CA_FILE")]
     pub upstream_ca_file: Option<PathBuf>,
+
+    /// `OpenAI-Organization` sent upstream: which of the operator's provider
+    /// organisations is billed (a client's own header is never forwarded).
+    #[arg(long, env = "IBEX_UPSTREAM_ORGANIZATION")]
+    pub upstream_organization: Option<String>,
+
+    /// `OpenAI-Project` sent upstream (a client's own header is never forwarded).
+    #[arg(long, env = "IBEX_UPSTREAM_PROJECT")]
+    pub upstream_project: Option<String>,
 
     /// Deadline until the upstream's response headers (504 past it).
     #[arg(long, env = "IBEX_UPSTREAM_TIMEOUT", default_value = "60s",
@@ -189,8 +227,7 @@ impl Config {
         }
     }
 
-    /// The server's settings: listener, workers, limits and timeouts; the
-    /// server's own defaults for the rest.
+    /// The server's settings: listener, workers, limits and timeouts.
     pub fn server(&self) -> ServerConfig {
         ServerConfig {
             listen: self.listen,
@@ -205,17 +242,30 @@ impl Config {
             body_timeout: self.body_timeout,
             idle_timeout: self.idle_timeout,
             drain_timeout: self.drain_timeout,
-            ..ServerConfig::default()
+            max_connections: ServerConfig::MAX_CONNECTIONS,
+            legacy_driver: false,
+            admin_listen: Some(self.admin_listen),
+            tls: self.tls(),
+            max_conns_per_ip: self.max_conns_per_ip,
+        }
+    }
+
+    /// The public listener's TLS files, when both are set.
+    pub fn tls(&self) -> Option<TlsFiles> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                min_version: self.tls_min_version,
+            }),
+            _ => None,
         }
     }
 
     /// The rate limiter's settings: the URL and `IBEX_REDIS_TIMEOUT`; the
-    /// limiter's own defaults for the rest.
+    /// limiter's own constants for the rest.
     pub fn rate_limit(&self) -> RateLimitConfig {
-        RateLimitConfig {
-            timeout: self.redis_timeout,
-            ..RateLimitConfig::new(self.redis_url.clone())
-        }
+        RateLimitConfig::new(self.redis_url.clone(), self.redis_timeout)
     }
 }
 
@@ -256,7 +306,7 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     }
     // The limiter's own parse; its error text is replaced, not wrapped, so
     // this message has one prefix and cannot quote the URL either way.
-    RateLimitConfig::new(url)
+    RateLimitConfig::new(url, Duration::ZERO)
         .validate()
         .map_err(|_| "not a valid redis://[:password@]host[:port][/db] URL".into())
 }
@@ -339,7 +389,6 @@ mod tests {
     #[test]
     fn server_timeouts_default_and_reach_the_server() {
         let s = parse(&[]).unwrap().server();
-        let d = ServerConfig::default();
         assert_eq!(
             (
                 s.header_timeout,
@@ -354,7 +403,7 @@ mod tests {
                 Duration::from_secs(10)
             )
         );
-        assert_eq!(s.max_connections, d.max_connections);
+        assert_eq!(s.max_connections, ServerConfig::MAX_CONNECTIONS);
         assert_eq!(s.limits.body_bytes, 4_194_304);
         let s = parse(&[
             "--listen",

@@ -38,6 +38,37 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Every variant once (`NotReady` with one of its messages), for tests
+    /// and tables that must cover them all.
+    pub const ALL: [ApiError; 23] = {
+        use ApiError::*;
+        [
+            MissingAgentId,
+            InvalidAgentId,
+            BadRequest,
+            MissingToken,
+            InvalidToken,
+            TokenRevoked,
+            TokenExpired,
+            AgentNotAuthorized,
+            AgentSuspended,
+            InsufficientPermissions,
+            PermissionDenied,
+            NotFound,
+            MethodNotAllowed,
+            RequestTimeout,
+            PayloadTooLarge,
+            HeadersTooLarge,
+            RateLimited,
+            ProviderNotConfigured,
+            UpstreamUnavailable,
+            AuthUnavailable,
+            UsageUnavailable,
+            UpstreamTimeout,
+            NotReady("not ready: authd is unavailable"),
+        ]
+    };
+
     pub fn status(self) -> u16 {
         use ApiError::*;
         match self {
@@ -230,34 +261,8 @@ mod tests {
 
     #[test]
     fn every_error_renders_as_the_envelope_serde_would_write() {
-        use ApiError::*;
-        let all = [
-            MissingAgentId,
-            InvalidAgentId,
-            BadRequest,
-            MissingToken,
-            InvalidToken,
-            TokenRevoked,
-            TokenExpired,
-            AgentNotAuthorized,
-            AgentSuspended,
-            InsufficientPermissions,
-            PermissionDenied,
-            NotFound,
-            MethodNotAllowed,
-            RequestTimeout,
-            PayloadTooLarge,
-            HeadersTooLarge,
-            RateLimited,
-            ProviderNotConfigured,
-            UpstreamUnavailable,
-            AuthUnavailable,
-            UsageUnavailable,
-            UpstreamTimeout,
-            NotReady("not ready: authd is unavailable"),
-        ];
         for rid in ["req-1.a:b_C", "6f1c2a9e-3b7d-4e0f-9a51-0c2d8e7f6a10"] {
-            for err in all {
+            for err in ApiError::ALL {
                 let want = serde_json::json!({"error": {
                     "code": err.code(), "message": err.message(), "request_id": rid
                 }});
@@ -268,6 +273,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn all_lists_every_code_once() {
+        let mut codes: Vec<_> = ApiError::ALL.iter().map(|e| e.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), ApiError::ALL.len());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `ibex-proxy`: parse the config, start the authd bridge, bind, announce
-//! `IBEX_READY http=<addr>` on stdout, serve until SIGTERM, drain, exit 0.
+//! `IBEX_READY http=<addr> admin=<addr>` (`https=` with TLS) on stdout, serve until SIGTERM, drain, exit 0.
 //! Everything per request lives in `ibex_proxy::chain`.
 
 use std::io::Write;
@@ -12,6 +12,7 @@ use clap::Parser;
 use ibex_proxy::auth::bridge::{Bridge, BridgeConfig};
 use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
+use ibex_proxy::clock::SystemClock;
 use ibex_proxy::config::Config;
 use ibex_proxy::ledger::meter::MeterFactory;
 use ibex_proxy::ledger::prices::{PriceBook, Prices};
@@ -49,16 +50,23 @@ fn run(config: Config) -> anyhow::Result<()> {
     })
     .context("IBEX_AUTHD_GRPC")?;
     let (ledger, meters) = start_ledger(&config)?;
-    let server =
-        Server::bind(config.server()).with_context(|| format!("binding {}", config.listen))?;
+    let server = Server::bind(config.server())
+        .with_context(|| format!("binding {} (admin {})", config.listen, config.admin_listen))?;
     let addr = server.local_addr();
-    tracing::info!(http = %addr, threads = config.threads, env = ?config.environment, "ibex-proxy serving");
+    let admin = server
+        .admin_addr()
+        .map_or_else(String::new, |a| a.to_string());
+    let scheme = if server.is_tls() { "https" } else { "http" };
+    let wiring = Wiring::new(config, bridge).with_ledger(meters);
+    wiring
+        .registry()
+        .register_listeners(server.listener_stats());
+    tracing::info!(%scheme, listen = %addr, %admin, threads = wiring.threads(), "ibex-proxy serving");
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "IBEX_READY http={addr}")?;
+    writeln!(stdout, "IBEX_READY {scheme}={addr} admin={admin}")?;
     stdout.flush()?;
     drop(stdout);
 
-    let wiring = Wiring::new(config, bridge).with_ledger(meters);
     server.run(move |worker| match wiring.build_worker(worker) {
         Ok(chain) => chain,
         Err(e) => {
@@ -132,7 +140,9 @@ fn check_before_serving(config: &Config) -> anyhow::Result<()> {
     if let Some(upstream) = Wiring::upstream_config(config) {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()?
-            .block_on(async { Upstream::new(Rc::new(upstream)).map(drop) })
+            .block_on(async {
+                Upstream::new(Rc::new(upstream), Rc::new(SystemClock::new())).map(drop)
+            })
             .context("IBEX_UPSTREAM_*")?;
     }
     Ok(())

@@ -10,7 +10,7 @@
 
 use ibex_proto::perms;
 
-use crate::http::Method;
+use crate::http::{Listener, Method};
 
 /// Every route template, for metrics and logs. `Unmatched` covers unknown
 /// paths (and refusals before the route was decided).
@@ -68,8 +68,13 @@ impl RouteId {
     }
 }
 
-/// Routes answered without credentials.
-const PUBLIC: [RouteId; 3] = [RouteId::Health, RouteId::Ready, RouteId::Metrics];
+/// Routes answered without credentials on the public listener. `/metrics`
+/// is not one of them: its labels carry org ids, so it is served only on the
+/// admin listener and is an unknown route here (SPEC §3).
+const PUBLIC: [RouteId; 2] = [RouteId::Health, RouteId::Ready];
+/// The only routes of the admin listener, all without credentials (it is
+/// the operator's, on loopback by default).
+const ADMIN: [RouteId; 3] = [RouteId::Health, RouteId::Ready, RouteId::Metrics];
 
 /// What the table says about a request, before anything is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +86,8 @@ pub enum Matched {
     /// Everything else goes through auth first; `Err` is the answer the
     /// caller gets only once authenticated (404 or 405).
     Protected(Result<RouteId, (RouteId, RouteError)>),
+    /// On the admin listener, anything but its own routes: 404 at once.
+    NotServed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,13 +102,23 @@ impl Matched {
         match self {
             Matched::Public(r) | Matched::PublicWrongMethod(r) => r,
             Matched::Protected(Ok(r)) | Matched::Protected(Err((r, _))) => r,
+            Matched::NotServed => RouteId::Unmatched,
         }
     }
 }
 
-/// Matches a path (no query string) and method against the table.
-pub fn match_route(method: Method, path: &[u8]) -> Matched {
-    let Some(route) = path_route(path) else {
+/// Matches a path (no query string) and method against the table of the
+/// listener the request came in on.
+pub fn match_route(listener: Listener, method: Method, path: &[u8]) -> Matched {
+    let route = path_route(path);
+    if listener == Listener::Admin {
+        return match route {
+            Some(r) if ADMIN.contains(&r) && method == r.method() => Matched::Public(r),
+            Some(r) if ADMIN.contains(&r) => Matched::PublicWrongMethod(r),
+            _ => Matched::NotServed,
+        };
+    }
+    let Some(route) = route.filter(|r| *r != RouteId::Metrics) else {
         return Matched::Protected(Err((RouteId::Unmatched, RouteError::NotFound)));
     };
     let method_ok = method == route.method();
@@ -147,21 +164,50 @@ mod tests {
     #[test]
     fn public_routes_are_the_allow_list() {
         assert_eq!(
-            match_route(Method::Get, b"/health"),
+            match_route(Listener::Public, Method::Get, b"/health"),
             Matched::Public(RouteId::Health)
         );
         assert_eq!(
-            match_route(Method::Get, b"/ready"),
+            match_route(Listener::Public, Method::Get, b"/ready"),
             Matched::Public(RouteId::Ready)
         );
         assert_eq!(
-            match_route(Method::Get, b"/metrics"),
-            Matched::Public(RouteId::Metrics)
+            match_route(Listener::Public, Method::Get, b"/metrics"),
+            Matched::Protected(Err((RouteId::Unmatched, RouteError::NotFound))),
+            "/metrics is an unknown route on the public listener"
         );
         assert_eq!(
-            match_route(Method::Post, b"/health"),
+            match_route(Listener::Public, Method::Post, b"/health"),
             Matched::PublicWrongMethod(RouteId::Health)
         );
+    }
+
+    #[test]
+    fn the_admin_listener_serves_only_its_own_routes() {
+        for (path, route) in [
+            (&b"/metrics"[..], RouteId::Metrics),
+            (b"/health", RouteId::Health),
+            (b"/ready", RouteId::Ready),
+        ] {
+            assert_eq!(
+                match_route(Listener::Admin, Method::Get, path),
+                Matched::Public(route)
+            );
+            assert_eq!(
+                match_route(Listener::Admin, Method::Post, path),
+                Matched::PublicWrongMethod(route)
+            );
+        }
+        for path in [
+            &b"/v1/internal/auth-probe"[..],
+            b"/v1/chat/completions",
+            b"/",
+        ] {
+            assert_eq!(
+                match_route(Listener::Admin, Method::Get, path),
+                Matched::NotServed
+            );
+        }
     }
 
     #[test]
@@ -177,7 +223,7 @@ mod tests {
             b"/v1/models%2F",
         ] {
             assert_eq!(
-                match_route(Method::Get, p),
+                match_route(Listener::Public, Method::Get, p),
                 Matched::Protected(Err((RouteId::Unmatched, RouteError::NotFound))),
                 "{}",
                 String::from_utf8_lossy(p)
@@ -188,23 +234,27 @@ mod tests {
     #[test]
     fn known_protected_routes() {
         assert_eq!(
-            match_route(Method::Get, b"/v1/internal/auth-probe"),
+            match_route(Listener::Public, Method::Get, b"/v1/internal/auth-probe"),
             Matched::Protected(Ok(RouteId::InternalProbe))
         );
         assert_eq!(
-            match_route(Method::Get, b"/v1/orgs/anything/auth-probe"),
+            match_route(
+                Listener::Public,
+                Method::Get,
+                b"/v1/orgs/anything/auth-probe"
+            ),
             Matched::Protected(Ok(RouteId::OrgProbe))
         );
         assert_eq!(
-            match_route(Method::Post, b"/v1/chat/completions"),
+            match_route(Listener::Public, Method::Post, b"/v1/chat/completions"),
             Matched::Protected(Ok(RouteId::Chat))
         );
         assert_eq!(
-            match_route(Method::Get, b"/v1/chat/completions"),
+            match_route(Listener::Public, Method::Get, b"/v1/chat/completions"),
             Matched::Protected(Err((RouteId::Chat, RouteError::MethodNotAllowed)))
         );
         assert_eq!(
-            match_route(Method::Delete, b"/v1/models"),
+            match_route(Listener::Public, Method::Delete, b"/v1/models"),
             Matched::Protected(Err((RouteId::Models, RouteError::MethodNotAllowed)))
         );
         assert_eq!(RouteId::Chat.permission(), perms::CHAT);

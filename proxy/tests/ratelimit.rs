@@ -7,7 +7,6 @@
 //! proxy worker; the test thread (tokio) owns the throwaway Redis. The
 //! limiters use a fixed or hand-moved clock so no test straddles a minute.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::{Arc, Barrier};
@@ -16,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use ibex_e2e::Redis;
+use ibex_proxy::clock::{FakeClock, SystemClock};
 use ibex_proxy::ratelimit::{RateDecision, RateLimitConfig, RateLimiter};
 use uuid::Uuid;
 
@@ -49,11 +49,10 @@ where
 /// open by accident, quick reconnects.
 fn config(url: &str) -> Rc<RateLimitConfig> {
     Rc::new(RateLimitConfig {
-        timeout: Duration::from_secs(2),
         breaker_open: Duration::from_millis(200),
         reconnect_min: Duration::from_millis(10),
         reconnect_max: Duration::from_millis(100),
-        ..RateLimitConfig::new(url)
+        ..RateLimitConfig::new(url, Duration::from_secs(2))
     })
 }
 
@@ -65,8 +64,8 @@ fn mid_minute_ms() -> u64 {
     now / 60_000 * 60_000 + 30_000
 }
 
-fn limiter_at(url: &str, clock: Rc<Cell<u64>>) -> RateLimiter {
-    RateLimiter::with_clock(config(url), Rc::new(move || clock.get()))
+fn limiter_at(url: &str, clock: Rc<FakeClock>) -> RateLimiter {
+    RateLimiter::new(config(url), clock)
 }
 
 async fn until_healthy(limiter: &RateLimiter) {
@@ -101,7 +100,7 @@ async fn remaining_decrements_exactly_and_the_61st_is_refused() {
     let url = redis.url();
     let now = mid_minute_ms();
     let (decisions, stats) = on_worker(move || async move {
-        let limiter = limiter_at(&url, Rc::new(Cell::new(now)));
+        let limiter = limiter_at(&url, Rc::new(FakeClock::new(now as i64)));
         until_healthy(&limiter).await;
         let org = Uuid::new_v4();
         let mut out = Vec::new();
@@ -141,7 +140,7 @@ async fn key_is_hash_tagged_per_org_and_window_and_expires_after_61s() {
     let now = mid_minute_ms();
     let org = Uuid::new_v4();
     on_worker(move || async move {
-        let limiter = limiter_at(&url, Rc::new(Cell::new(now)));
+        let limiter = limiter_at(&url, Rc::new(FakeClock::new(now as i64)));
         until_healthy(&limiter).await;
         for _ in 0..3 {
             assert!(!limiter.check(&org, 10).await.failed_open);
@@ -166,7 +165,7 @@ async fn an_exhausted_org_does_not_affect_another_and_a_new_window_starts_fresh(
     let redis = Redis::start().await.unwrap();
     let url = redis.url();
     on_worker(move || async move {
-        let clock = Rc::new(Cell::new(mid_minute_ms()));
+        let clock = Rc::new(FakeClock::new(mid_minute_ms() as i64));
         let limiter = limiter_at(&url, clock.clone());
         until_healthy(&limiter).await;
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
@@ -179,7 +178,7 @@ async fn an_exhausted_org_does_not_affect_another_and_a_new_window_starts_fresh(
         assert_eq!(other.remaining, Some(4));
         assert!(!limiter.check(&a, 5).await.admitted, "still refused");
 
-        clock.set(clock.get() + 60_000);
+        clock.advance(Duration::from_secs(60));
         let next = limiter.check(&a, 5).await;
         assert!(next.admitted && !next.failed_open, "{next:?}");
         assert_eq!(next.remaining, Some(4));
@@ -197,7 +196,7 @@ async fn two_workers_sharing_redis_never_admit_more_than_the_limit() {
     let start = Arc::new(Barrier::new(2));
     let worker = |url: String, start: Arc<Barrier>| {
         on_worker(move || async move {
-            let limiter = Rc::new(limiter_at(&url, Rc::new(Cell::new(now))));
+            let limiter = Rc::new(limiter_at(&url, Rc::new(FakeClock::new(now as i64))));
             until_healthy(&limiter).await;
             start.wait();
             // Every check in flight at once on this worker's one connection.
@@ -253,9 +252,8 @@ async fn a_busy_org_leases_budget_yet_two_workers_never_exceed_the_limit() {
         on_worker(move || async move {
             // A clock that moves (the lease size follows the rate it sees)
             // but stays inside one window: the run takes far less than 30 s.
-            let t0 = Instant::now();
-            let clock = move || base + t0.elapsed().as_millis() as u64;
-            let limiter = Rc::new(RateLimiter::with_clock(config(&url), Rc::new(clock)));
+            let clock = SystemClock::starting_at(base as i64);
+            let limiter = Rc::new(RateLimiter::new(config(&url), Rc::new(clock)));
             until_healthy(&limiter).await;
             start.wait();
             let tasks: Vec<_> = (0..TASKS)
@@ -315,7 +313,7 @@ async fn a_flushed_script_cache_falls_back_to_eval() {
     let (mut to_worker, from_test) = mpsc::channel::<()>(1);
     let worker = on_worker(move || async move {
         let (mut to_test, mut from_test) = (to_test, from_test);
-        let limiter = limiter_at(&url, Rc::new(Cell::new(mid_minute_ms())));
+        let limiter = limiter_at(&url, Rc::new(FakeClock::new(mid_minute_ms() as i64)));
         until_healthy(&limiter).await;
         let org = Uuid::new_v4();
         assert_eq!(limiter.check(&org, 10).await.remaining, Some(9));
@@ -345,7 +343,7 @@ async fn fails_open_while_redis_is_down_and_recovers_after_restart() {
     let (mut to_worker, from_test) = mpsc::channel::<()>(1);
     let worker = on_worker(move || async move {
         let (mut to_test, mut from_test) = (to_test, from_test);
-        let limiter = limiter_at(&url, Rc::new(Cell::new(mid_minute_ms())));
+        let limiter = limiter_at(&url, Rc::new(FakeClock::new(mid_minute_ms() as i64)));
         until_healthy(&limiter).await;
         let org = Uuid::new_v4();
         assert_eq!(limiter.check(&org, 100).await.remaining, Some(99));
@@ -404,16 +402,13 @@ async fn a_stalled_redis_times_out_trips_the_breaker_and_closes_it_again() {
     let (to_test, mut from_worker) = mpsc::channel::<()>(1);
     let worker = on_worker(move || async move {
         let mut to_test = to_test;
-        let limiter = RateLimiter::with_clock(
+        let limiter = RateLimiter::new(
             Rc::new(RateLimitConfig {
                 timeout: Duration::from_millis(50),
                 breaker_failures: 3,
                 ..(*config(&url)).clone()
             }),
-            Rc::new({
-                let now = mid_minute_ms();
-                move || now
-            }),
+            Rc::new(FakeClock::new(mid_minute_ms() as i64)),
         );
         until_healthy(&limiter).await;
         let org = Uuid::new_v4();
@@ -459,7 +454,7 @@ async fn the_url_selects_the_database_and_authenticates_with_its_password() {
     on_worker(move || async move {
         let limiter = limiter_at(
             &format!("redis://127.0.0.1:{port}/3"),
-            Rc::new(Cell::new(now)),
+            Rc::new(FakeClock::new(now as i64)),
         );
         until_healthy(&limiter).await;
         assert_eq!(limiter.check(&org, 10).await.remaining, Some(9));
@@ -485,7 +480,7 @@ async fn the_url_selects_the_database_and_authenticates_with_its_password() {
     on_worker(move || async move {
         let good = limiter_at(
             &format!("redis://:s3cret@127.0.0.1:{port}/0"),
-            Rc::new(Cell::new(now)),
+            Rc::new(FakeClock::new(now as i64)),
         );
         until_healthy(&good).await;
         let d = good.check(&org, 10).await;
@@ -493,7 +488,7 @@ async fn the_url_selects_the_database_and_authenticates_with_its_password() {
 
         let bad = limiter_at(
             &format!("redis://:wrong@127.0.0.1:{port}/0"),
-            Rc::new(Cell::new(now)),
+            Rc::new(FakeClock::new(now as i64)),
         );
         let d = check_until(&bad, &org, 10, |d| d.failed_open).await;
         assert!(d.admitted);

@@ -1,8 +1,6 @@
 //! `Upstream::forward` against a fake OpenAI-compatible upstream started by
 //! each test (std threads, plain HTTP or TLS with certificates generated at
 //! test time). The client side runs in a monoio runtime, as on a worker.
-// Test helpers outside `#[test]` fns: a panic is the right failure here.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
 use std::io::{Read, Write};
@@ -16,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use ibex_proxy::http::{Body, Header, Headers, Method, Request, Response, Version};
+use ibex_proxy::clock::SystemClock;
+use ibex_proxy::http::{Body, Method, Request, Response};
 use ibex_proxy::upstream::{
     render_prometheus, ForwardCtx, Upstream, UpstreamConfig, UpstreamError, UpstreamRoute,
 };
@@ -59,6 +58,10 @@ impl Fake {
         Self::start_with(handler, None)
     }
 
+    #[expect(
+        clippy::unwrap_used,
+        reason = "a test helper: setup failure fails the test"
+    )]
     fn start_with(handler: Handler, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -92,12 +95,20 @@ impl Fake {
         format!("http://{}/v1", self.addr)
     }
 
+    #[expect(
+        clippy::unwrap_used,
+        reason = "a test helper: setup failure fails the test"
+    )]
     fn next_seen(&self) -> Seen {
         self.seen.recv_timeout(Duration::from_secs(10)).unwrap()
     }
 }
 
 /// Reads requests (Content-Length bodies) until EOF or the handler says stop.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: setup failure fails the test"
+)]
 fn serve(mut io: impl Io, handler: &dyn Fn(&Seen, &mut dyn Io) -> bool, tx: &mpsc::Sender<Seen>) {
     let mut buf = Vec::new();
     loop {
@@ -136,6 +147,10 @@ fn serve(mut io: impl Io, handler: &dyn Fn(&Seen, &mut dyn Io) -> bool, tx: &mps
     }
 }
 
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: setup failure fails the test"
+)]
 fn respond(io: &mut dyn Io, raw: &[u8]) {
     io.write_all(raw).unwrap();
     io.flush().unwrap();
@@ -161,6 +176,10 @@ fn json_response(body: &'static str) -> Handler {
 
 // ---------------------------------------------------------------- client side
 
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: setup failure fails the test"
+)]
 fn run<F: Future>(f: F) -> F::Output {
     monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
@@ -176,11 +195,16 @@ fn config(url: &str) -> UpstreamConfig {
         ca_file: None,
         timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(5),
+        operator: Default::default(),
     }
 }
 
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: setup failure fails the test"
+)]
 fn upstream(config: UpstreamConfig) -> Upstream {
-    Upstream::new(Rc::new(config)).unwrap()
+    Upstream::new(Rc::new(config), Rc::new(SystemClock::new())).unwrap()
 }
 
 fn chat_request(body: &'static str) -> Request {
@@ -194,23 +218,12 @@ fn chat_request(body: &'static str) -> Request {
         ("Connection", "keep-alive"),
         ("Content-Length", "999"),
     ];
-    Request {
-        method: Method::Post,
-        path: Bytes::from_static(b"/v1/chat/completions"),
-        query: None,
-        version: Version::Http11,
-        headers: Headers(
-            headers
-                .iter()
-                .map(|(n, v)| Header {
-                    name: Bytes::from_static(n.as_bytes()),
-                    value: Bytes::from_static(v.as_bytes()),
-                })
-                .collect(),
-        ),
-        body: Bytes::from_static(body.as_bytes()),
-        keep_alive: true,
-    }
+    Request::new(
+        Method::Post,
+        "/v1/chat/completions",
+        &headers,
+        Bytes::from_static(body.as_bytes()),
+    )
 }
 
 async fn chat(up: &Upstream, body: &'static str) -> Result<Response, UpstreamError> {
@@ -231,6 +244,10 @@ fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a [u8]> {
         .map(|(_, v)| v.as_bytes())
 }
 
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: setup failure fails the test"
+)]
 async fn body_bytes(resp: Response) -> Vec<u8> {
     match resp.body {
         Body::Empty => Vec::new(),
@@ -245,6 +262,10 @@ async fn body_bytes(resp: Response) -> Vec<u8> {
     }
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "a test helper: setup failure fails the test"
+)]
 async fn next_item(s: &mut ibex_proxy::http::BodyStream) -> Option<std::io::Result<Bytes>> {
     monoio::time::timeout(Duration::from_secs(10), s.next())
         .await
@@ -735,6 +756,10 @@ struct Pki {
 }
 
 /// A CA and a `localhost` leaf signed by it, made fresh for the test.
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: setup failure fails the test"
+)]
 fn pki() -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
@@ -765,6 +790,10 @@ fn pki() -> Pki {
     }
 }
 
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: setup failure fails the test"
+)]
 fn write_temp(name: &str, contents: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!(
         "ibex-upstream-{}-{}-{name}",
@@ -808,16 +837,13 @@ fn tls_with_a_valid_chain_works() {
     });
 }
 
-#[test]
-fn tls_with_the_wrong_host_name_is_refused() {
-    let pki = pki();
-    let fake = Fake::start_with(json_response(COMPLETION), Some(pki.server.clone()));
+/// A TLS upstream serving `server`'s `localhost` certificate, reached as
+/// `host` while trusting only `ca_pem`: the handshake must fail (502) before
+/// any request is sent.
+fn assert_tls_refused(server: &Pki, host: &str, ca_pem: &str) {
+    let fake = Fake::start_with(json_response(COMPLETION), Some(server.server.clone()));
     run(async {
-        // The certificate names `localhost`, not 127.0.0.1.
-        let cfg = tls_config(
-            format!("https://127.0.0.1:{}/v1", fake.addr.port()),
-            &pki.ca_pem,
-        );
+        let cfg = tls_config(format!("https://{host}:{}/v1", fake.addr.port()), ca_pem);
         let up = upstream(cfg);
         assert_eq!(
             chat(&up, "{}").await.err(),
@@ -825,44 +851,44 @@ fn tls_with_the_wrong_host_name_is_refused() {
         );
         assert!(fake.seen.try_recv().is_err(), "no request was sent");
     });
+}
+
+#[test]
+fn tls_with_the_wrong_host_name_is_refused() {
+    let pki = pki();
+    // The certificate names `localhost`, not 127.0.0.1.
+    assert_tls_refused(&pki, "127.0.0.1", &pki.ca_pem);
 }
 
 #[test]
 fn tls_with_an_unknown_ca_is_refused() {
     let pki = pki();
     let other = self::pki();
-    let fake = Fake::start_with(json_response(COMPLETION), Some(pki.server.clone()));
-    run(async {
-        let cfg = tls_config(
-            format!("https://localhost:{}/v1", fake.addr.port()),
-            &other.ca_pem,
-        );
-        let up = upstream(cfg);
-        assert_eq!(
-            chat(&up, "{}").await.err(),
-            Some(UpstreamError::Unavailable)
-        );
-        assert!(fake.seen.try_recv().is_err(), "no request was sent");
-    });
+    assert_tls_refused(&pki, "localhost", &other.ca_pem);
 }
 
 #[test]
 fn bad_configuration_is_refused_at_start() {
     for url in ["ftp://x/v1", "https://user@x/v1", "http://x:0"] {
-        assert!(Upstream::new(Rc::new(config(url))).is_err(), "{url}");
+        assert!(
+            Upstream::new(Rc::new(config(url)), Rc::new(SystemClock::new())).is_err(),
+            "{url}"
+        );
     }
     let mut cfg = config("http://127.0.0.1:1/v1");
     cfg.api_key = "sk-with\r\nInjected: header".to_owned().into();
-    assert!(Upstream::new(Rc::new(cfg)).is_err());
+    assert!(Upstream::new(Rc::new(cfg), Rc::new(SystemClock::new())).is_err());
     let mut cfg = config("https://localhost:1/v1");
     cfg.ca_file = Some(write_temp("empty.pem", ""));
     assert!(
-        Upstream::new(Rc::new(cfg)).is_err(),
+        Upstream::new(Rc::new(cfg), Rc::new(SystemClock::new())).is_err(),
         "a CA file with no certificate"
     );
     // The key never shows in a Debug rendering of the error.
     let mut cfg = config("http://127.0.0.1:1/v1");
     cfg.api_key = "sk secret".to_owned().into();
-    let err = Upstream::new(Rc::new(cfg)).err().unwrap();
+    let err = Upstream::new(Rc::new(cfg), Rc::new(SystemClock::new()))
+        .err()
+        .unwrap();
     assert!(!format!("{err:?}").contains("secret"));
 }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Limit on one response (headers + body) so a runaway server cannot exhaust the test.
@@ -26,10 +26,7 @@ pub struct Response {
 impl Response {
     /// First header of that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 
     pub fn text(&self) -> String {
@@ -57,6 +54,65 @@ impl Response {
         out.push_str(&self.text());
         out
     }
+}
+
+/// A response head parsed from the start of a buffer: the one place test code
+/// parses one (raw-socket tests read the body themselves).
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// Bytes the head took, the blank line included.
+    pub len: usize,
+}
+
+impl ResponseHead {
+    /// `Ok(None)` while the head is incomplete; an error if it is malformed.
+    pub fn parse(buf: &[u8]) -> Result<Option<ResponseHead>> {
+        let mut slots = [httparse::EMPTY_HEADER; 128];
+        let mut parsed = httparse::Response::new(&mut slots);
+        match parsed.parse(buf).context("malformed response head")? {
+            httparse::Status::Complete(len) => Ok(Some(ResponseHead {
+                status: parsed.code.unwrap_or(0),
+                headers: owned_headers(parsed.headers),
+                len,
+            })),
+            httparse::Status::Partial => Ok(None),
+        }
+    }
+
+    /// First header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+
+    /// The `Content-Length` value, if there is one; an error if it is not a number.
+    pub fn content_length(&self) -> Result<Option<usize>> {
+        self.header("content-length")
+            .map(|v| v.trim().parse().context("bad Content-Length"))
+            .transpose()
+    }
+}
+
+/// Parsed headers as owned text (values lossily UTF-8), in order.
+pub fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// First header of that name in `headers` (case-insensitive).
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 /// A request to build and send.
@@ -142,12 +198,29 @@ impl Request {
     }
 }
 
-/// One keep-alive connection: several requests in turn, or raw bytes.
+/// One keep-alive connection: several requests in turn, or raw bytes. Over plain TCP, or any
+/// other byte stream (a TLS client stream: [`Conn::over`]).
 #[derive(Debug)]
-pub struct Conn {
+pub struct Conn<S = TcpStream> {
     addr: SocketAddr,
-    stream: TcpStream,
+    stream: S,
     buf: Vec<u8>,
+}
+
+impl<S> Conn<S> {
+    /// A connection over an established `stream` to `addr` (e.g. after a TLS handshake).
+    pub fn over(stream: S, addr: SocketAddr) -> Conn<S> {
+        Conn {
+            addr,
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The underlying stream (a TLS stream's negotiated parameters).
+    pub fn stream(&self) -> &S {
+        &self.stream
+    }
 }
 
 impl Conn {
@@ -186,7 +259,9 @@ impl Conn {
             buf: Vec::new(),
         })
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub async fn send(&mut self, req: &Request, close: bool) -> Result<Response> {
         let bytes = req.to_bytes(self.addr, close);
         self.write_raw(&bytes).await?;
@@ -228,23 +303,9 @@ impl Conn {
 
     async fn read_response_inner(&mut self, head_only: bool) -> Result<Response> {
         let (status, headers, head_len) = loop {
-            let mut slots = [httparse::EMPTY_HEADER; 128];
-            let mut parsed = httparse::Response::new(&mut slots);
-            match parsed.parse(&self.buf).context("malformed response head")? {
-                httparse::Status::Complete(len) => {
-                    let headers = parsed
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_owned(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect::<Vec<_>>();
-                    break (parsed.code.unwrap_or(0), headers, len);
-                }
-                httparse::Status::Partial => {
+            match ResponseHead::parse(&self.buf)? {
+                Some(head) => break (head.status, head.headers, head.len),
+                None => {
                     if self.fill().await? == 0 {
                         bail!(
                             "connection closed before a complete response head ({} bytes: {:?})",

@@ -6,6 +6,7 @@
 //! fixed port, and every process is stopped when its handle is dropped — also when the test
 //! binary itself dies, through a small watchdog process (see [`watchdog`]).
 
+pub mod certs;
 pub mod http;
 pub mod pg;
 pub mod procs;
@@ -13,6 +14,7 @@ pub mod redis;
 pub mod stack;
 pub mod watchdog;
 
+pub use nix::sys::signal::Signal;
 pub use pg::Postgres;
 pub use procs::{Authd, Proxy};
 pub use redis::Redis;

@@ -162,10 +162,15 @@ impl Authd {
 /// `ibex-proxy` on a free loopback port.
 #[derive(Debug)]
 pub struct Proxy {
+    /// The public listener (plain HTTP, or TLS when the proxy was given a certificate).
     pub addr: SocketAddr,
     /// `IBEX_USAGE_SPOOL_DIR`: the caller's, or a directory of this proxy's own (kept across
     /// [`Proxy::restart`], removed on drop).
     pub spool_dir: std::path::PathBuf,
+    /// The admin listener (`/metrics`, `/health`, `/ready`), always plain HTTP.
+    pub admin: SocketAddr,
+    /// Whether the public listener speaks TLS (`https=` in the ready line).
+    pub tls: bool,
     service: Service,
     _spool: Option<tempfile::TempDir>,
 }
@@ -181,6 +186,10 @@ impl Proxy {
     ) -> Result<Proxy> {
         let mut env = vec![
             ("IBEX_PROXY_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+            (
+                "IBEX_PROXY_ADMIN_LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
             ("IBEX_AUTHD_GRPC".to_owned(), format!("http://{authd_grpc}")),
             ("IBEX_REDIS_URL".to_owned(), redis_url.to_owned()),
             ("IBEX_PROXY_THREADS".to_owned(), "2".to_owned()),
@@ -205,12 +214,20 @@ impl Proxy {
         merge_env(&mut env, extra_env);
         let mut service = Service::new("ibex-proxy", env)?;
         let ready = service.spawn(&[]).await?;
+        let tls = ready.contains_key("https");
         Ok(Proxy {
-            addr: ready_addr(&ready, "http")?,
+            addr: ready_addr(&ready, if tls { "https" } else { "http" })?,
+            admin: ready_addr(&ready, "admin")?,
+            tls,
             spool_dir,
             service,
             _spool: spool,
         })
+    }
+
+    /// `http://127.0.0.1:PORT<path>` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
     }
 
     /// `http://127.0.0.1:PORT<path>`
@@ -222,10 +239,18 @@ impl Proxy {
         self.service.kill();
     }
 
+    /// Sends `sig` to the proxy (SIGHUP: re-read the TLS pair; SIGTERM: drain).
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        self.service.signal(sig)
+    }
+
     /// Starts it again on the same port.
     pub async fn restart(&mut self) -> Result<()> {
         self.service.kill();
-        let same_port = [("IBEX_PROXY_LISTEN".to_owned(), self.addr.to_string())];
+        let same_port = [
+            ("IBEX_PROXY_LISTEN".to_owned(), self.addr.to_string()),
+            ("IBEX_PROXY_ADMIN_LISTEN".to_owned(), self.admin.to_string()),
+        ];
         self.service.spawn_retrying(&same_port).await?;
         Ok(())
     }
@@ -488,6 +513,17 @@ impl Service {
 
     fn is_running(&mut self) -> bool {
         self.running.is_some() && self.exit_status().is_none()
+    }
+
+    /// Sends `sig` to the process itself (not its group): SIGHUP to reload, SIGTERM to drain.
+    fn signal(&self, sig: Signal) -> Result<()> {
+        let running = self
+            .running
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
+        let pid = i32::try_from(running.child.id())?;
+        signal::kill(Pid::from_raw(pid), sig)?;
+        Ok(())
     }
 
     /// SIGKILL to the whole process group, then reap.

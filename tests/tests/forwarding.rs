@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use fake_upstream::*;
-use ibex_e2e::http::{Request, Response};
+use ibex_e2e::http::{header, Request, Response};
 use ibex_e2e::{Authd, Proxy, Stack};
 use streamed::Streamed;
 
@@ -36,6 +36,8 @@ const WITHIN: Duration = Duration::from_secs(10);
 struct Fx {
     /// The proxy forwarding to `fake`.
     addr: SocketAddr,
+    /// Its admin listener (`/metrics`).
+    admin: SocketAddr,
     fake: Fake,
     upstream_key: String,
     org: String,
@@ -82,7 +84,16 @@ async fn forwarding_end_to_end() -> Result<()> {
             ("IBEX_UPSTREAM_API_KEY".to_owned(), upstream_key.clone()),
         ]
     };
-    let env = upstream_env(&url);
+    let mut env = upstream_env(&url);
+    // The operator's billing choice (SPEC §3.1); a tenant's own headers never replace it.
+    env.push((
+        "IBEX_UPSTREAM_ORGANIZATION".to_owned(),
+        OPERATOR_ORG.to_owned(),
+    ));
+    env.push((
+        "IBEX_UPSTREAM_PROJECT".to_owned(),
+        OPERATOR_PROJECT.to_owned(),
+    ));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let stack = Stack::start_with(&[], &env).await?;
     let mut slow_env = upstream_env(&silent_url);
@@ -97,6 +108,7 @@ async fn forwarding_end_to_end() -> Result<()> {
     let (org, agent, chat_pat, read_pat) = tenant(&stack.authd).await?;
     let mut fx = Fx {
         addr: stack.proxy.addr,
+        admin: stack.proxy.admin,
         fake,
         upstream_key,
         org,
@@ -112,6 +124,12 @@ async fn forwarding_end_to_end() -> Result<()> {
     non_streaming_round_trip(&fx)
         .await
         .context("non-streaming chat")?;
+    metrics_only_on_the_admin_listener(&fx)
+        .await
+        .context("/metrics on the admin listener only")?;
+    only_allow_listed_headers_reach_the_upstream(&fx)
+        .await
+        .context("upstream header allow-list")?;
     streaming_arrives_event_by_event(&fx)
         .await
         .context("streaming chat")?;
@@ -234,7 +252,106 @@ async fn non_streaming_round_trip(fx: &Fx) -> Result<()> {
         "ibex_upstream_usage_tokens_total{{org=\"{}\",model=\"{COMPLETION_MODEL}\",kind=\"total\"}} {COMPLETION_TOTAL_TOKENS}",
         fx.org
     );
-    metric_line(fx.addr, &line).await
+    metric_line(fx.admin, &line).await
+}
+
+const OPERATOR_ORG: &str = "org-operator-billing";
+const OPERATOR_PROJECT: &str = "proj_operator_billing";
+
+/// SPEC §3.1 both ways: the allow-listed client headers arrive unchanged, every other header
+/// (the tenant's `OpenAI-Organization`/`OpenAI-Project`, forwarding headers, cookies, custom
+/// ones) is dropped, and the operator's organisation and project are sent exactly once.
+async fn only_allow_listed_headers_reach_the_upstream(fx: &Fx) -> Result<()> {
+    let before = fx.fake.seen_count();
+    let allowed = [
+        ("User-Agent", "OpenAI/Python 1.99.0"),
+        ("Accept", "application/json"),
+        ("OpenAI-Beta", "assistants=v2"),
+        ("Idempotency-Key", "idem-fwd-1"),
+        ("X-Stainless-Lang", "python"),
+        ("X-Stainless-Retry-Count", "0"),
+    ];
+    let dropped = [
+        ("OpenAI-Organization", "org-tenant-steering"),
+        ("OpenAI-Project", "proj_tenant_steering"),
+        ("X-Forwarded-For", "203.0.113.7"),
+        ("Forwarded", "for=203.0.113.7"),
+        ("Cookie", "session=tenant-cookie"),
+        ("X-Custom-Tenant", "tenant-custom-value"),
+        ("Proxy-Authorization", "Basic dGVuYW50"),
+    ];
+    let mut req = fx.chat(&fx.chat_pat, CHAT_BODY, "fwd-allow-list-1");
+    for (k, v) in allowed.iter().chain(dropped.iter()) {
+        req = req.header(k, v);
+    }
+    let resp = req.send(fx.addr).await?;
+    ensure!(resp.status == 200, "expected 200:\n{}", resp.dump());
+    let seen = fx.one_seen_since(before)?;
+    for (k, v) in allowed {
+        ensure!(
+            seen.all(k) == [v],
+            "{k} not forwarded as sent: {:?}",
+            seen.all(k)
+        );
+    }
+    for (k, v) in dropped {
+        ensure!(
+            !seen.headers.iter().any(|(_, sv)| sv.contains(v)),
+            "{k} reached the upstream"
+        );
+    }
+    ensure!(
+        seen.all("openai-organization") == [OPERATOR_ORG]
+            && seen.all("openai-project") == [OPERATOR_PROJECT],
+        "operator organisation/project: {:?} {:?}",
+        seen.all("openai-organization"),
+        seen.all("openai-project")
+    );
+    hygiene(fx, &seen, &[&fx.chat_pat])
+}
+
+/// SPEC §3: `/metrics` (whose labels carry org ids) is served on the admin listener only; on
+/// the public one it is an unknown route — 401 to an anonymous caller, 404 once authenticated —
+/// and no answer there names the org.
+async fn metrics_only_on_the_admin_listener(fx: &Fx) -> Result<()> {
+    let anonymous = Request::get("/metrics").send(fx.addr).await?;
+    ensure!(
+        anonymous.status == 401 && anonymous.error_code().as_deref() == Some("MISSING_TOKEN"),
+        "anonymous public /metrics: {}",
+        anonymous.dump()
+    );
+    let authenticated = Request::get("/metrics")
+        .auth(&fx.read_pat, &fx.agent)
+        .send(fx.addr)
+        .await?;
+    ensure!(
+        authenticated.status == 404 && authenticated.error_code().as_deref() == Some("NOT_FOUND"),
+        "authenticated public /metrics: {}",
+        authenticated.dump()
+    );
+    for resp in [&anonymous, &authenticated] {
+        ensure!(
+            !resp.text().contains(&fx.org) && !resp.text().contains("ibex_upstream_usage"),
+            "the public listener leaked metrics: {}",
+            resp.dump()
+        );
+    }
+    let admin = Request::get("/metrics").send(fx.admin).await?;
+    ensure!(
+        admin.status == 200 && admin.text().contains("ibex_upstream_usage_tokens_total"),
+        "admin /metrics: {}",
+        admin.status
+    );
+    let probe = Request::get("/v1/internal/auth-probe")
+        .auth(&fx.read_pat, &fx.agent)
+        .send(fx.admin)
+        .await?;
+    ensure!(
+        probe.status == 404,
+        "the admin listener serves only /metrics, /health, /ready: {}",
+        probe.dump()
+    );
+    Ok(())
 }
 
 /// The upstream got the proxy's key, once, and nothing of the client's credentials.
@@ -338,7 +455,7 @@ async fn streaming_arrives_event_by_event(fx: &Fx) -> Result<()> {
         "ibex_upstream_usage_tokens_total{{org=\"{}\",model=\"{STREAM_MODEL}\",kind=\"total\"}} {STREAM_TOTAL_TOKENS}",
         fx.org
     );
-    metric_line(fx.addr, &line).await
+    metric_line(fx.admin, &line).await
 }
 
 async fn read_token_lists_models_but_cannot_chat(fx: &Fx) -> Result<()> {
@@ -535,11 +652,4 @@ async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Result<Option<T>>) -> R
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
 }

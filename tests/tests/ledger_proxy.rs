@@ -43,13 +43,6 @@ const ENDLESS: &str = r#"{"model":"fake-endless","stream":true,"messages":[]}"#;
 const BAD: &str = r#"{"model":"fake-400","messages":[]}"#;
 const PRICES: &str = r#"{"fake-model-1": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}"#;
 
-pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
 struct Tenant {
     org: String,
     agent: String,
@@ -385,7 +378,7 @@ async fn spool_survives_a_stall_and_a_kill() -> Result<()> {
     }
     // Every record is in the spool (written and fsynced) before the kill.
     poll("30 records spooled", async || {
-        let m = Request::get("/metrics").send(proxy.addr).await?.text();
+        let m = Request::get("/metrics").send(proxy.admin).await?.text();
         Ok(m.lines()
             .any(|l| l == format!("ibex_usage_records_spooled_total {n}"))
             .then_some(()))

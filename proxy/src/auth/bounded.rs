@@ -1,7 +1,7 @@
 //! A hash map with a hard entry cap and O(1) eviction, the storage under every
 //! per-core cache and the flood guard. Entries live in a dense `Vec` indexed by
-//! the map, so a victim is two random slots away: of two sampled entries the
-//! one that expires first goes ("power of two choices", close to LRU-by-TTL
+//! the map, so a victim is two random slots away: of two distinct sampled
+//! entries the one that expires first goes ("power of two choices", close to LRU-by-TTL
 //! at the cost of two random reads). Expiry itself is the caller's business:
 //! values tell their deadline through [`Expiring`].
 //!
@@ -29,12 +29,16 @@ where
     S: BuildHasher + Default,
 {
     pub fn new(cap: usize) -> Self {
-        let cap = cap.max(1);
+        Self::with_seed(cap, rand::random::<u64>())
+    }
+
+    /// Like [`BoundedMap::new`] with the victim sampling seeded (tests).
+    pub fn with_seed(cap: usize, seed: u64) -> Self {
         Self {
             index: HashMap::with_hasher(S::default()),
             slots: Vec::new(),
-            cap,
-            rng: rand::random::<u64>() | 1,
+            cap: cap.max(1),
+            rng: seed | 1,
         }
     }
 
@@ -101,10 +105,15 @@ where
         x as usize
     }
 
+    /// Two distinct slots (when there are two), the earlier deadline goes:
+    /// sampling the same slot twice would make it a victim whatever it holds.
     fn pick_victim(&mut self) -> usize {
         let n = self.slots.len();
         let a = self.next_rand() % n;
-        let b = self.next_rand() % n;
+        if n < 2 {
+            return a;
+        }
+        let b = (a + 1 + self.next_rand() % (n - 1)) % n;
         if self.slots[a].1.deadline() <= self.slots[b].1.deadline() {
             a
         } else {
@@ -150,7 +159,8 @@ mod tests {
     #[test]
     fn prefers_evicting_what_expires_first() {
         let t = Instant::now();
-        let mut m: BoundedMap<u32, V, RandomState> = BoundedMap::new(64);
+        // Seeded: the same picks on every run.
+        let mut m: BoundedMap<u32, V, RandomState> = BoundedMap::with_seed(64, 0x9e37_79b9);
         // One long-lived entry among short-lived ones survives most churn.
         m.insert(0, V(t + Duration::from_secs(3600)));
         for i in 1..64 {
@@ -164,6 +174,25 @@ mod tests {
             }
         }
         assert!(survived > 150, "long-lived entry survived {survived}/200");
+        // The two picks are distinct, so the one long-lived entry is always
+        // compared with a short-lived one, and always kept.
+        assert_eq!(survived, 200);
+    }
+
+    #[test]
+    fn the_two_picks_are_distinct_slots() {
+        let t = Instant::now();
+        for seed in 0..64 {
+            let mut m: BoundedMap<u32, V, RandomState> = BoundedMap::with_seed(2, seed);
+            m.insert(0, V(t + Duration::from_secs(60)));
+            m.insert(1, V(t));
+            // Of two entries, the earlier deadline is always the victim.
+            let (k, _) = m.insert(2, V(t)).unwrap();
+            assert_eq!(k, 1, "seed {seed}");
+        }
+        let mut one: BoundedMap<u32, V, RandomState> = BoundedMap::with_seed(1, 7);
+        one.insert(0, V(t));
+        assert_eq!(one.insert(1, V(t)).map(|(k, _)| k), Some(0));
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! One worker's auth state: caches, flood guard, single-flight tables and
-//! what the invalidation feed has told this worker. Shared by the chain and
-//! the worker's feed task through an `Rc`; nothing here is touched by another
-//! thread, so a cache hit costs no lock and no atomic.
+//! One worker's auth state: caches, single-flight tables and what the
+//! invalidation feed has told this worker. Shared by the chain and the
+//! worker's feed task through an `Rc`; nothing a cache hit touches is seen by
+//! another thread, so a hit costs no lock and no atomic. The failure budget
+//! and the verified set ([`super::budget`]) are the proxy's, shared by every
+//! worker, and touched only when a request is refused or must ask authd.
 //!
 //! Trust rule for a cached *positive* entry (valid token, active agent):
 //! it was learned (its validation started) after the last reset (feed reconnect/overflow), and either
@@ -21,12 +23,13 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::backend::{AgentAnswer, Answer, TokenAnswer};
+use super::budget::{FailureBudget, Verified};
 use super::cache::{AgentCache, CacheLimits, TokenCache};
-use super::clock::Clock;
 use super::flight::SingleFlight;
-use super::guard::FailureGuard;
 use super::recent::RecentEvents;
 use super::secret::{DigestBuildHasher, TokenDigest};
+use crate::clock::Clock;
+use crate::ctx::WorkerCtx;
 use crate::error::ApiError;
 use crate::metrics::WorkerMetrics;
 
@@ -41,8 +44,10 @@ pub struct AuthSettings {
     pub validate_timeout: Duration,
     pub tokens: CacheLimits,
     pub agents: CacheLimits,
-    /// Client addresses tracked by the flood guard.
+    /// Client addresses tracked by the failure budget (the whole proxy).
     pub guard_entries: usize,
+    /// Credentials (tokens, `(org, agent)` pairs) remembered as verified.
+    pub verified_entries: usize,
 }
 
 impl AuthSettings {
@@ -53,6 +58,23 @@ impl AuthSettings {
             tokens: CacheLimits::TOKENS,
             agents: CacheLimits::AGENTS,
             guard_entries: 65_536,
+            verified_entries: 65_536,
+        }
+    }
+}
+
+/// What every worker of one proxy shares for the failure budget of SPEC §3.
+#[derive(Clone)]
+pub struct AuthShared {
+    pub budget: Arc<FailureBudget>,
+    pub verified: Arc<Verified>,
+}
+
+impl AuthShared {
+    pub fn new(settings: &AuthSettings) -> Self {
+        Self {
+            budget: FailureBudget::new(settings.guard_entries),
+            verified: Verified::new(settings.verified_entries),
         }
     }
 }
@@ -86,7 +108,7 @@ pub struct AuthCore {
     pub(super) settings: AuthSettings,
     pub(super) tokens: RefCell<TokenCache>,
     pub(super) agents: RefCell<AgentCache>,
-    pub(super) guard: RefCell<FailureGuard>,
+    pub(super) shared: AuthShared,
     pub(super) token_flights: SingleFlight<TokenDigest, Answer<TokenAnswer>, DigestBuildHasher>,
     pub(super) agent_flights: SingleFlight<(Uuid, Uuid), Answer<AgentAnswer>, RandomState>,
     pub(super) metrics: Arc<WorkerMetrics>,
@@ -105,20 +127,23 @@ pub struct AuthCore {
 }
 
 impl AuthCore {
-    pub fn new(
-        clock: Rc<dyn Clock>,
-        settings: AuthSettings,
-        metrics: Arc<WorkerMetrics>,
-    ) -> Rc<Self> {
+    /// Takes the worker's clock and counters from `ctx`; a failure budget of
+    /// its own (one worker alone, as in tests and benches).
+    pub fn new(ctx: &WorkerCtx, settings: AuthSettings) -> Rc<Self> {
+        Self::with_shared(ctx, settings, AuthShared::new(&settings))
+    }
+
+    /// One worker of a proxy whose workers share `shared`.
+    pub fn with_shared(ctx: &WorkerCtx, settings: AuthSettings, shared: AuthShared) -> Rc<Self> {
         Rc::new(Self {
-            clock,
+            clock: ctx.clock.clone(),
             settings,
             tokens: RefCell::new(TokenCache::new(settings.tokens)),
             agents: RefCell::new(AgentCache::new(settings.agents)),
-            guard: RefCell::new(FailureGuard::new(settings.guard_entries)),
+            shared,
             token_flights: SingleFlight::new(),
             agent_flights: SingleFlight::new(),
-            metrics,
+            metrics: ctx.metrics.clone(),
             recent: RefCell::new(RecentEvents::new(
                 settings.revocation_sla,
                 RECENT_EVENTS_CAP,
@@ -130,12 +155,9 @@ impl AuthCore {
         })
     }
 
-    pub fn clock(&self) -> &dyn Clock {
-        &*self.clock
-    }
-
-    pub fn metrics(&self) -> &Arc<WorkerMetrics> {
-        &self.metrics
+    /// The proxy-wide failure budget and verified set this worker uses.
+    pub fn shared(&self) -> &AuthShared {
+        &self.shared
     }
 
     /// A heartbeat arrived within the SLA: every invalidation committed
@@ -235,13 +257,21 @@ impl AuthCore {
     /// The answer for a bad credential guess from `peer`: 429 once the
     /// address is over its failure budget, else 401 INVALID_TOKEN (counted).
     pub(super) fn refuse_guess(&self, peer: IpAddr, now: Instant) -> ApiError {
-        let mut guard = self.guard.borrow_mut();
-        if guard.is_blocked(peer, now) {
+        self.refuse_counted(peer, now, ApiError::InvalidToken)
+    }
+
+    /// The answer for an agent refused as AGENT_NOT_AUTHORIZED (unknown, of
+    /// another org, not the bound one): counted like a token guess (SPEC §3).
+    pub(super) fn refuse_agent(&self, peer: IpAddr, now: Instant) -> ApiError {
+        self.refuse_counted(peer, now, ApiError::AgentNotAuthorized)
+    }
+
+    fn refuse_counted(&self, peer: IpAddr, now: Instant, err: ApiError) -> ApiError {
+        if self.shared.budget.spend(peer, now) {
             self.metrics.flood_guard_refusals.inc();
             return ApiError::RateLimited;
         }
-        guard.record_failure(peer, now);
-        ApiError::InvalidToken
+        err
     }
 
     /// An unknown credential authd declined to decide (saturated by cold
@@ -251,24 +281,52 @@ impl AuthCore {
     /// authd's Argon2 pool busy for every other tenant. authd unreachable is
     /// not counted: that is an outage, not a guess.
     pub(super) fn refuse_undecided(&self, peer: IpAddr, now: Instant) -> ApiError {
-        self.guard.borrow_mut().record_failure(peer, now);
+        self.shared.budget.spend(peer, now);
         ApiError::AuthUnavailable
     }
 
-    /// Whether `peer` may spend an authd call on an unknown credential.
+    /// Whether `peer` has spent its failure budget (counted as a refusal).
     pub(super) fn guard_blocks(&self, peer: IpAddr, now: Instant) -> bool {
-        let blocked = self.guard.borrow().is_blocked(peer, now);
+        let blocked = self.shared.budget.is_spent(peer, now);
         if blocked {
             self.metrics.flood_guard_refusals.inc();
         }
         blocked
+    }
+
+    /// Whether an unknown token from `peer` may cost an authd call: yes
+    /// unless the address spent its budget and no worker of this proxy has
+    /// verified this very token.
+    pub(super) fn may_ask_for_token(&self, peer: IpAddr, key: &TokenDigest, now: Instant) -> bool {
+        if !self.shared.budget.is_spent(peer, now) || self.shared.verified.has_token(key, now) {
+            return true;
+        }
+        self.metrics.flood_guard_refusals.inc();
+        false
+    }
+
+    /// The same for an agent lookup: an agent verified for this org passes.
+    pub(super) fn may_ask_for_agent(
+        &self,
+        peer: IpAddr,
+        org: Uuid,
+        agent: Uuid,
+        now: Instant,
+    ) -> bool {
+        if !self.shared.budget.is_spent(peer, now)
+            || self.shared.verified.has_agent(org, agent, now)
+        {
+            return true;
+        }
+        self.metrics.flood_guard_refusals.inc();
+        false
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::clock::FakeClock;
+    use crate::clock::FakeClock;
 
     const SLA: Duration = Duration::from_millis(300);
 
@@ -282,9 +340,8 @@ mod tests {
     fn core() -> (Rc<AuthCore>, Rc<FakeClock>) {
         let clock = Rc::new(FakeClock::new(0));
         let core = AuthCore::new(
-            clock.clone(),
+            &WorkerCtx::new(0, clock.clone()),
             AuthSettings::new(SLA, Duration::from_millis(50)),
-            Arc::new(WorkerMetrics::default()),
         );
         (core, clock)
     }

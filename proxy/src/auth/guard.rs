@@ -10,10 +10,11 @@
 //! than that evicts the windows closest to ending.
 
 use std::collections::hash_map::RandomState;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use super::bounded::{BoundedMap, Expiring};
+use crate::addr::bucket;
 
 pub const FAILURE_LIMIT: u32 = 20;
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -31,19 +32,6 @@ impl Expiring for Window {
 
 pub struct FailureGuard {
     windows: BoundedMap<IpAddr, Window, RandomState>,
-}
-
-fn bucket(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-    }
 }
 
 impl FailureGuard {

@@ -11,8 +11,8 @@
 pub mod backend;
 pub mod bounded;
 pub mod bridge;
+pub mod budget;
 pub mod cache;
-pub mod clock;
 pub mod core;
 pub mod flight;
 pub mod guard;
@@ -22,7 +22,6 @@ pub mod secret;
 pub mod step;
 
 pub use backend::{AgentAnswer, AuthBackend, TokenAnswer, Unavailable, ValidToken};
-pub use clock::{Clock, FakeClock, SystemClock};
-pub use core::{AuthCore, AuthSettings, FeedEvent};
+pub use core::{AuthCore, AuthSettings, AuthShared, FeedEvent};
 pub use principal::{Principal, TokenGrant};
 pub use step::Authenticator;

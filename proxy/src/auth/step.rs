@@ -15,6 +15,7 @@ use super::core::AuthCore;
 use super::principal::{Principal, TokenGrant};
 use super::secret::{BearerToken, TokenDigest, MAX_FORWARDED_LEN};
 use crate::error::ApiError;
+use crate::http::ascii::starts_with_ignore_case;
 use crate::http::Headers;
 
 pub const AGENT_HEADER: &str = "X-IBEX-Agent-ID";
@@ -28,7 +29,7 @@ pub struct Authenticator<B> {
 /// §11.1). `None` for a missing header, another scheme or an empty value.
 pub fn bearer(headers: &Headers) -> Option<BearerToken> {
     let v = headers.get("authorization")?;
-    if v.len() < 7 || !v[..7].eq_ignore_ascii_case(b"bearer ") {
+    if !starts_with_ignore_case(v, b"bearer ") {
         return None;
     }
     let start = 7 + v[7..].iter().take_while(|&&c| c == b' ').count();
@@ -110,7 +111,9 @@ impl<B: AuthBackend> Authenticator<B> {
             }
             TokenLookup::Miss => false,
         };
-        if !known_credential && core.guard_blocks(peer, now) {
+        // Past the address's failure budget, only a credential some worker
+        // of this proxy has verified may still cost an authd call (SPEC §3).
+        if !known_credential && !core.may_ask_for_token(peer, &key, now) {
             return Err(ApiError::RateLimited);
         }
         core.metrics.token_cache_misses.inc();
@@ -129,10 +132,13 @@ impl<B: AuthBackend> Authenticator<B> {
     /// The agent step: the agent must be active in the token's org and, for
     /// a bound token, be the bound agent. The lookup runs even when the
     /// binding already fails, so "not yours" and "unknown" take the same path.
+    /// Every AGENT_NOT_AUTHORIZED spends `peer`'s failure budget; past it, an
+    /// agent no worker has verified for this org is 429 with no authd call.
     pub async fn agent(
         &self,
         grant: TokenGrant,
         agent: Uuid,
+        peer: IpAddr,
         now: Instant,
     ) -> Result<Principal, ApiError> {
         let core = &*self.core;
@@ -143,18 +149,21 @@ impl<B: AuthBackend> Authenticator<B> {
                 core.metrics.agent_cache_hits.inc();
                 e.answer
             }
+            _ if !core.may_ask_for_agent(peer, t.org, agent, now) => {
+                return Err(ApiError::RateLimited);
+            }
             _ => {
                 core.metrics.agent_cache_misses.inc();
                 Box::pin(self.validate_agent(t.org, agent)).await?
             }
         };
         if t.agent.is_some_and(|bound| bound != agent) {
-            return Err(ApiError::AgentNotAuthorized);
+            return Err(core.refuse_agent(peer, now));
         }
         match answer {
             AgentAnswer::Active => Ok(Principal::new(&t, agent)),
             AgentAnswer::Inactive => Err(ApiError::AgentSuspended),
-            AgentAnswer::NotFound => Err(ApiError::AgentNotAuthorized),
+            AgentAnswer::NotFound => Err(core.refuse_agent(peer, now)),
         }
     }
 
@@ -212,6 +221,9 @@ impl<B: AuthBackend> Authenticator<B> {
                         if a != AgentAnswer::Active || (core.epoch() == epoch && settled()) {
                             core.agents.borrow_mut().insert(org, agent, a, started);
                         }
+                        if a == AgentAnswer::Active {
+                            core.shared.verified.add_agent(org, agent, core.clock.now());
+                        }
                     }
                     answer
                 }
@@ -251,6 +263,11 @@ fn cache_token(
     epoch: u64,
 ) {
     let now = core.clock.now();
+    if let TokenAnswer::Valid(_) = answer {
+        // Remembered proxy-wide even when not cached here: it only lets this
+        // token past a spent failure budget, authd still decides.
+        core.shared.verified.add_token(key, now);
+    }
     let mut tokens = core.tokens.borrow_mut();
     match answer {
         TokenAnswer::Valid(t)

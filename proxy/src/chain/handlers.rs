@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::error::{render, ApiError};
+use crate::http::ascii::push_decimal;
 use crate::http::{Body, HeaderValue, Request, Response};
 use crate::upstream::{ForwardCtx, Upstream, UpstreamRoute};
 
@@ -63,18 +64,7 @@ pub fn auth_probe(p: &Principal) -> Response {
         out.extend_from_slice(id.hyphenated().encode_lower(&mut uuid).as_bytes());
     }
     out.extend_from_slice(br#"","permissions":"#);
-    let mut digits = [0u8; 20];
-    let mut n = p.permissions();
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+    push_decimal(&mut out, p.permissions());
     out.push(b'}');
     json(200, out)
 }

@@ -27,9 +27,11 @@ pub use limiter::{Limiter, NoLimit};
 
 use crate::auth::step::agent_header;
 use crate::auth::{AuthBackend, Authenticator, Principal};
+use crate::ctx::WorkerCtx;
 use crate::error::{render, ApiError};
+use crate::http::ascii::Decimal;
 use crate::http::{ConnInfo, HeaderValue, Method, Request, Response, Service};
-use crate::metrics::{Registry, WorkerMetrics};
+use crate::metrics::Registry;
 use crate::ratelimit::RateDecision;
 use crate::request_id::{self, RequestId};
 use crate::routes::{self, Matched, RouteError, RouteId};
@@ -39,30 +41,31 @@ use crate::upstream::{Upstream, UpstreamRoute};
 /// pieces are the metrics registry (read on scrape) and the bridge queue
 /// (used on misses).
 pub struct Chain<B, L> {
+    /// The worker's clock and counters (the auth core holds the same).
+    ctx: WorkerCtx,
     auth: Authenticator<B>,
     limiter: L,
     upstream: Option<Upstream>,
     registry: Arc<Registry>,
-    metrics: Arc<WorkerMetrics>,
     /// `IBEX_DEFAULT_RPM`, for orgs whose own limit is 0.
     default_rpm: u32,
 }
 
 impl<B: AuthBackend, L: Limiter> Chain<B, L> {
     pub fn new(
+        ctx: WorkerCtx,
         auth: Authenticator<B>,
         limiter: L,
         upstream: Option<Upstream>,
         registry: Arc<Registry>,
         default_rpm: u32,
     ) -> Self {
-        let metrics = auth.core().metrics().clone();
         Self {
+            ctx,
             auth,
             limiter,
             upstream,
             registry,
-            metrics,
             default_rpm,
         }
     }
@@ -94,7 +97,10 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         // The agent must be active in the token's org (and the bound agent of
         // a bound token). Tenant isolation happens here: the org comes from
         // the token, never from the request.
-        let principal = self.auth.agent(grant, agent, started).await?;
+        let principal = self
+            .auth
+            .agent(grant, agent, conn.peer.ip(), started)
+            .await?;
 
         // Only an authenticated caller learns that a route does not exist or
         // does not take this method (SPEC: 401 before 404).
@@ -114,10 +120,9 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
             n => n,
         };
         let decision = self.limiter.check(&principal.org(), rpm).await;
-        let now_unix =
-            u64::try_from(self.auth.core().clock().unix_ms_at(started) / 1000).unwrap_or(0);
+        let now_unix = u64::try_from(self.ctx.clock.unix_ms_at(started) / 1000).unwrap_or(0);
         if !decision.admitted {
-            self.metrics.rate_limited.inc();
+            self.ctx.metrics.rate_limited.inc();
             let mut resp = render(ApiError::RateLimited, rid.as_str());
             rate_headers(&mut resp, &decision, now_unix);
             retry_headers(&mut resp, &decision);
@@ -170,8 +175,7 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         match route {
             RouteId::Health => handlers::health(),
             RouteId::Ready => {
-                let core = self.auth.core();
-                let authd_up = core.feed_fresh(core.clock().now());
+                let authd_up = self.auth.core().feed_fresh(self.ctx.clock.now());
                 handlers::ready(authd_up, self.limiter.healthy(), rid.as_str())
             }
             RouteId::Metrics => handlers::metrics(self.registry.render()),
@@ -190,7 +194,7 @@ impl<B, L> Drop for Chain<B, L> {
 
 impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
     async fn call(&self, req: Request, conn: &ConnInfo) -> Response {
-        let clock = self.auth.core().clock();
+        let clock = &*self.ctx.clock;
         let started = clock.now();
 
         // Request id before anything can fail, so every answer — refusals
@@ -200,7 +204,7 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
 
         // Route match decides only public vs protected here; 404/405 for
         // protected paths are held back until the caller is authenticated.
-        let matched = routes::match_route(req.method, &req.path);
+        let matched = routes::match_route(conn.listener, req.method, &req.path);
 
         let span = tracing::info_span!("request", request_id = rid.as_str());
         let mut org = None;
@@ -208,6 +212,7 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
             match matched {
                 Matched::Public(route) => self.public(route, &rid),
                 Matched::PublicWrongMethod(_) => render(ApiError::MethodNotAllowed, rid.as_str()),
+                Matched::NotServed => render(ApiError::NotFound, rid.as_str()),
                 Matched::Protected(route) => self
                     .protected(req, conn, &rid, route, started, &mut org)
                     .await
@@ -220,7 +225,9 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
 
         let latency_us = u64::try_from(clock.now().saturating_duration_since(started).as_micros())
             .unwrap_or(u64::MAX);
-        self.metrics.request(matched.id(), resp.status, latency_us);
+        self.ctx
+            .metrics
+            .request(matched.id(), resp.status, latency_us);
         span.in_scope(|| {
             tracing::info!(
                 target: access_log::TARGET,
@@ -252,18 +259,7 @@ fn method_str(m: Method) -> &'static str {
 
 /// A decimal header value without the `fmt` machinery (hot path).
 fn num(n: impl Into<u64>) -> HeaderValue {
-    let mut n = n.into();
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    HeaderValue::Owned(Bytes::copy_from_slice(&buf[i..]))
+    HeaderValue::Owned(Bytes::copy_from_slice(Decimal::new(n.into()).as_bytes()))
 }
 
 /// SPEC §4 headers, under both our names and OpenAI's. `remaining` is absent

@@ -17,12 +17,12 @@ use uuid::Uuid;
 
 use super::*;
 use crate::auth::secret::BearerToken;
-use crate::auth::Clock;
 use crate::auth::{
-    AgentAnswer, AuthCore, AuthSettings, FakeClock, FeedEvent, TokenAnswer, Unavailable, ValidToken,
+    AgentAnswer, AuthCore, AuthSettings, AuthShared, FeedEvent, TokenAnswer, Unavailable,
+    ValidToken,
 };
-use crate::http::{Body, Header, Headers, Method, Version};
-use crate::metrics::WorkerMetrics;
+use crate::clock::{Clock, FakeClock};
+use crate::http::{Body, Method};
 
 const NOW_MS: i64 = 1_800_000_000_000;
 const SLA: Duration = Duration::from_millis(300);
@@ -164,9 +164,17 @@ struct H {
 
 impl H {
     fn new() -> H {
+        let settings = AuthSettings::new(SLA, Duration::from_millis(20));
+        H::sharing(AuthShared::new(&settings))
+    }
+
+    /// Another worker of the same proxy: its own caches and fake authd, the
+    /// proxy's failure budget and verified set.
+    fn sharing(shared: AuthShared) -> H {
         let clock = Rc::new(FakeClock::new(NOW_MS));
         let settings = AuthSettings::new(SLA, Duration::from_millis(20));
-        let core = AuthCore::new(clock.clone(), settings, Arc::new(WorkerMetrics::default()));
+        let ctx = WorkerCtx::new(0, clock.clone());
+        let core = AuthCore::with_shared(&ctx, settings, shared);
         core.apply(FeedEvent::Heartbeat {
             sent_at_unix_ms: NOW_MS,
         });
@@ -190,6 +198,7 @@ impl H {
             checks: Cell::new(0),
         });
         let chain = Chain::new(
+            ctx,
             Authenticator::new(core.clone(), fake.clone()),
             lim.clone(),
             None,
@@ -216,26 +225,23 @@ impl H {
         headers: &[(&str, &str)],
         peer: &str,
     ) -> Response {
-        let req = Request {
-            method,
-            path: Bytes::copy_from_slice(path.as_bytes()),
-            query: None,
-            version: Version::Http11,
-            headers: Headers(
-                headers
-                    .iter()
-                    .map(|(n, v)| Header {
-                        name: Bytes::copy_from_slice(n.as_bytes()),
-                        value: Bytes::copy_from_slice(v.as_bytes()),
-                    })
-                    .collect(),
-            ),
-            body: Bytes::new(),
-            keep_alive: true,
-        };
+        self.send_on(crate::http::Listener::Public, method, path, headers, peer)
+            .await
+    }
+
+    async fn send_on(
+        &self,
+        listener: crate::http::Listener,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        peer: &str,
+    ) -> Response {
+        let req = Request::new(method, path, headers, Bytes::new());
         let conn = ConnInfo {
             peer: peer.parse::<SocketAddr>().unwrap(),
             worker: 0,
+            listener,
         };
         self.chain.call(req, &conn).await
     }
@@ -304,9 +310,25 @@ fn public_routes_answer_without_credentials() {
         assert_eq!(r.status, 200);
         assert_eq!(body(&r), serde_json::json!({"status": "ok"}));
         assert!(header(&r, "X-Request-ID").is_some());
-        let r = h.send(Method::Get, "/metrics", &[]).await;
-        assert_eq!(r.status, 200);
         assert_eq!(h.send(Method::Get, "/ready", &[]).await.status, 200);
+        // `/metrics` is the admin listener's only: on the public one it is an
+        // unknown route, so an anonymous caller gets 401 first (SPEC §3).
+        let r = h.send(Method::Get, "/metrics", &[]).await;
+        assert_eq!((r.status, code(&r).as_str()), (401, "MISSING_TOKEN"));
+        let admin = crate::http::Listener::Admin;
+        let peer = "127.0.0.1:5000";
+        let r = h.send_on(admin, Method::Get, "/metrics", &[], peer).await;
+        assert_eq!(r.status, 200);
+        for path in ["/health", "/ready"] {
+            assert_eq!(
+                h.send_on(admin, Method::Get, path, &[], peer).await.status,
+                200
+            );
+        }
+        let r = h
+            .send_on(admin, Method::Get, "/v1/internal/auth-probe", &[], peer)
+            .await;
+        assert_eq!((r.status, code(&r).as_str()), (404, "NOT_FOUND"));
         let r = h.send(Method::Post, "/health", &[]).await;
         assert_eq!((r.status, code(&r).as_str()), (405, "METHOD_NOT_ALLOWED"));
     });
@@ -998,6 +1020,81 @@ fn undecided_guesses_spend_the_failure_budget_but_outages_do_not() {
             )
             .await;
         assert_eq!(r.status, 200);
+    });
+}
+
+fn probe_auth(token: u128, agent: Uuid) -> [(&'static str, String); 2] {
+    [
+        ("Authorization", format!("Bearer {}", pat(token))),
+        ("X-IBEX-Agent-ID", agent.to_string()),
+    ]
+}
+
+async fn probe(h: &H, token: u128, agent: Uuid, peer: &str) -> Response {
+    let auth = probe_auth(token, agent);
+    let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    h.send_from(Method::Get, "/v1/internal/auth-probe", &headers, peer)
+        .await
+}
+
+#[test]
+fn random_agent_ids_spend_the_failure_budget_verified_agents_still_pass() {
+    run(async {
+        let h = H::new();
+        let peer = "10.7.7.7:4000";
+        assert_eq!(probe(&h, 1, agent(), peer).await.status, 200);
+        for i in 0..20u128 {
+            let r = probe(&h, 1, Uuid::from_u128(0x1000 + i), peer).await;
+            assert_eq!(
+                (r.status, code(&r).as_str()),
+                (403, "AGENT_NOT_AUTHORIZED"),
+                "{i}"
+            );
+        }
+        let calls = h.fake.agent_calls.get();
+        // Past the budget: 429 and no authd call for an agent nobody verified…
+        let r = probe(&h, 1, Uuid::from_u128(0x2000), peer).await;
+        assert_eq!((r.status, code(&r).as_str()), (429, "RATE_LIMITED"));
+        assert_eq!(h.fake.agent_calls.get(), calls);
+        // …while the verified agent passes, and another address is unaffected.
+        assert_eq!(probe(&h, 1, agent(), peer).await.status, 200);
+        let r = probe(&h, 1, Uuid::from_u128(0x3000), "10.7.7.8:4000").await;
+        assert_eq!(code(&r), "AGENT_NOT_AUTHORIZED");
+    });
+}
+
+#[test]
+fn one_failure_budget_per_proxy_and_verified_credentials_pass_on_every_worker() {
+    run(async {
+        let w1 = H::new();
+        let w2 = H::sharing(w1.core.shared().clone());
+        let peer = "10.6.6.6:4000";
+        // Worker 1 verifies the token and the agent.
+        assert_eq!(probe(&w1, 1, agent(), peer).await.status, 200);
+        // The address spends its budget on worker 2 with random tokens…
+        for i in 0..20u128 {
+            let bad = format!("Bearer {}", pat(5000 + i));
+            let r = w2
+                .send_from(Method::Get, "/v1/x", &[("Authorization", &bad)], peer)
+                .await;
+            assert_eq!(code(&r), "INVALID_TOKEN", "{i}");
+        }
+        // …so a guess on worker 1 is 429 at once (one budget for the proxy),
+        let bad = format!("Bearer {}", pat(6000));
+        let calls = w1.fake.token_calls.get();
+        let r = w1
+            .send_from(Method::Get, "/v1/x", &[("Authorization", &bad)], peer)
+            .await;
+        assert_eq!((r.status, code(&r).as_str()), (429, "RATE_LIMITED"));
+        assert_eq!(w1.fake.token_calls.get(), calls);
+        // a real token no worker verified is refused without an authd call,
+        let calls = w2.fake.token_calls.get();
+        assert_eq!(probe(&w2, 3, agent(), peer).await.status, 429);
+        assert_eq!(w2.fake.token_calls.get(), calls);
+        // and the token and agent verified on worker 1 pass on worker 2, where
+        // neither is cached (it asks authd once for each).
+        assert_eq!(probe(&w2, 1, agent(), peer).await.status, 200);
+        assert_eq!(w2.fake.token_calls.get(), calls + 1);
     });
 }
 

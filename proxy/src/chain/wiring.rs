@@ -10,10 +10,13 @@ use secrecy::SecretString;
 
 use super::Chain;
 use crate::auth::bridge::{Bridge, BridgeClient};
-use crate::auth::{AuthCore, AuthSettings, Authenticator, SystemClock};
+use crate::auth::{AuthCore, AuthSettings, AuthShared, Authenticator};
+use crate::clock::SystemClock;
 use crate::config::Config;
-use crate::metrics::{Registry, WorkerMetrics};
+use crate::ctx::WorkerCtx;
+use crate::metrics::Registry;
 use crate::ratelimit::RateLimiter;
+use crate::upstream::request::OperatorHeaders;
 use crate::upstream::{Upstream, UpstreamConfig};
 
 pub type WorkerChain = Chain<BridgeClient, RateLimiter>;
@@ -23,6 +26,7 @@ pub struct Wiring {
     config: Arc<Config>,
     bridge: Bridge,
     registry: Arc<Registry>,
+    auth_shared: AuthShared,
     meters: Option<crate::ledger::meter::MeterFactory>,
 }
 
@@ -30,10 +34,15 @@ impl Wiring {
     pub fn new(config: Config, bridge: Bridge) -> Self {
         let registry = Arc::new(Registry::default());
         registry.register_bridge(bridge.stats());
+        let auth_shared = AuthShared::new(&AuthSettings::new(
+            config.revocation_sla(),
+            config.auth_validate_timeout,
+        ));
         Self {
             config: Arc::new(config),
             bridge,
             registry,
+            auth_shared,
             meters: None,
         }
     }
@@ -43,6 +52,16 @@ impl Wiring {
         self.registry.register_ledger(meters.ledger.clone());
         self.meters = Some(meters);
         self
+    }
+
+    /// The process's metrics registry (the listeners register their counters).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Worker threads configured.
+    pub fn threads(&self) -> u16 {
+        self.config.threads
     }
 
     /// The upstream settings, if one is configured.
@@ -57,15 +76,21 @@ impl Wiring {
             ca_file: config.upstream_ca_file.clone(),
             timeout: config.upstream_timeout,
             idle_timeout: config.upstream_idle_timeout,
+            operator: OperatorHeaders {
+                organization: config.upstream_organization.clone(),
+                project: config.upstream_project.clone(),
+            },
         })
     }
 
     /// One worker's chain. Must run on that worker's thread, in its runtime.
     pub fn build_worker(&self, worker: usize) -> anyhow::Result<WorkerChain> {
         let cfg = &*self.config;
-        let metrics = Arc::new(WorkerMetrics::default());
+        // The worker's clock and counters, shared by every part below.
+        let ctx = WorkerCtx::new(worker, Rc::new(SystemClock::new()));
         let settings = AuthSettings::new(cfg.revocation_sla(), cfg.auth_validate_timeout);
-        let core = AuthCore::new(Rc::new(SystemClock::new()), settings, metrics.clone());
+        // The failure budget and the verified set are the proxy's, not the worker's.
+        let core = AuthCore::with_shared(&ctx, settings, self.auth_shared.clone());
 
         // This worker's end of the invalidation feed, applied by a task on
         // this worker so the caches stay single-threaded.
@@ -74,21 +99,22 @@ impl Wiring {
         super::access_log::batch_this_thread();
         monoio::spawn(super::access_log::flush_periodically());
 
-        let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()));
+        let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()), ctx.clock.clone());
         let mut upstream = match Self::upstream_config(cfg) {
-            Some(u) => Some(Upstream::new(Rc::new(u))?),
+            Some(u) => Some(Upstream::new(Rc::new(u), ctx.clock.clone())?),
             None => None,
         };
         if let (Some(u), Some(m)) = (upstream.as_mut(), self.meters.as_ref()) {
             u.set_meter(m.meter());
         }
         self.registry.register_worker(
-            metrics,
+            ctx.metrics.clone(),
             Some(limiter.stats()),
             upstream.as_ref().map(Upstream::stats),
         );
         tracing::debug!(worker, "worker chain built");
         Ok(Chain::new(
+            ctx,
             Authenticator::new(core, self.bridge.client()),
             limiter,
             upstream,

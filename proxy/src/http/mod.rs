@@ -1,135 +1,26 @@
 //! HTTP/1.1 types shared by the codec, the server loop and the chain.
 //!
-//! A [`Request`] is parsed from owned [`Bytes`]: header values are slices of
-//! the read buffer, not copies. A [`Response`] body is either complete or a
-//! stream of chunks (forwarded SSE), which the server writes as it arrives.
+//! A [`Request`] is parsed from owned [`bytes::Bytes`]: header values are
+//! slices of the read buffer, not copies. A [`Response`] body is either
+//! complete or a stream of chunks (forwarded SSE), which the server writes as
+//! it arrives.
+//!
+//! Layout: [`message`] the types; `parse` the request head (pure);
+//! [`chunked`] the chunked body (pure); `write` the response head;
+//! [`ascii`] the byte helpers. The bottom of the crate: imports nothing of it.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-
-use bytes::Bytes;
-
+pub mod ascii;
 pub mod chunked;
+pub mod message;
 mod parse;
 pub(crate) mod write;
 
 #[cfg(test)]
 mod tests;
 
+pub use message::{
+    Body, BodyStream, ConnInfo, Header, HeaderValue, Headers, Listener, Method, Request, Response,
+    Service, Version,
+};
 pub use parse::{parse_head, BodyFraming, Head, Limits, ParseError, MAX_HEADER_COUNT};
 pub use write::{write_head, BodyKind, DateCache};
-
-/// The request methods the proxy routes on; anything else is `Other`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Get,
-    Head,
-    Post,
-    Put,
-    Delete,
-    Patch,
-    Options,
-    Other,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    Http10,
-    Http11,
-}
-
-/// One header as received: `name` keeps the client's bytes (compare with
-/// `eq_ignore_ascii_case`), `value` is a zero-copy slice of the read buffer.
-#[derive(Debug, Clone)]
-pub struct Header {
-    pub name: Bytes,
-    pub value: Bytes,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Headers(pub Vec<Header>);
-
-impl Headers {
-    /// First value of `name` (ASCII case-insensitive).
-    pub fn get(&self, name: &str) -> Option<&Bytes> {
-        self.0
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|h| &h.value)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Header> {
-        self.0.iter()
-    }
-}
-
-/// A complete request: head parsed, body fully read (bounded by
-/// `IBEX_MAX_BODY_BYTES`) and de-chunked.
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub method: Method,
-    /// Path without the query string, as sent (percent-encoding untouched).
-    pub path: Bytes,
-    /// The query string without `?`, if any.
-    pub query: Option<Bytes>,
-    pub version: Version,
-    pub headers: Headers,
-    pub body: Bytes,
-    /// False when the client asked to close (or HTTP/1.0 without keep-alive).
-    pub keep_alive: bool,
-}
-
-/// A chunk stream for forwarded bodies. Not `Send`: it lives on one worker.
-/// Dropping it must release whatever it reads from (e.g. close the upstream
-/// connection) — that is how a client disconnect reaches the upstream.
-pub type BodyStream = Pin<Box<dyn futures::Stream<Item = std::io::Result<Bytes>>>>;
-
-pub enum Body {
-    Empty,
-    Full(Bytes),
-    /// Written with `Transfer-Encoding: chunked`, one chunk per item, each
-    /// flushed as it arrives. An `Err` item ends the response by closing the
-    /// connection (the client sees a truncated chunked body).
-    Stream(BodyStream),
-}
-
-/// A header value the proxy writes: static text or owned bytes.
-#[derive(Debug, Clone)]
-pub enum HeaderValue {
-    Static(&'static str),
-    Owned(Bytes),
-}
-
-impl HeaderValue {
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            HeaderValue::Static(s) => s.as_bytes(),
-            HeaderValue::Owned(b) => b,
-        }
-    }
-}
-
-pub struct Response {
-    pub status: u16,
-    /// Extra headers; the server adds `Content-Length` / `Transfer-Encoding`,
-    /// `Connection` and `Date` itself.
-    pub headers: Vec<(&'static str, HeaderValue)>,
-    pub body: Body,
-    /// Close the connection after writing this response.
-    pub close: bool,
-}
-
-/// Who is on the other end of a connection, for the chain's per-address
-/// guards and logs.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub worker: usize,
-}
-
-/// What the server loop calls for every parsed request. Implemented by the
-/// chain; one instance per worker (no `Send`/`Sync` needed).
-pub trait Service {
-    fn call(&self, req: Request, conn: &ConnInfo) -> impl Future<Output = Response>;
-}

@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{Header, Headers, Method, Request, Version};
+use super::message::{Header, Headers, Method, Request, Version};
 
 /// Request size limits. One copy per worker; cheap to clone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,12 +27,17 @@ pub struct Limits {
 /// Hard cap on `Limits::header_count` (the parser's stack array).
 pub const MAX_HEADER_COUNT: usize = 256;
 
+impl Limits {
+    /// `IBEX_MAX_BODY_BYTES`'s default (the config's `--help` states it from here).
+    pub const DEFAULT_BODY_BYTES: usize = 4 * 1024 * 1024;
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
             header_bytes: 16 * 1024,
             header_count: 100,
-            body_bytes: 4 * 1024 * 1024,
+            body_bytes: Self::DEFAULT_BODY_BYTES,
         }
     }
 }
@@ -352,6 +357,11 @@ impl FramingScan {
     }
 
     fn framing(&self, version: Version, limits: &Limits) -> Result<BodyFraming, ParseError> {
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400 — decided
+        // here, from the head alone, before any body is read.
+        if version == Version::Http11 && !self.host_seen {
+            return Err(ParseError::Malformed);
+        }
         if self.transfer_encoding {
             // RFC 9112 §6.1: TE on HTTP/1.0 is a framing fault; TE together
             // with CL is the classic smuggling vector — refuse, don't pick one.

@@ -81,7 +81,7 @@ fn methods_and_empty_values() {
         ("BREW", Method::Other),
         ("get", Method::Other),
     ] {
-        let raw = format!("{m} / HTTP/1.1\r\nX-Empty:\r\nX-Spaces:   \r\n\r\n");
+        let raw = format!("{m} / HTTP/1.1\r\nHost: h\r\nX-Empty:\r\nX-Spaces:   \r\n\r\n");
         let head = parse_ok(raw.as_bytes());
         assert_eq!(head.method, want);
         assert_eq!(head.query, None);
@@ -92,7 +92,7 @@ fn methods_and_empty_values() {
 
 #[test]
 fn leading_empty_lines_are_ignored() {
-    let head = parse_ok(b"\r\n\r\nGET /a HTTP/1.1\r\n\r\n");
+    let head = parse_ok(b"\r\n\r\nGET /a HTTP/1.1\r\nHost: h\r\n\r\n");
     assert_eq!(&head.path[..], b"/a");
     // Only newlines so far: nothing to parse yet, nothing kept.
     let mut buf = BytesMut::from(&b"\r\n\r\n"[..]);
@@ -104,38 +104,38 @@ fn leading_empty_lines_are_ignored() {
 fn body_framing() {
     let cases: &[(&[u8], BodyFraming)] = &[
         (
-            b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
             BodyFraming::Empty,
         ),
         (
-            b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\n\r\n",
             BodyFraming::Length(12),
         ),
         (
-            b"POST / HTTP/1.1\r\ncontent-length:7\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\ncontent-length:7\r\n\r\n",
             BodyFraming::Length(7),
         ),
         (
-            b"POST / HTTP/1.1\r\nContent-Length: 00012\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 00012\r\n\r\n",
             BodyFraming::Length(12),
         ),
         (
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
             BodyFraming::Chunked,
         ),
         (
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: CHUNKED\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: CHUNKED\r\n\r\n",
             BodyFraming::Chunked,
         ),
         (
-            b"POST / HTTP/1.1\r\nTransfer-Encoding:  chunked \r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:  chunked \r\n\r\n",
             BodyFraming::Chunked,
         ),
         (
             b"POST / HTTP/1.0\r\nContent-Length: 3\r\n\r\n",
             BodyFraming::Length(3),
         ),
-        (b"GET / HTTP/1.1\r\n\r\n", BodyFraming::Empty),
+        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", BodyFraming::Empty),
     ];
     for (raw, want) in cases {
         assert_eq!(
@@ -153,61 +153,61 @@ fn body_framing() {
 const MALFORMED: &[(&str, &[u8])] = &[
     (
         "TE and CL",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
     ),
     (
         "CL and TE",
-        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
     ),
     (
         "CL 0 and TE",
-        b"POST / HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n",
     ),
     (
         "duplicate CL, same value",
-        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
     ),
     (
         "conflicting CL",
-        b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
     ),
     (
         "CL list",
-        b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\n",
     ),
     (
         "CL plus sign",
-        b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\n",
     ),
     (
         "CL minus sign",
-        b"POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -5\r\n\r\n",
     ),
     (
         "CL inner space",
-        b"POST / HTTP/1.1\r\nContent-Length: 5 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5 5\r\n\r\n",
     ),
-    ("CL hex", b"POST / HTTP/1.1\r\nContent-Length: 0x5\r\n\r\n"),
+    ("CL hex", b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x5\r\n\r\n"),
     (
         "CL underscore",
-        b"POST / HTTP/1.1\r\nContent-Length: 1_0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1_0\r\n\r\n",
     ),
-    ("CL empty", b"POST / HTTP/1.1\r\nContent-Length:\r\n\r\n"),
+    ("CL empty", b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length:\r\n\r\n"),
     (
         "CL decimal",
-        b"POST / HTTP/1.1\r\nContent-Length: 5.0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5.0\r\n\r\n",
     ),
     (
         "CL overflow",
-        b"POST / HTTP/1.1\r\nContent-Length: 18446744073709551616\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 18446744073709551616\r\n\r\n",
     ),
     (
         "CL 20 digits",
-        b"POST / HTTP/1.1\r\nContent-Length: 00000000000000000001\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 00000000000000000001\r\n\r\n",
     ),
     (
         "CL space before colon",
-        b"POST / HTTP/1.1\r\nContent-Length : 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length : 5\r\n\r\n",
     ),
     (
         "TE on HTTP/1.0",
@@ -215,46 +215,46 @@ const MALFORMED: &[(&str, &[u8])] = &[
     ),
     (
         "TE gzip only",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n",
     ),
     (
         "TE identity",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity\r\n\r\n",
     ),
     (
         "TE chunked not last",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
     ),
     (
         "TE gzip then chunked",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
     ),
     (
         "TE chunked twice",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
     ),
     (
         "TE in two headers",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
     ),
     (
         "TE look-alike",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n",
     ),
-    ("TE empty", b"POST / HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n"),
+    ("TE empty", b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:\r\n\r\n"),
     (
         "TE trailing comma",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked,\r\n\r\n",
     ),
     (
         "TE space before colon",
-        b"POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n",
     ),
-    ("obs-fold SP", b"GET / HTTP/1.1\r\nX-A: 1\r\n 2\r\n\r\n"),
-    ("obs-fold HT", b"GET / HTTP/1.1\r\nX-A: 1\r\n\t2\r\n\r\n"),
+    ("obs-fold SP", b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n 2\r\n\r\n"),
+    ("obs-fold HT", b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\t2\r\n\r\n"),
     (
         "obs-fold of CL",
-        b"POST / HTTP/1.1\r\nContent-Length:\r\n 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length:\r\n 5\r\n\r\n",
     ),
     (
         "space before first header",
@@ -267,21 +267,21 @@ const MALFORMED: &[(&str, &[u8])] = &[
     ("HTTP/2.0 version", b"GET / HTTP/2.0\r\n\r\n"),
     ("HTTP/0.9 style", b"GET /\r\n\r\n"),
     ("lowercase version", b"GET / http/1.1\r\n\r\n"),
-    ("no target", b"GET  HTTP/1.1\r\n\r\n"),
+    ("no target", b"GET  HTTP/1.1\r\nHost: h\r\n\r\n"),
     (
         "NUL in header value",
-        b"GET / HTTP/1.1\r\nX-A: a\x00b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n",
     ),
     (
         "bare CR in header value",
-        b"GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\rb\r\n\r\n",
     ),
-    ("header without colon", b"GET / HTTP/1.1\r\nX-A\r\n\r\n"),
+    ("header without colon", b"GET / HTTP/1.1\r\nHost: h\r\nX-A\r\n\r\n"),
     (
         "control char in name",
-        b"GET / HTTP/1.1\r\nX\x01A: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: h\r\nX\x01A: 1\r\n\r\n",
     ),
-    ("space in target", b"GET /a b HTTP/1.1\r\n\r\n"),
+    ("space in target", b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n"),
     (
         "binary garbage",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
@@ -308,9 +308,9 @@ fn header_bytes_limit_is_431() {
         ..Limits::default()
     };
     let head_of = |len: usize| {
-        let base = "GET / HTTP/1.1\r\nX-Pad: \r\n\r\n".len();
+        let base = "GET / HTTP/1.1\r\nHost: h\r\nX-Pad: \r\n\r\n".len();
         format!(
-            "GET / HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}\r\n\r\n",
             "a".repeat(len - base)
         )
     };
@@ -327,17 +327,43 @@ fn header_bytes_limit_is_431() {
         Some(ParseError::HeadersTooLarge)
     );
     // Over the limit and still incomplete: refused without waiting for more.
-    let raw = format!("GET / HTTP/1.1\r\nX-Pad: {}", "a".repeat(200));
+    let raw = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}", "a".repeat(200));
     assert_eq!(
         parse_head(&mut BytesMut::from(raw.as_bytes()), &limits).err(),
         Some(ParseError::HeadersTooLarge)
     );
     // Under the limit and incomplete: wait.
-    let raw = format!("GET / HTTP/1.1\r\nX-Pad: {}", "a".repeat(50));
+    let raw = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Pad: {}", "a".repeat(50));
     assert!(parse_head(&mut BytesMut::from(raw.as_bytes()), &limits)
         .unwrap()
         .is_none());
     assert_eq!(ApiError::from(ParseError::HeadersTooLarge).status(), 431);
+}
+
+#[test]
+fn http11_needs_exactly_one_host() {
+    // RFC 9112 §3.2; the head alone decides, so a claimed body is never read.
+    for raw in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n",
+    ] {
+        assert_eq!(
+            parse_head(&mut BytesMut::from(raw), &Limits::default()).err(),
+            Some(ParseError::Malformed),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+    // HTTP/1.0 may omit it.
+    assert!(parse_head(
+        &mut BytesMut::from(&b"GET / HTTP/1.0\r\n\r\n"[..]),
+        &Limits::default()
+    )
+    .unwrap()
+    .is_some());
 }
 
 #[test]
@@ -346,9 +372,10 @@ fn header_count_limit_is_431() {
         header_count: 10,
         ..Limits::default()
     };
+    // `n` headers in all, Host one of them.
     let with_headers = |n: usize| {
-        let mut raw = String::from("GET / HTTP/1.1\r\n");
-        for i in 0..n {
+        let mut raw = String::from("GET / HTTP/1.1\r\nHost: h\r\n");
+        for i in 1..n {
             raw.push_str(&format!("X-{i}: v\r\n"));
         }
         raw.push_str("\r\n");
@@ -384,7 +411,7 @@ fn declared_body_over_limit_is_413() {
         body_bytes: 1000,
         ..Limits::default()
     };
-    let at = b"POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n";
+    let at = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n";
     assert_eq!(
         parse_head(&mut BytesMut::from(&at[..]), &limits)
             .unwrap()
@@ -392,12 +419,12 @@ fn declared_body_over_limit_is_413() {
             .framing,
         BodyFraming::Length(1000)
     );
-    let over = b"POST / HTTP/1.1\r\nContent-Length: 1001\r\n\r\n";
+    let over = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1001\r\n\r\n";
     assert_eq!(
         parse_head(&mut BytesMut::from(&over[..]), &limits).err(),
         Some(ParseError::BodyTooLarge)
     );
-    let huge = b"POST / HTTP/1.1\r\nContent-Length: 9999999999999999999\r\n\r\n";
+    let huge = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 9999999999999999999\r\n\r\n";
     assert_eq!(
         parse_head(&mut BytesMut::from(&huge[..]), &limits).err(),
         Some(ParseError::BodyTooLarge)
@@ -408,19 +435,31 @@ fn declared_body_over_limit_is_413() {
 #[test]
 fn keep_alive_rules() {
     let cases: &[(&[u8], bool)] = &[
-        (b"GET / HTTP/1.1\r\n\r\n", true),
-        (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", false),
-        (b"GET / HTTP/1.1\r\nConnection: Close\r\n\r\n", false),
+        (b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", true),
         (
-            b"GET / HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
             false,
         ),
         (
-            b"GET / HTTP/1.1\r\nConnection: upgrade\r\nConnection: close\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Close\r\n\r\n",
             false,
         ),
-        (b"GET / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n", true),
-        (b"GET / HTTP/1.1\r\nConnection: closed\r\n\r\n", true),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, close\r\n\r\n",
+            false,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nConnection: close\r\n\r\n",
+            false,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\n\r\n",
+            true,
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: closed\r\n\r\n",
+            true,
+        ),
         (b"GET / HTTP/1.0\r\n\r\n", false),
         (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true),
         (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", true),
@@ -445,11 +484,13 @@ fn keep_alive_rules() {
 
 #[test]
 fn expect_continue_only_on_http11() {
-    let h = parse_ok(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+    let h = parse_ok(
+        b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+    );
     assert!(h.expect_continue);
     let h = parse_ok(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
     assert!(!h.expect_continue);
-    let h = parse_ok(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n");
+    let h = parse_ok(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n");
     assert!(!h.expect_continue);
 }
 
@@ -476,9 +517,9 @@ fn drain_requests(buf: &mut BytesMut) -> Vec<Request> {
 fn pipelined_requests_in_one_buffer() {
     let mut buf = BytesMut::from(
         &b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n\
-POST /two HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
-POST /three HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
-GET /four HTTP/1.1\r\nConnection: close\r\n\r\nGET /fi"[..],
+POST /two HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+POST /three HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+GET /four HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET /fi"[..],
     );
     let reqs = drain_requests(&mut buf);
     let paths: Vec<&[u8]> = reqs.iter().map(|r| &r.path[..]).collect();
@@ -491,7 +532,9 @@ GET /four HTTP/1.1\r\nConnection: close\r\n\r\nGET /fi"[..],
 
 #[test]
 fn two_requests_in_one_buffer() {
-    let mut buf = BytesMut::from(&b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"[..]);
+    let mut buf = BytesMut::from(
+        &b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+    );
     let reqs = drain_requests(&mut buf);
     assert_eq!(reqs.len(), 2);
     assert_eq!(&reqs[1].path[..], b"/b");
@@ -525,7 +568,7 @@ proptest! {
     fn header_lines_from_token_soup_never_panic(
         lines in proptest::collection::vec("[ -~\t]{0,40}", 0..12)
     ) {
-        let mut raw = b"POST / HTTP/1.1\r\n".to_vec();
+        let mut raw = b"POST / HTTP/1.1\r\nHost: h\r\n".to_vec();
         for l in &lines {
             raw.extend_from_slice(l.as_bytes());
             raw.extend_from_slice(b"\r\n");

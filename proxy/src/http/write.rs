@@ -9,7 +9,8 @@
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::HeaderValue;
+use super::ascii::push_decimal;
+use super::message::HeaderValue;
 
 /// How the body after this head is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +39,7 @@ pub fn write_head(
     date: &[u8],
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    push_u64(out, u64::from(status));
+    push_decimal(out, u64::from(status));
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -58,7 +59,7 @@ pub fn write_head(
         BodyKind::NoBody | BodyKind::UntilClose => {}
         BodyKind::Length(n) => {
             out.extend_from_slice(b"Content-Length: ");
-            push_u64(out, n);
+            push_decimal(out, n);
             out.extend_from_slice(b"\r\n");
         }
         BodyKind::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
@@ -81,20 +82,6 @@ fn is_framing_header(name: &str) -> bool {
     ["content-length", "transfer-encoding", "connection", "date"]
         .iter()
         .any(|h| name.eq_ignore_ascii_case(h))
-}
-
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// Appends the size line of one chunk: `<hex>\r\n`.

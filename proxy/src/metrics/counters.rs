@@ -98,6 +98,17 @@ pub struct BridgeStats {
     pub queue_full: AtomicU64,
 }
 
+/// Facts of the listeners themselves (written by the accept loops, the TLS
+/// handshakes and the `SIGHUP` reload; never per request).
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub tls_handshake_failures: AtomicU64,
+    pub tls_reloads: AtomicU64,
+    pub tls_reload_failures: AtomicU64,
+    /// Connections closed at accept by `IBEX_MAX_CONNS_PER_IP`.
+    pub per_ip_refused: AtomicU64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

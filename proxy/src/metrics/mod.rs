@@ -7,5 +7,7 @@
 mod counters;
 mod render;
 
-pub use counters::{BridgeStats, Counter, Histogram, WorkerMetrics, LATENCY_BOUNDS_US};
+pub use counters::{
+    BridgeStats, Counter, Histogram, ListenerStats, WorkerMetrics, LATENCY_BOUNDS_US,
+};
 pub use render::Registry;

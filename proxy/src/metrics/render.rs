@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 
-use super::counters::{BridgeStats, Histogram, WorkerMetrics, LATENCY_BOUNDS_US, STATUSES};
+use super::counters::{
+    BridgeStats, Histogram, ListenerStats, WorkerMetrics, LATENCY_BOUNDS_US, STATUSES,
+};
 use crate::ratelimit::RateLimitStats;
 use crate::routes::RouteId;
 use crate::upstream::{render_prometheus as render_upstream, UpstreamStats};
@@ -24,6 +26,7 @@ pub struct Registry {
     workers: Mutex<Vec<Worker>>,
     bridge: Mutex<Option<Arc<BridgeStats>>>,
     ledger: Mutex<Option<Arc<crate::ledger::Shared>>>,
+    listeners: Mutex<Option<Arc<ListenerStats>>>,
 }
 
 impl Registry {
@@ -51,6 +54,12 @@ impl Registry {
     pub fn register_ledger(&self, ledger: Arc<crate::ledger::Shared>) {
         if let Ok(mut l) = self.ledger.lock() {
             *l = Some(ledger);
+        }
+    }
+
+    pub fn register_listeners(&self, stats: Arc<ListenerStats>) {
+        if let Ok(mut l) = self.listeners.lock() {
+            *l = Some(stats);
         }
     }
 
@@ -97,6 +106,11 @@ impl Registry {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 l.stats.render(now_ms, &mut out);
+            }
+        }
+        if let Ok(listeners) = self.listeners.lock() {
+            if let Some(l) = listeners.as_ref() {
+                listener_stats(&mut out, l);
             }
         }
         out
@@ -284,6 +298,35 @@ fn bridge_stats(out: &mut String, b: &BridgeStats) {
         "ibex_proxy_authd_queue_full_total {}",
         b.queue_full.load(Relaxed)
     );
+}
+
+/// The listeners' counters: TLS handshakes and reloads, the per-address cap.
+fn listener_stats(out: &mut String, l: &ListenerStats) {
+    for (name, help, value) in [
+        (
+            "ibex_proxy_tls_handshake_failures_total",
+            "TLS handshakes on the public listener that failed or timed out.",
+            &l.tls_handshake_failures,
+        ),
+        (
+            "ibex_proxy_tls_reloads_total",
+            "SIGHUP reloads of the TLS certificate and key that succeeded.",
+            &l.tls_reloads,
+        ),
+        (
+            "ibex_proxy_tls_reload_failures_total",
+            "SIGHUP reloads refused (the previous certificate stays in use).",
+            &l.tls_reload_failures,
+        ),
+        (
+            "ibex_proxy_conns_per_ip_refused_total",
+            "Connections closed at accept by IBEX_MAX_CONNS_PER_IP.",
+            &l.per_ip_refused,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", value.load(Relaxed));
+    }
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -12,18 +12,8 @@ use uuid::Uuid;
 use super::breaker::Permit;
 use super::decision::Failure;
 use super::lease::{self, Lease, MAX_ENTRIES};
+use super::state::{Entry, Outcome, Shared};
 use super::window::Window;
-use super::Shared;
-
-/// How an acquisition ended, told to the checks waiting for it.
-pub(super) type Outcome = Result<(), Failure>;
-
-/// One org's lease on this worker and the checks waiting for its
-/// acquisition in flight.
-pub(super) struct Entry {
-    pub(super) lease: Lease,
-    pub(super) waiters: Vec<oneshot::Sender<Outcome>>,
-}
 
 /// What a check does next, decided without awaiting.
 pub(super) enum Step {

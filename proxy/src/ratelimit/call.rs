@@ -11,8 +11,9 @@ use super::conn::Event;
 use super::decision::{Failure, RateDecision};
 use super::resp::Frame;
 use super::script::SCRIPT;
+use super::state::Shared;
 use super::window::Window;
-use super::Shared;
+use crate::http::ascii::Decimal;
 
 impl Shared {
     /// Adds `n` to the window's count in Redis and returns the count,
@@ -48,7 +49,7 @@ impl Shared {
 
     /// Runs the script adding `n` and returns the window's count.
     async fn count(&self, org: &Uuid, window: &Window, n: u64, now: u64) -> Result<u64, Failure> {
-        let units = itoa_u64(n);
+        let units = Decimal::new(n);
         let deadline = monoio::time::Instant::now() + self.config.timeout;
         let rx = {
             let mut key = self.key.borrow_mut();
@@ -143,45 +144,6 @@ impl Shared {
                     tracing::warn!(events = count, error = %err, "Redis connection failed; rate limiting fails open until it is back");
                 }
             }
-        }
-    }
-}
-
-/// `n` in decimal without allocating.
-fn itoa_u64(mut n: u64) -> ItoaBuf {
-    let mut buf = ItoaBuf {
-        bytes: [0; 20],
-        start: 20,
-    };
-    loop {
-        buf.start -= 1;
-        buf.bytes[buf.start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return buf;
-        }
-    }
-}
-
-struct ItoaBuf {
-    bytes: [u8; 20],
-    start: usize,
-}
-
-impl ItoaBuf {
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[self.start..]
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn units_are_written_in_decimal() {
-        for n in [0u64, 1, 9, 10, 64, 1234, u64::MAX] {
-            assert_eq!(itoa_u64(n).as_bytes(), n.to_string().as_bytes());
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The limiter's settings and their defaults, stated once here
-//! (`IBEX_REDIS_URL`, `IBEX_REDIS_TIMEOUT`; the rest are fixed).
+//! The limiter's settings: the URL and timeout as configured (their
+//! defaults are stated once, in [`crate::config`]), fixed constants for the
+//! rest.
 
 use std::fmt;
 use std::time::Duration;
@@ -31,13 +32,13 @@ pub struct RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5);
-
-    /// Defaults for everything but the URL.
-    pub fn new(redis_url: impl Into<String>) -> Self {
+    /// The URL and timeout as configured (`IBEX_REDIS_URL`,
+    /// `IBEX_REDIS_TIMEOUT`, whose defaults [`crate::config`] states); the
+    /// limiter's fixed constants for the rest.
+    pub fn new(redis_url: impl Into<String>, timeout: Duration) -> Self {
         Self {
             redis_url: redis_url.into(),
-            timeout: Self::DEFAULT_TIMEOUT,
+            timeout,
             breaker_failures: 5,
             breaker_open: Duration::from_secs(1),
             max_pending: 4096,
@@ -52,12 +53,6 @@ impl RateLimitConfig {
     /// failing every request open. The message never contains the URL.
     pub fn validate(&self) -> Result<(), String> {
         Target::parse(&self.redis_url).map(|_| ())
-    }
-}
-
-impl Default for RateLimitConfig {
-    fn default() -> Self {
-        Self::new("redis://127.0.0.1:6379/0")
     }
 }
 
@@ -85,10 +80,11 @@ mod tests {
 
     #[test]
     fn debug_of_config_hides_a_password_in_the_url() {
-        let cfg = RateLimitConfig::new("redis://:hunter2@127.0.0.1:6379/0");
+        let t = Duration::from_millis(25);
+        let cfg = RateLimitConfig::new("redis://:hunter2@127.0.0.1:6379/0", t);
         assert!(!format!("{cfg:?}").contains("hunter2"));
-        assert!(format!("{:?}", RateLimitConfig::new("redis://127.0.0.1:1/2")).contains(":1/2"));
+        assert!(format!("{:?}", RateLimitConfig::new("redis://127.0.0.1:1/2", t)).contains(":1/2"));
         assert!(cfg.validate().is_ok());
-        assert!(RateLimitConfig::new("http://x").validate().is_err());
+        assert!(RateLimitConfig::new("http://x", t).validate().is_err());
     }
 }

@@ -42,46 +42,26 @@ mod call;
 mod config;
 mod decision;
 mod script;
+mod state;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
-use self::admit::{Entry, Step};
+use self::admit::Step;
 use self::breaker::{Breaker, Permit, WarnThrottle};
 use self::conn::{Conn, DriveTiming, Phase, Target};
 use self::decision::Failure;
+use self::state::Shared;
 use self::window::{Window, KEY_TTL_MS};
+use crate::clock::Clock;
 pub use config::RateLimitConfig;
 pub use decision::{RateDecision, RateLimitStats};
 pub use script::SCRIPT;
-
-type Clock = Rc<dyn Fn() -> u64>;
-
-struct Shared {
-    config: Rc<RateLimitConfig>,
-    stats: Arc<RateLimitStats>,
-    conn: Rc<Conn>,
-    breaker: RefCell<Breaker>,
-    warn: RefCell<WarnThrottle>,
-    /// Reused buffer for the key of the check being sent.
-    key: RefCell<String>,
-    /// Leases by org, bounded by [`lease::MAX_ENTRIES`].
-    leases: RefCell<HashMap<Uuid, Entry>>,
-    sha: String,
-    ttl_arg: String,
-    /// Wall clock (unix ms): decides the window and times the rate that
-    /// sizes leases (a clock going back only restarts the measurement).
-    clock: Clock,
-    /// Monotonic origin for the breaker, the throttle and queue ages, which
-    /// must not jump with (or be frozen by) the wall clock.
-    started: std::time::Instant,
-}
 
 pub struct RateLimiter {
     config: Rc<RateLimitConfig>,
@@ -92,16 +72,12 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    /// Called on the worker thread, inside its monoio runtime.
-    pub fn new(config: Rc<RateLimitConfig>) -> Self {
-        Self::with_clock(config, Rc::new(unix_now_ms))
-    }
-
-    /// Like [`RateLimiter::new`] with the wall clock replaced (tests):
-    /// `clock()` returns unix milliseconds and decides the window and the
-    /// rate measurement behind lease sizes (a frozen clock never leases);
-    /// timeouts and the breaker run on monotonic time.
-    pub fn with_clock(config: Rc<RateLimitConfig>, clock: Rc<dyn Fn() -> u64>) -> Self {
+    /// Called on the worker thread, inside its monoio runtime, with the
+    /// worker's clock ([`crate::ctx::WorkerCtx`]). Its wall time decides the
+    /// window and the rate measurement behind lease sizes (a frozen
+    /// [`crate::clock::FakeClock`] never leases); timeouts and the breaker
+    /// run on the runtime's monotonic time.
+    pub fn new(config: Rc<RateLimitConfig>, clock: Rc<dyn Clock>) -> Self {
         let stats = Arc::new(RateLimitStats::default());
         let conn = Rc::new(Conn::new(config.max_pending));
         let timeout_ms = u64::try_from(config.timeout.as_millis()).unwrap_or(u64::MAX);
@@ -163,7 +139,7 @@ impl RateLimiter {
     pub async fn check(&self, org: &Uuid, limit: u32) -> RateDecision {
         let s = &self.shared;
         s.stats.checks.fetch_add(1, Relaxed);
-        let wall = (s.clock)();
+        let wall = u64::try_from(s.clock.unix_ms()).unwrap_or(0);
         let window = Window::at(wall);
         if limit == 0 {
             s.stats.limited.fetch_add(1, Relaxed);
@@ -226,10 +202,4 @@ impl RateLimiter {
         self.shared.conn.phase() == Phase::Up
             && self.shared.breaker.borrow().state() == breaker::State::Closed
     }
-}
-
-fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

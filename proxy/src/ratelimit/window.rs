@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use uuid::Uuid;
 
-use super::RateDecision;
+use super::decision::RateDecision;
 
 /// Length of a window.
 pub const WINDOW_MS: u64 = 60_000;

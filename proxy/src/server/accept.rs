@@ -1,52 +1,54 @@
-//! One worker's accept loop and its drain: accept while not draining (up to
-//! `max_connections`), spawn a task per connection, and on shutdown stop
-//! accepting, wait up to `drain_timeout`, then abort what is left.
+//! One worker's accept loops and its drain: accept while not draining (up to
+//! `max_connections` per worker and `IBEX_MAX_CONNS_PER_IP` per client
+//! address across the proxy), complete the TLS handshake on the public
+//! listener when TLS is on (within the header timeout), spawn a task per
+//! connection, and on shutdown stop accepting, wait up to `drain_timeout`,
+//! then abort what is left. Worker 0 also serves the admin listener.
 //!
-//! Not here: what happens on a connection ([`super::conn`]).
+//! Not here: what happens on a connection ([`super::conn`]), which is the
+//! same code over TLS or plain TCP.
 
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::conn::{Close, Conn, READ_CHUNK};
+use super::config::ServerConfig;
+use super::conn::{Close, Conn, Shared, READ_CHUNK};
+use super::edge::Edge;
+use super::per_ip::Slot;
 use super::shutdown::WorkerDrain;
-use super::ServerConfig;
-use crate::http::{ConnInfo, DateCache, Service};
+use crate::http::{ConnInfo, DateCache, Listener, Service};
+use crate::tls::WorkerTls;
 
 /// How long aborted connections get to unwind after the drain deadline.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
 /// Pause after an accept error (EMFILE...) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// What one worker's connections share. Lives on one thread.
-pub(super) struct Shared<S> {
-    pub(super) worker: usize,
-    pub(super) cfg: ServerConfig,
-    pub(super) service: S,
-    pub(super) drain: WorkerDrain,
-    pub(super) date: DateCache,
-}
-
-/// The worker's accept loop; returns when drained (or `drain_timeout`).
+/// The worker's accept loops; returns when drained (or `drain_timeout`).
 pub(super) async fn serve<S: Service + 'static>(
     worker: usize,
     cfg: ServerConfig,
+    edge: Edge,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     service: S,
     mut stop: watch::Receiver<bool>,
 ) {
     let drain_timeout = cfg.drain_timeout;
-    let max_connections = cfg.max_connections;
+    let tls = edge.tls.clone().map(WorkerTls::new);
     let shared = Rc::new(Shared {
         worker,
         cfg,
         service,
         drain: WorkerDrain::default(),
         date: DateCache::new(),
+        edge,
+        tls,
     });
 
     let watcher = shared.clone();
@@ -56,28 +58,10 @@ pub(super) async fn serve<S: Service + 'static>(
         watcher.drain.start();
     });
 
-    loop {
-        monoio::select! {
-            _ = shared.drain.started() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    if shared.drain.open() >= max_connections {
-                        tracing::debug!(worker, "connection limit reached: refusing");
-                        drop(stream);
-                        continue;
-                    }
-                    let _ = stream.set_nodelay(true);
-                    shared.drain.conn_opened();
-                    monoio::spawn(connection(stream, peer, shared.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(worker, error = %e, "accept failed");
-                    monoio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
-        }
+    if let Some(admin) = admin {
+        monoio::spawn(accept_loop(shared.clone(), admin, Listener::Admin));
     }
-    drop(listener);
+    accept_loop(shared.clone(), listener, Listener::Public).await;
     tracing::debug!(
         worker,
         open = shared.drain.open(),
@@ -98,6 +82,49 @@ pub(super) async fn serve<S: Service + 'static>(
     }
 }
 
+/// Accepts on one listener until the drain starts, then closes it.
+async fn accept_loop<S: Service + 'static>(
+    shared: Rc<Shared<S>>,
+    listener: TcpListener,
+    kind: Listener,
+) {
+    let worker = shared.worker;
+    loop {
+        monoio::select! {
+            _ = shared.drain.started() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if shared.drain.open() >= shared.cfg.max_connections {
+                        tracing::debug!(worker, "connection limit reached: refusing");
+                        drop(stream);
+                        continue;
+                    }
+                    // The admin listener is the operator's: no per-address cap.
+                    let slot = match kind {
+                        Listener::Admin => None,
+                        Listener::Public => match shared.edge.per_ip.acquire(peer.ip()) {
+                            Some(slot) => Some(slot),
+                            None => {
+                                tracing::debug!(worker, "per-address connection cap: refusing");
+                                drop(stream);
+                                continue;
+                            }
+                        },
+                    };
+                    let _ = stream.set_nodelay(true);
+                    shared.drain.conn_opened();
+                    let info = ConnInfo { peer, worker, listener: kind };
+                    monoio::spawn(connection(stream, info, slot, shared.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(worker, error = %e, "accept failed");
+                    monoio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+}
+
 /// Decrements the worker's open-connection count however the task ends.
 struct OpenGuard<S>(Rc<Shared<S>>);
 
@@ -107,25 +134,57 @@ impl<S> Drop for OpenGuard<S> {
     }
 }
 
+/// One accepted connection, start to end: on the public listener with TLS
+/// on, the handshake first, bounded by the header timeout (a client that
+/// never finishes it is closed like one that never sends a head); then the
+/// same connection loop over TLS or plain TCP.
 async fn connection<S: Service + 'static>(
     stream: TcpStream,
-    peer: SocketAddr,
+    info: ConnInfo,
+    slot: Option<Slot>,
     shared: Rc<Shared<S>>,
 ) {
     let _open = OpenGuard(shared.clone());
+    let _slot = slot;
+    let tls = match (&shared.tls, info.listener) {
+        (Some(tls), Listener::Public) => tls.acceptor(),
+        _ => return serve_stream(stream, info, &shared).await,
+    };
+    let handshake = monoio::time::timeout(shared.cfg.header_timeout, tls.accept(stream));
+    let stream = monoio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                shared.edge.tls_handshake_failed();
+                tracing::debug!(worker = info.worker, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                shared.edge.tls_handshake_failed();
+                tracing::debug!(worker = info.worker, "TLS handshake timed out");
+                return;
+            }
+        },
+        _ = shared.drain.aborted() => return,
+    };
+    serve_stream(stream, info, &shared).await;
+}
+
+async fn serve_stream<S: Service + 'static, IO: AsyncReadRent + AsyncWriteRent>(
+    stream: IO,
+    info: ConnInfo,
+    shared: &Rc<Shared<S>>,
+) {
     let mut conn = Conn {
         stream,
         buf: BytesMut::with_capacity(READ_CHUNK),
         out: Vec::with_capacity(1024),
-        info: ConnInfo {
-            peer,
-            worker: shared.worker,
-        },
+        info,
     };
     let work = async {
-        match conn.run(&shared).await {
+        match conn.run(shared).await {
             Ok(()) | Err(Close::Silently) => {}
-            Err(Close::Refuse(err)) => conn.refuse(&shared, err).await,
+            Err(Close::Refuse(err)) => conn.refuse(shared, err).await,
         }
     };
     // Past the drain deadline the connection is dropped wherever it is, so

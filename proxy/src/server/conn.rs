@@ -12,16 +12,16 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
-use monoio::net::TcpStream;
 use monoio::time::Instant;
 
-use super::accept::Shared;
+use super::config::ServerConfig;
+use super::edge::Edge;
 use super::shutdown::WorkerDrain;
-use super::ServerConfig;
 use crate::error::{render, ApiError};
 use crate::http::chunked::{ChunkedDecoder, Event};
-use crate::http::{parse_head, BodyFraming, ConnInfo, Head, Method, Service, Version};
+use crate::http::{parse_head, BodyFraming, ConnInfo, DateCache, Head, Method, Service, Version};
 use crate::request_id::{self, RequestId};
+use crate::tls::WorkerTls;
 
 /// Smallest free space offered to a read; below it the buffer grows.
 const MIN_READ: usize = 1024;
@@ -31,6 +31,18 @@ pub(super) const READ_CHUNK: usize = 8 * 1024;
 /// (lingering close, so the client can read the answer before a RST).
 const LINGER_BYTES: usize = 256 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// What one worker's connections share. Lives on one thread.
+pub(super) struct Shared<S> {
+    pub(super) worker: usize,
+    pub(super) cfg: ServerConfig,
+    pub(super) service: S,
+    pub(super) drain: WorkerDrain,
+    pub(super) date: DateCache,
+    pub(super) edge: Edge,
+    /// This worker's view of the TLS configuration (public listener only).
+    pub(super) tls: Option<WorkerTls>,
+}
 
 /// Why a connection loop ends, when it does not end cleanly.
 pub(super) enum Close {
@@ -48,15 +60,17 @@ enum ReadOutcome {
     Failed,
 }
 
-pub(super) struct Conn {
-    pub(super) stream: TcpStream,
+/// One connection's state over any byte stream (plain TCP or TLS: nothing
+/// below knows which).
+pub(super) struct Conn<IO> {
+    pub(super) stream: IO,
     pub(super) buf: BytesMut,
     /// Response bytes waiting for one write ([`super::respond`]).
     pub(super) out: Vec<u8>,
     pub(super) info: ConnInfo,
 }
 
-impl Conn {
+impl<IO: AsyncReadRent + AsyncWriteRent> Conn<IO> {
     pub(super) async fn run<S: Service>(&mut self, shared: &Shared<S>) -> Result<(), Close> {
         let cfg = &shared.cfg;
         // The first request gets `header_timeout` to start, later ones
@@ -165,8 +179,12 @@ impl Conn {
                 // parse_head checked n against the body limit.
                 let n = usize::try_from(n).map_err(|_| Close::Refuse(ApiError::PayloadTooLarge))?;
                 while self.buf.len() < n {
+                    // Grow with what has arrived (doubling), never ahead of it
+                    // by more than a read chunk: a head that only claims a large
+                    // body reserves nothing large before the token is checked.
                     let missing = n - self.buf.len();
-                    self.buf.reserve(missing.min(1 << 20));
+                    self.buf
+                        .reserve(missing.min(self.buf.len().max(READ_CHUNK)));
                     self.read_body_bytes(deadline).await?;
                 }
                 Ok(self.buf.split_to(n).freeze())

@@ -10,7 +10,10 @@
 //! request means ([`crate::chain`]).
 
 mod accept;
+mod config;
 mod conn;
+mod edge;
+pub mod per_ip;
 mod respond;
 mod runtime;
 mod shutdown;
@@ -20,83 +23,88 @@ mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
+pub use config::ServerConfig;
 pub use shutdown::ShutdownHandle;
 
-use crate::http::{Limits, Service};
+pub use edge::ReloadHook;
 
-/// Everything the server needs; `Default` gives the documented defaults on
-/// `0.0.0.0:8080`.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// `IBEX_PROXY_LISTEN`; port 0 picks a free port (see [`Server::local_addr`]).
-    pub listen: SocketAddr,
-    /// `IBEX_PROXY_THREADS`: worker threads (default: cores).
-    pub threads: usize,
-    /// Pin worker i to the i-th CPU of the process affinity mask.
-    pub pin_cpus: bool,
-    /// Header bytes (16 KiB), header count (100), body bytes
-    /// (`IBEX_MAX_BODY_BYTES`, 4 MiB).
-    pub limits: Limits,
-    /// From the first byte of a request's head until its end (408 after).
-    pub header_timeout: Duration,
-    /// For the whole body once the head is read (408 after).
-    pub body_timeout: Duration,
-    /// Keep-alive idle time between requests, and the longest a response
-    /// write may stall; the connection is closed after it.
-    pub idle_timeout: Duration,
-    /// After SIGTERM: how long in-flight requests get to finish.
-    pub drain_timeout: Duration,
-    /// Open connections per worker; beyond it new ones are closed at once.
-    pub max_connections: usize,
-    /// Use the legacy (epoll) driver even where io_uring works: for tests of
-    /// the fallback path and for comparisons.
-    pub legacy_driver: bool,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            pin_cpus: false,
-            limits: Limits::default(),
-            header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
-            drain_timeout: Duration::from_secs(10),
-            max_connections: 10_000,
-            legacy_driver: false,
-        }
-    }
-}
+use crate::http::Service;
+use crate::metrics::ListenerStats;
+use crate::tls::TlsState;
+use edge::Edge;
+use per_ip::PerIpLimit;
 
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     cfg: ServerConfig,
     first: std::net::TcpListener,
     local: SocketAddr,
+    admin: Option<(std::net::TcpListener, SocketAddr)>,
+    edge: Edge,
+    reload: Vec<ReloadHook>,
     shutdown: ShutdownHandle,
 }
 
 impl Server {
     /// Binds the first SO_REUSEPORT listener on the calling thread so
     /// `local_addr` is known (port 0 resolved); workers then bind the same
-    /// concrete address with SO_REUSEPORT.
+    /// concrete address with SO_REUSEPORT. Binds the admin listener and loads
+    /// the TLS pair too: an unusable certificate or key refuses to start, with
+    /// an error naming the variable and the file.
     pub fn bind(cfg: ServerConfig) -> std::io::Result<Server> {
+        let tls = match &cfg.tls {
+            Some(files) => Some(
+                TlsState::load(files.clone())
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))?,
+            ),
+            None => None,
+        };
         let first = runtime::bind_reuseport(cfg.listen)?;
         let local = first.local_addr()?;
+        let admin = match cfg.admin_listen {
+            Some(addr) => {
+                let listener = runtime::bind_plain(addr)?;
+                let bound = listener.local_addr()?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
+        let stats = Arc::new(ListenerStats::default());
+        let per_ip = PerIpLimit::new(cfg.max_conns_per_ip, stats.clone());
         Ok(Server {
             cfg,
             first,
             local,
+            admin,
+            edge: Edge { tls, per_ip, stats },
+            reload: Vec::new(),
             shutdown: ShutdownHandle::new(),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The admin listener's bound address, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// Whether the public listener speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.edge.tls.is_some()
+    }
+
+    /// The listeners' own counters (TLS, per-address cap), for `/metrics`.
+    pub fn listener_stats(&self) -> Arc<ListenerStats> {
+        self.edge.stats.clone()
+    }
+
+    /// Runs `hook` on every `SIGHUP`, after the TLS pair is re-read.
+    pub fn on_reload(&mut self, hook: ReloadHook) {
+        self.reload.push(hook);
     }
 
     /// For tests and embedding: stops the server like SIGTERM does.
@@ -115,6 +123,20 @@ impl Server {
         F: Fn(usize) -> S + Send + Sync + 'static,
         S: Service + 'static,
     {
-        runtime::run_workers(self, Arc::new(make))
+        let Server {
+            cfg,
+            first,
+            local,
+            admin,
+            edge,
+            reload,
+            shutdown,
+        } = self;
+        let listeners = runtime::Listeners {
+            first,
+            local,
+            admin: admin.map(|(listener, _)| listener),
+        };
+        runtime::run_workers(cfg, listeners, edge, reload, shutdown, Arc::new(make))
     }
 }

@@ -7,17 +7,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use monoio::io::AsyncWriteRentExt;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
-use super::accept::Shared;
-use super::conn::{Close, Conn};
+use super::conn::{Close, Conn, Shared};
 use crate::http::write::{push_chunk_size, status_has_body};
 use crate::http::{Body, BodyKind, Response, Version};
 
 /// A full body up to this size is copied behind the head: one write.
 const COALESCE_BODY: usize = 16 * 1024;
 
-impl Conn {
+impl<IO: AsyncReadRent + AsyncWriteRent> Conn<IO> {
     /// Writes `self.out` completely, or fails if the peer stalls for `stall`.
     pub(super) async fn flush_out(&mut self, stall: Duration) -> Result<(), Close> {
         let out = std::mem::take(&mut self.out);

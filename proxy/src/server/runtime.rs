@@ -9,8 +9,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 
 use super::accept;
+use super::config::ServerConfig;
+use super::edge::{Edge, ReloadHook};
 use super::shutdown::ShutdownHandle;
-use super::{Server, ServerConfig};
 use crate::http::Service;
 
 const LISTEN_BACKLOG: i32 = 4096;
@@ -21,6 +22,17 @@ const RING_ENTRIES: u32 = 1024;
 pub(super) fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A plain non-blocking listener (no SO_REUSEPORT: one process owns it), for
+/// the admin port.
+pub(super) fn bind_plain(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -133,17 +145,34 @@ impl Drop for ExitGuard {
     }
 }
 
-pub(super) fn run_workers<S, F>(server: Server, make: Arc<F>) -> std::io::Result<()>
+/// The listeners [`super::Server::bind`] bound on the calling thread.
+pub(super) struct Listeners {
+    /// Worker 0's public listener; the others bind `local` with SO_REUSEPORT.
+    pub(super) first: std::net::TcpListener,
+    pub(super) local: SocketAddr,
+    /// The admin listener, served by worker 0.
+    pub(super) admin: Option<std::net::TcpListener>,
+}
+
+/// Runs one worker per thread on `local`; worker 0 takes the `first`
+/// listener, bound already by [`super::Server::bind`], and the admin one.
+pub(super) fn run_workers<S, F>(
+    cfg: ServerConfig,
+    listeners: Listeners,
+    edge: Edge,
+    reload: Vec<ReloadHook>,
+    shutdown: ShutdownHandle,
+    make: Arc<F>,
+) -> std::io::Result<()>
 where
     F: Fn(usize) -> S + Send + Sync + 'static,
     S: Service + 'static,
 {
-    let Server {
-        cfg,
+    let Listeners {
         first,
         local,
-        shutdown,
-    } = server;
+        admin,
+    } = listeners;
     let threads = cfg.threads.max(1);
     let cpus = if cfg.pin_cpus {
         allowed_cpus()
@@ -153,8 +182,11 @@ where
     let (events_tx, mut events) = mpsc::unbounded_channel();
 
     let mut first = Some(first);
+    let mut admin = admin;
     for worker in 0..threads {
         let listener = first.take();
+        let admin = admin.take();
+        let edge = edge.clone();
         let cfg = cfg.clone();
         let make = make.clone();
         let worker_shutdown = shutdown.clone();
@@ -173,7 +205,17 @@ where
                     }
                 }
                 let result = block_on_worker(worker, cfg.legacy_driver, || {
-                    worker_main(worker, cfg, local, listener, make, worker_shutdown, events)
+                    worker_main(WorkerStart {
+                        worker,
+                        cfg,
+                        edge,
+                        local,
+                        first: listener,
+                        admin,
+                        make,
+                        shutdown: worker_shutdown,
+                        events,
+                    })
                 });
                 if let Err(e) = result {
                     let _ = guard.events.send((worker, WorkerEvent::Failed(e)));
@@ -192,18 +234,28 @@ where
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(supervise(threads, &cfg, &shutdown, &mut events))
+    rt.block_on(supervise(
+        threads,
+        &cfg,
+        &edge,
+        &reload,
+        &shutdown,
+        &mut events,
+    ))
 }
 
 async fn supervise(
     threads: usize,
     cfg: &ServerConfig,
+    edge: &Edge,
+    reload: &[ReloadHook],
     shutdown: &ShutdownHandle,
     events: &mut mpsc::UnboundedReceiver<(usize, WorkerEvent)>,
 ) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut stop = shutdown.subscribe();
 
     let mut ready = 0;
@@ -229,20 +281,30 @@ async fn supervise(
     }
     if failure.is_none() {
         tracing::info!(threads, "serving");
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
-            _ = sigint.recv() => tracing::info!("SIGINT: draining"),
-            _ = stop.wait_for(|stopped| *stopped) => tracing::info!("shutdown requested: draining"),
-            Some((worker, event)) = events.recv() => {
-                tracing::error!(worker, "worker stopped unexpectedly: draining the others");
-                match event {
-                    WorkerEvent::Exited => exited += 1,
-                    WorkerEvent::Failed(e) => {
-                        failure.get_or_insert(e);
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+                _ = sigint.recv() => tracing::info!("SIGINT: draining"),
+                _ = sighup.recv() => {
+                    edge.reload_tls();
+                    for hook in reload {
+                        hook();
                     }
-                    WorkerEvent::Ready => {}
+                    continue;
+                }
+                _ = stop.wait_for(|stopped| *stopped) => tracing::info!("shutdown requested: draining"),
+                Some((worker, event)) = events.recv() => {
+                    tracing::error!(worker, "worker stopped unexpectedly: draining the others");
+                    match event {
+                        WorkerEvent::Exited => exited += 1,
+                        WorkerEvent::Failed(e) => {
+                            failure.get_or_insert(e);
+                        }
+                        WorkerEvent::Ready => {}
+                    }
                 }
             }
+            break;
         }
     }
     shutdown.shutdown();
@@ -274,27 +336,54 @@ async fn supervise(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn worker_main<S, F>(
+/// What one worker thread starts with.
+struct WorkerStart<F> {
     worker: usize,
     cfg: ServerConfig,
+    edge: Edge,
     local: SocketAddr,
+    /// The listener bound by [`Server::bind`] (worker 0); others bind their own.
     first: Option<std::net::TcpListener>,
+    /// The admin listener (worker 0 only).
+    admin: Option<std::net::TcpListener>,
     make: Arc<F>,
     shutdown: ShutdownHandle,
     events: mpsc::UnboundedSender<(usize, WorkerEvent)>,
-) -> std::io::Result<()>
+}
+
+async fn worker_main<S, F>(start: WorkerStart<F>) -> std::io::Result<()>
 where
     F: Fn(usize) -> S + Send + Sync + 'static,
     S: Service + 'static,
 {
+    let WorkerStart {
+        worker,
+        cfg,
+        edge,
+        local,
+        first,
+        admin,
+        make,
+        shutdown,
+        events,
+    } = start;
     let listener = match first {
         Some(l) => monoio::net::TcpListener::from_std(l)?,
         None => monoio::net::TcpListener::from_std(bind_reuseport(local)?)?,
     };
+    let admin = admin.map(monoio::net::TcpListener::from_std).transpose()?;
     let service = make(worker);
     let _ = events.send((worker, WorkerEvent::Ready));
-    accept::serve(worker, cfg, listener, service, shutdown.subscribe()).await;
+    accept::serve(
+        worker,
+        cfg,
+        edge,
+        listener,
+        admin,
+        service,
+        shutdown.subscribe(),
+    )
+    .await;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ibex_e2e::http::ResponseHead;
 
 use super::*;
 use crate::http::chunked::decode_all;
@@ -173,7 +174,13 @@ fn test_config() -> ServerConfig {
         body_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),
-        ..ServerConfig::default()
+        pin_cpus: false,
+        limits: crate::http::Limits::default(),
+        max_connections: ServerConfig::MAX_CONNECTIONS,
+        legacy_driver: false,
+        admin_listen: None,
+        tls: None,
+        max_conns_per_ip: 0,
     }
 }
 
@@ -230,21 +237,9 @@ impl Client {
     /// the request was HEAD (no body follows whatever the headers say).
     fn reply(&mut self, head_only: bool) -> Option<Reply> {
         loop {
-            let mut slots = [httparse::EMPTY_HEADER; 32];
-            let mut resp = httparse::Response::new(&mut slots);
-            if let Ok(httparse::Status::Complete(n)) = resp.parse(&self.pending) {
-                let status = resp.code.unwrap_or(0);
-                let headers: Vec<(String, String)> = resp
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_string(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
-                self.pending.drain(..n);
+            if let Ok(Some(head)) = ResponseHead::parse(&self.pending) {
+                let (status, headers) = (head.status, head.headers);
+                self.pending.drain(..head.len);
                 let mut reply = Reply {
                     status,
                     headers,
@@ -323,7 +318,7 @@ fn pipelined_requests_are_answered_in_order() {
         if n == 3 {
             raw.clear();
             raw.extend_from_slice(&get("/p0"));
-            raw.extend_from_slice(b"POST /p1 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+            raw.extend_from_slice(b"POST /p1 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc");
             raw.extend_from_slice(&get("/p2"));
         }
         c.send(&raw);
@@ -338,10 +333,10 @@ fn pipelined_requests_are_answered_in_order() {
 fn request_bodies_content_length_and_chunked() {
     let srv = Running::start(test_config());
     let mut c = Client::new(srv.connect());
-    c.send(b"POST /cl HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello");
+    c.send(b"POST /cl HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello");
     c.send(b" world");
     assert_eq!(c.reply(false).unwrap().text(), "POST /cl 11 hello world");
-    c.send(b"POST /ch HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
+    c.send(b"POST /ch HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
     c.send(b"6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n");
     assert_eq!(c.reply(false).unwrap().text(), "POST /ch 11 hello world");
 }
@@ -350,7 +345,7 @@ fn request_bodies_content_length_and_chunked() {
 fn expect_continue_gets_100_before_the_body() {
     let srv = Running::start(test_config());
     let mut c = Client::new(srv.connect());
-    c.send(b"POST /e HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n");
+    c.send(b"POST /e HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n");
     assert_eq!(c.reply(false).unwrap().status, 100);
     c.send(b"ok");
     assert_eq!(c.reply(false).unwrap().text(), "POST /e 2 ok");
@@ -369,7 +364,7 @@ fn oversized_body_is_413_and_others_are_still_served() {
 
     // Declared too large: answered before the body is read.
     let mut c = Client::new(srv.connect());
-    c.send(b"POST /big HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n");
+    c.send(b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n");
     c.send(&[b'x'; 4096]);
     let r = c.reply(false).unwrap();
     assert_eq!(r.status, 413);
@@ -384,7 +379,7 @@ fn oversized_body_is_413_and_others_are_still_served() {
 
     // Chunked, growing past the limit while being read.
     let mut c = Client::new(srv.connect());
-    c.send(b"POST /big HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+    c.send(b"POST /big HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
     for _ in 0..3 {
         c.send(b"200\r\n");
         c.send(&[b'y'; 0x200]);
@@ -403,22 +398,29 @@ fn malformed_and_oversized_heads_are_refused_and_closed() {
     let srv = Running::start(test_config());
     let cases: &[(&[u8], u16, &str)] = &[
         (
-            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
             400,
             "BAD_REQUEST",
         ),
         (
-            b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\nabc",
             400,
             "BAD_REQUEST",
         ),
         (
-            b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n folded\r\n\r\n",
             400,
             "BAD_REQUEST",
         ),
         (
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            400,
+            "BAD_REQUEST",
+        ),
+        // No Host, a body claimed but never sent: answered from the head alone
+        // (h1spec "Missing Host header"), not after waiting for the body.
+        (
+            b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
             400,
             "BAD_REQUEST",
         ),
@@ -433,7 +435,7 @@ fn malformed_and_oversized_heads_are_refused_and_closed() {
         assert!(c.closed());
     }
     let mut c = Client::new(srv.connect());
-    let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
+    let mut raw = b"GET / HTTP/1.1\r\nHost: h\r\n".to_vec();
     raw.extend_from_slice(format!("X-Big: {}\r\n\r\n", "a".repeat(20_000)).as_bytes());
     c.send(&raw);
     let r = c.reply(false).unwrap();
@@ -467,7 +469,7 @@ fn slow_body_gets_408() {
     };
     let srv = Running::start(cfg);
     let mut c = Client::new(srv.connect());
-    c.send(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc");
+    c.send(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc");
     assert_eq!(c.reply(false).unwrap().status, 408);
     assert!(c.closed());
 }
@@ -492,7 +494,7 @@ fn connection_close_and_http10_rules() {
     let srv = Running::start(test_config());
     // HTTP/1.1 asking to close.
     let mut c = Client::new(srv.connect());
-    c.send(b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n");
+    c.send(b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
     let r = c.reply(false).unwrap();
     assert_eq!(r.header("connection"), Some("close"));
     assert!(c.closed());
@@ -521,7 +523,7 @@ fn connection_close_and_http10_rules() {
 fn head_and_no_content_responses_have_no_body() {
     let srv = Running::start(test_config());
     let mut c = Client::new(srv.connect());
-    c.send(b"HEAD /h HTTP/1.1\r\n\r\n");
+    c.send(b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\n");
     let r = c.reply(true).unwrap();
     assert_eq!(r.header("content-length"), Some("10")); // "HEAD /h 0 "
     c.send(&get("/empty"));
@@ -674,7 +676,7 @@ fn legacy_driver_serves_the_same() {
     assert_eq!(c.reply(false).unwrap().text(), "GET /a 0 ");
     let mut raw = get("/b");
     raw.extend_from_slice(
-        b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
     );
     raw.extend_from_slice(&get("/d"));
     c.send(&raw);
@@ -683,7 +685,7 @@ fn legacy_driver_serves_the_same() {
     }
 
     let mut slow = Client::new(srv.connect());
-    slow.send(b"GET / HTTP/1.1\r\n");
+    slow.send(b"GET / HTTP/1.1\r\nHost: h\r\n");
     assert_eq!(slow.reply(false).unwrap().status, 408);
 
     let mut busy = Client::new(srv.connect());

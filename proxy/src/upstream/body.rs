@@ -13,13 +13,15 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::Clock;
+
 use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 
 use super::conn::{Conn, Pool};
 use super::stats::UpstreamStats;
+use super::target::UpstreamRoute;
 use super::usage::Scanner;
-use super::UpstreamRoute;
 use crate::http::chunked::{ChunkedDecoder, Event};
 use crate::http::BodyStream;
 
@@ -54,6 +56,8 @@ pub struct Record {
     pub route: UpstreamRoute,
     pub status: u16,
     pub started: Instant,
+    /// The worker's clock, which `started` was read from.
+    pub clock: Rc<dyn Clock>,
     pub ttfb: Duration,
     pub streamed: bool,
     pub bytes: u64,
@@ -100,7 +104,7 @@ impl Drop for Record {
             model,
             upstream_status = self.status,
             ttfb_ms = self.ttfb.as_secs_f64() * 1e3,
-            total_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            total_ms = self.clock.now().saturating_duration_since(self.started).as_secs_f64() * 1e3,
             streamed = self.streamed,
             body_bytes = self.bytes,
             outcome = self.outcome,
@@ -126,7 +130,6 @@ pub struct BodyReader {
 
 impl BodyReader {
     /// `buf` holds whatever was read past the response head.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         conn: Conn,
         buf: BytesMut,

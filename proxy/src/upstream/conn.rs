@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,10 @@ use monoio::BufResult;
 use monoio_rustls::{ClientTlsStream, TlsConnector};
 use rustls::pki_types::ServerName;
 
+use super::dns::Resolver;
 use super::stats::UpstreamStats;
 use super::target::{Scheme, Target};
+use crate::clock::Clock;
 
 /// Idle connections kept per worker.
 const MAX_IDLE: usize = 64;
@@ -29,9 +31,6 @@ const MAX_IDLE: usize = 64;
 /// providers close idle keep-alive connections after about a minute, and a
 /// request on a connection they are closing costs a retry.
 const MAX_IDLE_AGE: Duration = Duration::from_secs(30);
-/// How long a DNS answer is reused (the lookup blocks the worker, so it is
-/// done only when a new connection is needed and the answer is stale).
-const DNS_TTL: Duration = Duration::from_secs(30);
 
 pub enum Conn {
     Plain(TcpStream),
@@ -94,13 +93,16 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::C
 }
 
 pub struct Connector {
-    target: Target,
     tls: Option<(TlsConnector, ServerName<'static>)>,
-    dns: RefCell<Option<(Vec<SocketAddr>, Instant)>>,
+    dns: Resolver,
 }
 
 impl Connector {
-    pub fn new(target: Target, tls: Option<Arc<rustls::ClientConfig>>) -> anyhow::Result<Self> {
+    pub fn new(
+        target: Target,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        clock: Rc<dyn Clock>,
+    ) -> anyhow::Result<Self> {
         let tls = match (target.scheme, tls) {
             (Scheme::Http, _) => None,
             (Scheme::Https, Some(config)) => {
@@ -111,35 +113,15 @@ impl Connector {
             (Scheme::Https, None) => bail!("https upstream without a TLS configuration"),
         };
         Ok(Self {
-            target,
             tls,
-            dns: RefCell::new(None),
+            dns: Resolver::new(target.host, target.port, clock),
         })
-    }
-
-    fn addrs(&self) -> io::Result<Vec<SocketAddr>> {
-        if let Ok(ip) = self.target.host.parse::<std::net::IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, self.target.port)]);
-        }
-        if let Some((addrs, at)) = self.dns.borrow().as_ref() {
-            if at.elapsed() < DNS_TTL {
-                return Ok(addrs.clone());
-            }
-        }
-        let addrs: Vec<SocketAddr> = (self.target.host.as_str(), self.target.port)
-            .to_socket_addrs()?
-            .collect();
-        if addrs.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, "no address"));
-        }
-        *self.dns.borrow_mut() = Some((addrs.clone(), Instant::now()));
-        Ok(addrs)
     }
 
     /// Opens a fresh connection (TCP, then the TLS handshake if https).
     pub async fn connect(&self) -> io::Result<Conn> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-        for addr in self.addrs()? {
+        for &addr in self.dns.addrs().await?.iter() {
             match TcpStream::connect_addr(addr).await {
                 Ok(tcp) => {
                     tcp.set_nodelay(true)?;
@@ -155,8 +137,8 @@ impl Connector {
                 Err(e) => last = e,
             }
         }
-        // A stale DNS answer may be why: look up again next time.
-        self.dns.borrow_mut().take();
+        // A stale DNS answer may be why: refresh it (off the worker).
+        self.dns.mark_stale();
         Err(last)
     }
 }
@@ -170,13 +152,15 @@ struct Idle {
 pub struct Pool {
     idle: RefCell<Vec<Idle>>,
     stats: Arc<UpstreamStats>,
+    clock: Rc<dyn Clock>,
 }
 
 impl Pool {
-    pub fn new(stats: Arc<UpstreamStats>) -> Self {
+    pub fn new(stats: Arc<UpstreamStats>, clock: Rc<dyn Clock>) -> Self {
         Self {
             idle: RefCell::new(Vec::new()),
             stats,
+            clock,
         }
     }
 
@@ -184,7 +168,11 @@ impl Pool {
     pub fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.borrow_mut();
         let found = match idle.pop() {
-            Some(entry) if entry.since.elapsed() < MAX_IDLE_AGE => Some(entry.conn),
+            Some(entry)
+                if self.clock.now().saturating_duration_since(entry.since) < MAX_IDLE_AGE =>
+            {
+                Some(entry.conn)
+            }
             Some(_) => {
                 // Older ones sit below it: all of them are stale.
                 idle.clear();
@@ -204,7 +192,7 @@ impl Pool {
         }
         idle.push(Idle {
             conn,
-            since: Instant::now(),
+            since: self.clock.now(),
         });
         self.stats.set_idle(idle.len());
     }

@@ -8,7 +8,7 @@
 //!
 //! Layout: [`target`] parses the base URL; [`request`] renders the request
 //! head and strips what must not leave the proxy; [`conn`] opens and pools
-//! connections; [`response`] parses the response head strictly; [`body`]
+//! connections, with addresses from [`dns`] (looked up off the worker); [`response`] parses the response head strictly; [`body`]
 //! frames the body (chunked with [`crate::http::chunked`]) and streams it; [`usage`] meters it on
 //! the way; [`stats`] renders `/metrics`.
 //!
@@ -17,6 +17,7 @@
 
 mod body;
 mod conn;
+mod dns;
 pub mod request;
 pub mod response;
 mod stats;
@@ -31,6 +32,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use monoio::buf::IoBufMut;
 use secrecy::ExposeSecret;
 
+use crate::clock::Clock;
 use crate::http::{Body, Request, Response};
 use crate::ledger::meter::{Meter, Pending};
 use body::{BodyError, BodyReader, Decoder, Record};
@@ -38,6 +40,7 @@ use conn::{Conn, Connector, Pool};
 use request::HeadPrefix;
 use response::{Framing, ResponseHead};
 pub use stats::{render_prometheus, UpstreamStats};
+pub use target::UpstreamRoute;
 use usage::Scanner;
 
 /// Largest non-streamed body held in memory; a bigger one is refused (502).
@@ -57,13 +60,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// `IBEX_UPSTREAM_IDLE_TIMEOUT`: between body chunks.
     pub idle_timeout: Duration,
-}
-
-/// Which upstream route: `<base>/chat/completions` or `<base>/models`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamRoute {
-    ChatCompletions,
-    Models,
+    /// `IBEX_UPSTREAM_ORGANIZATION` / `IBEX_UPSTREAM_PROJECT`.
+    pub operator: request::OperatorHeaders,
 }
 
 /// Facts about the caller the upstream module needs for headers, metering
@@ -94,6 +92,8 @@ enum SendError {
 
 pub struct Upstream {
     config: Rc<UpstreamConfig>,
+    /// The worker's clock: request timings for the log and the histograms.
+    clock: Rc<dyn Clock>,
     connector: Connector,
     pool: Rc<Pool>,
     stats: Arc<UpstreamStats>,
@@ -104,25 +104,29 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Called on the worker thread, inside its monoio runtime. Fails on a
-    /// bad URL, a key that cannot go in a header, or unusable TLS roots.
-    pub fn new(config: Rc<UpstreamConfig>) -> anyhow::Result<Self> {
+    /// Called on the worker thread, inside its monoio runtime, with the
+    /// worker's clock ([`crate::ctx::WorkerCtx`]). Fails on a bad URL, a key
+    /// that cannot go in a header, or unusable TLS roots.
+    pub fn new(config: Rc<UpstreamConfig>, clock: Rc<dyn Clock>) -> anyhow::Result<Self> {
         let target = target::Target::parse(&config.url)?;
         let key = config.api_key.expose_secret();
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             anyhow::bail!("IBEX_UPSTREAM_API_KEY must be printable ASCII without spaces");
         }
+        config.operator.check()?;
         let chat = HeadPrefix::new(
             "POST",
             &target.path_for(UpstreamRoute::ChatCompletions),
             &target.authority,
             key,
+            &config.operator,
         );
         let models = HeadPrefix::new(
             "GET",
             &target.path_for(UpstreamRoute::Models),
             &target.authority,
             key,
+            &config.operator,
         );
         let tls = match target.scheme {
             target::Scheme::Https => Some(Arc::new(conn::tls_config(config.ca_file.as_deref())?)),
@@ -130,13 +134,14 @@ impl Upstream {
         };
         let stats = Arc::new(UpstreamStats::default());
         Ok(Self {
-            connector: Connector::new(target, tls)?,
-            pool: Rc::new(Pool::new(stats.clone())),
+            connector: Connector::new(target, tls, clock.clone())?,
+            pool: Rc::new(Pool::new(stats.clone(), clock.clone())),
             stats,
             chat,
             models,
             config,
             meter: None,
+            clock,
         })
     }
 
@@ -165,7 +170,7 @@ impl Upstream {
         route: UpstreamRoute,
         ctx: ForwardCtx<'_>,
     ) -> Result<Response, UpstreamError> {
-        let started = Instant::now();
+        let started = self.clock.now();
         let (prefix, mut body) = match route {
             UpstreamRoute::ChatCompletions => (&self.chat, req.body.clone()),
             UpstreamRoute::Models => (&self.models, Bytes::new()),
@@ -206,7 +211,7 @@ impl Upstream {
                 return Err(self.failed_metered(pending, e, route, ctx, started));
             }
         };
-        let ttfb = started.elapsed();
+        let ttfb = self.elapsed(started);
         self.stats.response(resp.status, ttfb);
         if let Some(p) = pending.as_mut() {
             p.seen.status = resp.status;
@@ -248,10 +253,14 @@ impl Upstream {
             org = %ctx.org_id,
             route = ?route,
             error = ?err,
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            total_ms = self.elapsed(started).as_secs_f64() * 1e3,
             "upstream failed"
         );
         err
+    }
+
+    fn elapsed(&self, since: Instant) -> Duration {
+        self.clock.now().saturating_duration_since(since)
     }
 
     /// Sends the request on a pooled connection, or a fresh one; a pooled
@@ -280,7 +289,10 @@ impl Upstream {
             .map_err(|_| UpstreamError::Unavailable)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one exchange's parts and timings, passed once from forward"
+    )]
     async fn respond(
         &self,
         conn: Conn,
@@ -305,6 +317,7 @@ impl Upstream {
             route,
             status: head.status,
             started,
+            clock: self.clock.clone(),
             ttfb,
             streamed: false,
             bytes: 0,

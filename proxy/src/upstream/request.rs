@@ -1,39 +1,63 @@
-//! The request head sent upstream, and the header hygiene of SPEC §3: the
-//! client's credentials, every `X-IBEX-*` header and hop-by-hop headers
-//! never leave the proxy; the upstream gets the proxy's own key and the
-//! request id.
+//! The request head sent upstream, and the header hygiene of SPEC §3.1: a
+//! client header reaches the upstream only if it is on the allow-list
+//! ([`FORWARDED`], [`FORWARDED_PREFIXES`]); everything else — credentials,
+//! cookies, every `X-IBEX-*`, hop-by-hop and `Proxy-*` headers,
+//! `X-Forwarded-For`/`Forwarded`, and `OpenAI-Organization`/`OpenAI-Project`
+//! (which of the operator's provider organisations is billed is the
+//! operator's choice, `IBEX_UPSTREAM_ORGANIZATION`/`_PROJECT`) — stays here.
+//! The upstream gets the proxy's own key and the request id.
 //!
-//! The fixed part of each head (request line, `Host`, `Authorization`,
-//! `Accept-Encoding`) is rendered once per route when the [`Upstream`] is
-//! built; a request only appends its own headers. The rendered prefix holds
-//! the API key, so it is never printed (`HeadPrefix` has no `Debug`).
+//! The fixed part of each head (request line, `Host`, `Authorization`, the
+//! operator's organisation and project, `Accept-Encoding`) is rendered once
+//! per route when the [`Upstream`] is built; a request only appends its own
+//! headers. The rendered prefix holds the API key, so it is never printed
+//! (`HeadPrefix` has no `Debug`).
 //!
 //! [`Upstream`]: super::Upstream
 
+use crate::http::ascii::{push_decimal, starts_with_ignore_case};
 use crate::http::{Header, Request};
 
-/// Headers never forwarded from the client, beyond `X-IBEX-*` and `Proxy-*`.
-/// Hop-by-hop (RFC 9110 §7.6.1): connection-level, meaningless past us.
-/// `Host` and `Content-Length` are set by the proxy; `Authorization` is the
-/// client's PAT; `X-Request-ID` is replaced by the validated one; `Expect`
-/// does not apply (the body is already complete); `Cookie` belongs to the
-/// proxy's origin, not the provider's; `Accept-Encoding` is replaced by
+/// Client headers forwarded as they are (compared ASCII-case-insensitively).
+/// `Content-Length` is the proxy's own; `Accept-Encoding` is replaced by
 /// `identity` so usage can always be read from the response.
-const DROPPED: &[&str] = &[
-    "authorization",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-    "x-request-id",
-    "expect",
-    "cookie",
-    "accept-encoding",
+const FORWARDED: &[&str] = &[
+    "content-type",
+    "accept",
+    "user-agent",
+    "openai-beta",
+    "idempotency-key",
 ];
+
+/// Client header name prefixes forwarded: the OpenAI SDKs' own telemetry.
+const FORWARDED_PREFIXES: &[&str] = &["x-stainless-"];
+
+/// The operator's settings that become fixed upstream headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OperatorHeaders {
+    /// `IBEX_UPSTREAM_ORGANIZATION` → `OpenAI-Organization`.
+    pub organization: Option<String>,
+    /// `IBEX_UPSTREAM_PROJECT` → `OpenAI-Project`.
+    pub project: Option<String>,
+}
+
+impl OperatorHeaders {
+    /// Refuses values that cannot go in a header line (naming the variable,
+    /// not the value).
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (var, value) in [
+            ("IBEX_UPSTREAM_ORGANIZATION", &self.organization),
+            ("IBEX_UPSTREAM_PROJECT", &self.project),
+        ] {
+            if let Some(v) = value {
+                if v.is_empty() || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                    anyhow::bail!("{var} must be printable ASCII without spaces");
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Request line and fixed headers for one route, rendered once.
 pub struct HeadPrefix(Vec<u8>);
@@ -41,7 +65,14 @@ pub struct HeadPrefix(Vec<u8>);
 impl HeadPrefix {
     /// `api_key` must already be checked for header-safe bytes; an empty key
     /// sends no `Authorization` (local model servers without auth).
-    pub fn new(method: &str, path: &str, authority: &str, api_key: &str) -> Self {
+    /// `operator` must be [`OperatorHeaders::check`]ed.
+    pub fn new(
+        method: &str,
+        path: &str,
+        authority: &str,
+        api_key: &str,
+        operator: &OperatorHeaders,
+    ) -> Self {
         let mut out = Vec::with_capacity(160);
         for part in [method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n"] {
             out.extend_from_slice(part.as_bytes());
@@ -51,22 +82,29 @@ impl HeadPrefix {
             out.extend_from_slice(api_key.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
+        for (name, value) in [
+            ("OpenAI-Organization", &operator.organization),
+            ("OpenAI-Project", &operator.project),
+        ] {
+            if let Some(v) = value {
+                for part in [name, ": ", v, "\r\n"] {
+                    out.extend_from_slice(part.as_bytes());
+                }
+            }
+        }
         out.extend_from_slice(b"Accept-Encoding: identity\r\n");
         Self(out)
     }
 }
 
-/// True when `name` must not be forwarded (see [`DROPPED`]).
-pub fn is_dropped(name: &[u8]) -> bool {
-    starts_with_ignore_case(name, b"x-ibex-")
-        || starts_with_ignore_case(name, b"proxy-")
-        || DROPPED
+/// True when the client's header `name` may reach the upstream (SPEC §3.1).
+pub fn is_forwarded(name: &[u8]) -> bool {
+    FORWARDED
+        .iter()
+        .any(|f| name.eq_ignore_ascii_case(f.as_bytes()))
+        || FORWARDED_PREFIXES
             .iter()
-            .any(|d| name.eq_ignore_ascii_case(d.as_bytes()))
-}
-
-fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
-    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+            .any(|p| starts_with_ignore_case(name, p.as_bytes()))
 }
 
 /// Headers the client named in `Connection` are hop-by-hop too
@@ -97,7 +135,7 @@ pub fn render_head(
     out.extend_from_slice(b"\r\n");
     if let Some(len) = content_length {
         out.extend_from_slice(b"Content-Length: ");
-        push_decimal(out, len);
+        push_decimal(out, len as u64);
         out.extend_from_slice(b"\r\n");
     }
     let has_connection = req
@@ -105,7 +143,7 @@ pub fn render_head(
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case(b"connection"));
     for Header { name, value } in req.headers.iter() {
-        if is_dropped(name) || (has_connection && named_by_connection(name, req)) {
+        if !is_forwarded(name) || (has_connection && named_by_connection(name, req)) {
             continue;
         }
         out.extend_from_slice(name);
@@ -116,50 +154,35 @@ pub fn render_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
-}
-
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::http::{Headers, Method, Version};
+    use crate::http::Method;
 
     fn req(headers: &[(&str, &str)], body: &'static [u8]) -> Request {
-        Request {
-            method: Method::Post,
-            path: Bytes::from_static(b"/v1/chat/completions"),
-            query: None,
-            version: Version::Http11,
-            headers: Headers(
-                headers
-                    .iter()
-                    .map(|(n, v)| Header {
-                        name: Bytes::copy_from_slice(n.as_bytes()),
-                        value: Bytes::copy_from_slice(v.as_bytes()),
-                    })
-                    .collect(),
-            ),
-            body: Bytes::from_static(body),
-            keep_alive: true,
-        }
+        Request::new(
+            Method::Post,
+            "/v1/chat/completions",
+            headers,
+            Bytes::from_static(body),
+        )
     }
 
     #[test]
-    fn strips_credentials_ibex_and_hop_by_hop_headers() {
-        let prefix = HeadPrefix::new("POST", "/v1/chat/completions", "up.example", "sk-KEY");
+    fn forwards_only_the_allow_list() {
+        let operator = OperatorHeaders {
+            organization: Some("org-operator".to_owned()),
+            project: Some("proj_operator".to_owned()),
+        };
+        let prefix = HeadPrefix::new(
+            "POST",
+            "/v1/chat/completions",
+            "up.example",
+            "sk-KEY",
+            &operator,
+        );
         let r = req(
             &[
                 ("Authorization", "Bearer ibex_pat_client"),
@@ -179,6 +202,15 @@ mod tests {
                 ("Accept", "text/event-stream"),
                 ("User-Agent", "OpenAI/Python 1.0"),
                 ("OpenAI-Beta", "assistants=v2"),
+                ("Idempotency-Key", "idem-1"),
+                ("X-Stainless-Lang", "python"),
+                ("OpenAI-Organization", "org-tenant"),
+                ("OpenAI-Project", "proj_tenant"),
+                ("X-Forwarded-For", "10.0.0.1"),
+                ("Forwarded", "for=10.0.0.1"),
+                ("Cookie", "session=1"),
+                ("X-Custom", "anything"),
+                ("Expect", "100-continue"),
             ],
             b"{}",
         );
@@ -196,6 +228,10 @@ mod tests {
             "Accept: text/event-stream",
             "User-Agent: OpenAI/Python 1.0",
             "OpenAI-Beta: assistants=v2",
+            "Idempotency-Key: idem-1",
+            "X-Stainless-Lang: python",
+            "OpenAI-Organization: org-operator",
+            "OpenAI-Project: proj_operator",
             "Accept-Encoding: identity",
         ] {
             assert!(lines.contains(&want), "missing {want}: {text}");
@@ -214,15 +250,22 @@ mod tests {
             "999",
             "client-chosen",
             "connection",
+            "org-tenant",
+            "proj_tenant",
+            "forwarded",
+            "cookie",
+            "x-custom",
+            "expect",
         ] {
             assert!(!lower.contains(gone), "{gone} leaked: {text}");
         }
         assert_eq!(lower.matches("authorization").count(), 1);
+        assert_eq!(lower.matches("openai-organization").count(), 1);
     }
 
     #[test]
     fn empty_key_sends_no_authorization_and_get_has_no_length() {
-        let prefix = HeadPrefix::new("GET", "/v1/models", "h", "");
+        let prefix = HeadPrefix::new("GET", "/v1/models", "h", "", &OperatorHeaders::default());
         let mut r = req(&[], b"");
         r.method = Method::Get;
         let mut out = Vec::new();
@@ -230,5 +273,20 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(!text.to_ascii_lowercase().contains("authorization"));
         assert!(!text.to_ascii_lowercase().contains("content-length"));
+        assert!(!text.to_ascii_lowercase().contains("openai-organization"));
+    }
+
+    #[test]
+    fn operator_values_must_fit_a_header() {
+        assert!(OperatorHeaders::default().check().is_ok());
+        let bad = OperatorHeaders {
+            organization: Some("org\r\nX-Evil: 1".to_owned()),
+            project: None,
+        };
+        let e = bad.check().unwrap_err().to_string();
+        assert!(
+            e.contains("IBEX_UPSTREAM_ORGANIZATION") && !e.contains("Evil"),
+            "{e}"
+        );
     }
 }

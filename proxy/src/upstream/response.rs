@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 
+use crate::http::ascii::starts_with_ignore_case;
 use crate::http::HeaderValue;
 
 /// Response head bytes the proxy will buffer before refusing (431-like).
@@ -178,10 +179,6 @@ fn parse_content_length(v: &[u8]) -> Option<u64> {
     v.iter().try_fold(0u64, |acc, d| {
         acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })
-}
-
-fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
-    s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 #[cfg(test)]

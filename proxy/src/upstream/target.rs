@@ -5,12 +5,17 @@
 
 use anyhow::{bail, Context};
 
-use super::UpstreamRoute;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     Http,
     Https,
+}
+
+/// Which upstream route: `<base>/chat/completions` or `<base>/models`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamRoute {
+    ChatCompletions,
+    Models,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use ibex_e2e::http::{Conn, Request, Response};
+use ibex_e2e::http::{Conn, Request, Response, ResponseHead};
 use ibex_e2e::{procs, Authd, Postgres, Proxy, Redis};
 use ibex_proto::pb;
 use ibex_proto::pb::auth_service_client::AuthServiceClient;
@@ -322,12 +322,12 @@ impl Ctx {
         Ok(resp)
     }
 
-    /// A keep-alive connection to proxy `p` from this case's address; its exchanges are
-    /// recorded too.
-    pub async fn keep_alive(&self, p: usize) -> Result<KeepAlive> {
+    /// A keep-alive connection to proxy `p` from client address `ip` (deliberate refusals spend
+    /// an address's failure budget: 20 a minute, SPEC §3); its exchanges are recorded too.
+    pub async fn keep_alive_from(&self, p: usize, ip: IpAddr) -> Result<KeepAlive> {
         Ok(KeepAlive {
             ctx: self.clone(),
-            conn: Conn::connect_from(self.env.addr(p), self.ip).await?,
+            conn: Conn::connect_from(self.env.addr(p), ip).await?,
         })
     }
 
@@ -560,42 +560,50 @@ pub fn same_answer(a: &Response, b: &Response) -> Result<()> {
 /// `X-Request-ID` header (which must be there, and be the client's own when it sent a valid one).
 pub fn check_envelope(x: &Exchange) -> Result<()> {
     let r = &x.resp;
+    // SEC-6.4: the header is there.
     let rid = r
         .header("x-request-id")
-        .ok_or_else(|| anyhow!("no X-Request-ID"))?;
+        .ok_or_else(|| anyhow!("SEC-6.4: no X-Request-ID"))?;
+    // SEC-6.1: JSON.
     ensure!(
         r.header("content-type")
             .is_some_and(|ct| ct.split(';').next().unwrap_or("").trim() == "application/json"),
-        "Content-Type is {:?}",
+        "SEC-6.1: Content-Type is {:?}",
         r.header("content-type")
     );
+    // SEC-6.2: the body matches the ErrorResponse schema exactly — one top-level `error`
+    // object with exactly `code` (UPPER_SNAKE), `message` (non-empty) and `request_id`.
     let body = r.json()?;
     let top = body
         .as_object()
         .ok_or_else(|| anyhow!("body is not an object"))?;
-    ensure!(top.len() == 1, "envelope has other top-level keys: {body}");
+    ensure!(
+        top.len() == 1,
+        "SEC-6.2: envelope has other top-level keys: {body}"
+    );
     let err = top
         .get("error")
         .and_then(|e| e.as_object())
-        .ok_or_else(|| anyhow!("no error object: {body}"))?;
+        .ok_or_else(|| anyhow!("SEC-6.2: no error object: {body}"))?;
     let mut keys: Vec<&str> = err.keys().map(String::as_str).collect();
     keys.sort_unstable();
     ensure!(
         keys == ["code", "message", "request_id"],
-        "error keys are {keys:?}"
+        "SEC-6.2: error keys are {keys:?}"
     );
     let code = err["code"].as_str().unwrap_or("");
     ensure!(
         !code.is_empty() && code.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'),
-        "code {code:?} is not an UPPER_SNAKE code"
+        "SEC-6.2: code {code:?} is not an UPPER_SNAKE code"
     );
     ensure!(
         err["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "message missing"
+        "SEC-6.2: message missing"
     );
+    // SEC-6.3: request_id populated and equal to the header.
     ensure!(
         err["request_id"].as_str() == Some(rid),
-        "request_id {} != X-Request-ID {rid}",
+        "SEC-6.3: request_id {} != X-Request-ID {rid}",
         err["request_id"]
     );
     if let Some(sent) = &x.sent_request_id {
@@ -747,35 +755,17 @@ pub async fn raw_exchange(
 /// One response with a `Content-Length` body (every proxy error is one) from the start of
 /// `buf`: `(response, bytes used)`, or `None` while incomplete.
 fn parse_response(buf: &[u8]) -> Result<Option<(Response, usize)>> {
-    let mut slots = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let head_len = match parsed.parse(buf).context("malformed response head")? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => return Ok(None),
+    let Some(head) = ResponseHead::parse(buf)? else {
+        return Ok(None);
     };
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_owned(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .map(|(_, v)| v.trim().parse())
-        .transpose()
-        .context("bad Content-Length")?
-        .unwrap_or(0);
+    let len = head.content_length()?.unwrap_or(0);
+    let head_len = head.len;
     if buf.len() < head_len + len {
         return Ok(None);
     }
     let resp = Response {
-        status: parsed.code.unwrap_or(0),
-        headers,
+        status: head.status,
+        headers: head.headers,
         body: buf[head_len..head_len + len].to_vec(),
     };
     Ok(Some((resp, head_len + len)))

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ibex_e2e::http::owned_headers;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -226,16 +227,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Optio
         let mut slots = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut slots);
         if let httparse::Status::Complete(head_len) = req.parse(buf)? {
-            let headers: Vec<(String, String)> = req
-                .headers
-                .iter()
-                .map(|h| {
-                    (
-                        h.name.to_owned(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
-                .collect();
+            let headers = owned_headers(req.headers);
             let mut seen = Seen {
                 method: req.method.unwrap_or_default().to_owned(),
                 path: req.path.unwrap_or_default().to_owned(),

@@ -1,14 +1,14 @@
 //! A client reading a chunked (or length-delimited) response as it arrives, for the suites
-//! that check streams event by event (`forwarding.rs`, `ledger.rs`). Uses the including
-//! crate's `WITHIN` deadline and `header` look-up.
+//! that check streams event by event (`forwarding.rs`, `ledger_proxy.rs`). Uses the including
+//! crate's `WITHIN` deadline.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use ibex_e2e::http::Request;
+use ibex_e2e::http::{header, Request, ResponseHead};
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{header, WITHIN};
+use super::WITHIN;
 
 /// A streamed response read as it arrives: what the client has seen so far.
 #[derive(Debug, Clone)]
@@ -73,27 +73,15 @@ impl Streamed {
 /// The response head and the chunks complete so far; `None` until the head is complete.
 /// A non-chunked response counts as complete once its `Content-Length` body is in.
 fn parse_chunked(buf: &[u8]) -> Result<Option<Progress>> {
-    let mut slots = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut slots);
-    let head_len = match parsed.parse(buf).context("malformed response head")? {
-        httparse::Status::Complete(n) => n,
-        httparse::Status::Partial => return Ok(None),
+    let Some(head) = ResponseHead::parse(buf)? else {
+        return Ok(None);
     };
-    let headers: Vec<(String, String)> = parsed
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_owned(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+    let head_len = head.len;
     let mut progress = Progress {
-        status: parsed.code.unwrap_or(0),
+        status: head.status,
         body: Vec::new(),
         complete: false,
-        headers,
+        headers: head.headers,
     };
     let rest = &buf[head_len..];
     let chunked = header(&progress.headers, "transfer-encoding")

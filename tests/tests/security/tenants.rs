@@ -73,14 +73,22 @@ pub async fn sec_3_4_cross_tenant_denials_take_the_same_time(ctx: Ctx) -> Result
     let r33 = Request::get(PROBE)
         .auth(&b.token.pat, &a.agent)
         .header("X-Request-ID", "sec-3-4");
+    // Every refusal here spends the client address's failure budget (20 a minute, SPEC §3):
+    // each keep-alive connection comes from a fresh address and sends at most 9 pairs.
+    const PAIRS_PER_ADDRESS: usize = 9;
     for p in 0..2 {
-        let mut conn = ctx.keep_alive(p).await?;
+        let mut conn = ctx.keep_alive_from(p, ctx.env.fresh_ip()).await?;
         for _ in 0..3 {
             check(&conn.send(&r32).await?, 403, Some("AGENT_NOT_AUTHORIZED"))?;
             check(&conn.send(&r33).await?, 403, Some("AGENT_NOT_AUTHORIZED"))?;
         }
         let (mut t32, mut t33, mut deltas) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..100 {
+            if i % PAIRS_PER_ADDRESS == 0 {
+                conn = ctx.keep_alive_from(p, ctx.env.fresh_ip()).await?;
+                // One untimed pair first, so the new connection is warm like the old one.
+                check(&conn.send(&r32).await?, 403, Some("AGENT_NOT_AUTHORIZED"))?;
+            }
             let mut one = async |req: &Request| -> Result<(Response, f64)> {
                 let t0 = Instant::now();
                 let r = conn.send(req).await?;

@@ -30,6 +30,10 @@ use validate::Call;
 
 /// Validations waiting for the bridge thread; past this, workers answer 503.
 const QUEUE_DEPTH: usize = 4096;
+/// How long [`Bridge::start`] waits for the validation channel to authd to
+/// connect, so the first request of a fresh stack does not pay for it (a
+/// refused connection returns at once; authd down only delays the start).
+const CONNECT_AT_START: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
@@ -48,8 +52,9 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Starts the bridge thread. Fails on an unusable authd URL; authd being
-    /// down is not an error (calls answer 503 until it is up).
+    /// Starts the bridge thread and waits (up to [`CONNECT_AT_START`]) for
+    /// its channel to authd. Fails on an unusable authd URL; authd being down
+    /// is not an error (logged; calls answer 503 until it is up).
     pub fn start(config: BridgeConfig) -> anyhow::Result<Bridge> {
         let endpoint = Endpoint::from_shared(config.authd_url.clone())?
             .connect_timeout(Duration::from_secs(1))
@@ -64,9 +69,17 @@ impl Bridge {
             .thread_name("ibex-authd-bridge")
             .build()?;
         let (subs, st) = (subscribers.clone(), stats.clone());
+        let (connected_tx, connected) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("ibex-authd-bridge".into())
-            .spawn(move || runtime.block_on(serve(endpoint, config, rx, subs, st)))?;
+            .spawn(move || runtime.block_on(serve(endpoint, config, rx, subs, st, connected_tx)))?;
+        match connected.recv_timeout(CONNECT_AT_START + Duration::from_secs(1)) {
+            Ok(true) => tracing::debug!("authd channel connected"),
+            _ => tracing::warn!(
+                "authd not reachable at start; serving anyway (uncached credentials answer 503 \
+                 AUTH_UNAVAILABLE until it is)"
+            ),
+        }
         Ok(Bridge {
             calls,
             subscribers,
@@ -90,12 +103,14 @@ impl Bridge {
 }
 
 /// The bridge thread: the feed on its own task, the validation loop here.
+/// The validation channel is connected first (reported on `connected`).
 async fn serve(
     endpoint: Endpoint,
     config: BridgeConfig,
     calls: mpsc::Receiver<Call>,
     subscribers: Subscribers,
     stats: Arc<BridgeStats>,
+    connected: std::sync::mpsc::Sender<bool>,
 ) {
     // The feed gets its own connection so a slow validation can never delay
     // an invalidation (and vice versa).
@@ -105,5 +120,16 @@ async fn serve(
         subscribers,
         stats,
     ));
-    validate::run(endpoint, calls).await;
+    let endpoint = validate::endpoint(endpoint);
+    let channel = match tokio::time::timeout(CONNECT_AT_START, endpoint.connect()).await {
+        Ok(Ok(channel)) => {
+            let _ = connected.send(true);
+            channel
+        }
+        _ => {
+            let _ = connected.send(false);
+            endpoint.connect_lazy()
+        }
+    };
+    validate::run(channel, calls).await;
 }

@@ -12,7 +12,7 @@ use ibex_proto::pb;
 use ibex_proto::pb::auth_service_client::AuthServiceClient;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
 use crate::auth::backend::{
@@ -83,11 +83,16 @@ impl AuthBackend for BridgeClient {
     }
 }
 
+/// The validation channel's endpoint. Workers give up after
+/// `IBEX_AUTH_VALIDATE_TIMEOUT`; [`CALL_TIMEOUT`] only makes sure a call authd
+/// never answers cannot hold its permit forever.
+pub(super) fn endpoint(endpoint: Endpoint) -> Endpoint {
+    endpoint.timeout(CALL_TIMEOUT)
+}
+
 /// The bridge thread's validation loop, until every worker's client is gone.
-pub(super) async fn run(endpoint: Endpoint, mut calls: mpsc::Receiver<Call>) {
-    // Workers give up after IBEX_AUTH_VALIDATE_TIMEOUT; this bound only makes
-    // sure a call authd never answers cannot hold its permit forever.
-    let client = AuthServiceClient::new(endpoint.timeout(CALL_TIMEOUT).connect_lazy());
+pub(super) async fn run(channel: Channel, mut calls: mpsc::Receiver<Call>) {
+    let client = AuthServiceClient::new(channel);
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(call) = calls.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
