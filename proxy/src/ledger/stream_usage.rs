@@ -28,7 +28,7 @@ struct Probe<'a> {
 /// the body goes as the client sent it.
 pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     // Most chat bodies are not streams: skip the parse unless the key is there at all.
-    if !body.windows(8).any(|w| w == b"\"stream\"") {
+    if memchr::memmem::find(body, b"\"stream\"").is_none() {
         return None;
     }
     let probe: Probe<'_> = serde_json::from_slice(body).ok()?;
