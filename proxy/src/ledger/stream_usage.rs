@@ -28,9 +28,7 @@ struct Probe<'a> {
 /// the body goes as the client sent it.
 pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     // Most chat bodies are not streams: skip the parse unless the key is there at all.
-    if memchr::memmem::find(body, b"\"stream\"").is_none() {
-        return None;
-    }
+    memchr::memmem::find(body, b"\"stream\"")?;
     let probe: Probe<'_> = serde_json::from_slice(body).ok()?;
     if probe.stream != Some(serde_json::Value::Bool(true)) {
         return None;
