@@ -20,7 +20,7 @@
 //!
 //! | date       | record | meter | ask_for_usage_plain | ask_for_usage_stream |
 //! |------------|--------|-------|---------------------|----------------------|
-//! | 2026-12-01 | see perf/RESULTS.md (ledger) |
+//! | 2026-12-01 | 283–381 ns | 0.75–1.37 µs | 142 ns | 775–823 ns |
 
 #![expect(
     clippy::expect_used,
