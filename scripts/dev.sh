@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The local dev stack behind `make dev` and friends. Everything lives under .ibex/ (git-ignored):
 #
-#   .ibex/env          ports chosen once + IBEX_ADMIN_KEY (mode 600)
+#   .ibex/env          ports chosen once + IBEX_ADMIN_KEY and IBEX_SERVICE_KEY (mode 600)
 #   .ibex/pg/          private Postgres cluster (owned by the postgres user when we are root)
 #   .ibex/redis/       private redis-server (no persistence)
 #   .ibex/dev.env      `export IBEX_DEV_*=` lines from `ibexctl seed` (mode 600)
@@ -83,12 +83,17 @@ pick_port() {
     die "no free port found"
 }
 
-# Creates .ibex/env once (ports + admin key), then loads it and derives the URLs.
+# 64 random hex characters.
+random_hex() {
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'
+}
+
+# Creates .ibex/env once (ports + admin and service keys), then loads it and derives the URLs.
 load_env() {
     mkdir -p "$DEV"
     if [ ! -f "$DEV/env" ]; then
         local key
-        key="ibex-admin-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+        key="ibex-admin-$(random_hex)"
         (
             umask 077
             cat >"$DEV/env" <<ENV
@@ -99,6 +104,10 @@ IBEX_ADMIN_KEY=$key
 ENV
         )
     fi
+    # An .ibex/env from before the service key existed: add one (authd and the proxy need it).
+    if ! grep -q '^IBEX_SERVICE_KEY=' "$DEV/env"; then
+        (umask 077 && echo "IBEX_SERVICE_KEY=ibex-service-$(random_hex)" >>"$DEV/env")
+    fi
     # shellcheck disable=SC1091
     . "$DEV/env"
     PG_PORT="$IBEX_DEV_PG_PORT"
@@ -106,7 +115,7 @@ ENV
     PGDIR="$DEV/pg"
     PGDATA="$PGDIR/data"
     PGSOCK="$PGDIR/sock"
-    export IBEX_ADMIN_KEY
+    export IBEX_ADMIN_KEY IBEX_SERVICE_KEY
     export IBEX_DATABASE_ADMIN_URL="postgres://postgres@127.0.0.1:$PG_PORT/ibex"
     export IBEX_DATABASE_URL="postgres://ibex_app@127.0.0.1:$PG_PORT/ibex"
     export IBEX_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
@@ -310,11 +319,12 @@ up() {
     check_listen_free ibex-proxy "$PROXY_ADMIN_LISTEN"
     start_daemon ibex-authd "http://$AUTHD_HTTP_LISTEN/health" env \
         IBEX_DATABASE_URL="$IBEX_DATABASE_URL" IBEX_ADMIN_KEY="$IBEX_ADMIN_KEY" \
-        IBEX_AUTHD_GRPC_LISTEN="$AUTHD_GRPC_LISTEN" IBEX_AUTHD_HTTP_LISTEN="$AUTHD_HTTP_LISTEN" \
+        IBEX_SERVICE_KEY="$IBEX_SERVICE_KEY" IBEX_AUTHD_GRPC_LISTEN="$AUTHD_GRPC_LISTEN" IBEX_AUTHD_HTTP_LISTEN="$AUTHD_HTTP_LISTEN" \
         "$BIN/ibex-authd"
     start_daemon ibex-proxy "http://$PROXY_LISTEN/health" env \
         IBEX_PROXY_LISTEN="$PROXY_LISTEN" IBEX_PROXY_ADMIN_LISTEN="$PROXY_ADMIN_LISTEN" \
-        IBEX_AUTHD_GRPC="$IBEX_AUTHD_GRPC" IBEX_REDIS_URL="$IBEX_REDIS_URL" IBEX_AUTH_VALIDATE_TIMEOUT="$AUTH_VALIDATE_TIMEOUT" \
+        IBEX_AUTHD_GRPC="$IBEX_AUTHD_GRPC" IBEX_SERVICE_KEY="$IBEX_SERVICE_KEY" \
+        IBEX_REDIS_URL="$IBEX_REDIS_URL" IBEX_AUTH_VALIDATE_TIMEOUT="$AUTH_VALIDATE_TIMEOUT" \
         "$BIN/ibex-proxy"
     # What dev-smoke needs to know about the running proxy (nothing secret).
     {

@@ -4,16 +4,22 @@
 //! verified; a lookup succeeds only when the presented token's digest matches it, compared in
 //! constant time. So the id alone never unlocks anything, and one id holds one entry.
 //!
-//! Entries are bounded (two generations of at most `capacity / 2` each: when the young one fills,
-//! the old one is dropped — a cheap approximation of LRU with O(1) work per call) and are removed
-//! by the invalidation feed: a token change, an org change (its rpm budget) or a feed reconnect
-//! (events may have been missed). Every removal bumps an epoch; a cold validation inserts only if
-//! the epoch is unchanged since it read the database, so an invalidation that raced with it can
-//! never be undone by a stale insert. Expiry is re-checked by the caller on every hit.
+//! Entries are bounded by `moka`'s TinyLFU policy: a newcomer is admitted over an existing entry
+//! only if it has been asked for more often, so one org churning through thousands of new tokens
+//! (each validated once or twice) cannot flush the tokens every other org validates all the time
+//! (`cache_resists_one_orgs_churn` measures it). Each entry lives at most `max_age`
+//! (`IBEX_AUTHD_CACHE_MAX_AGE`), so a change made without the NOTIFY triggers is seen within it.
+//! Entries are removed by the invalidation feed: a token change, an org change (its rpm budget) or
+//! a feed reconnect (events may have been missed). Every removal bumps an epoch under a write
+//! lock; a cold validation inserts only if the epoch is unchanged since it read the database
+//! (checked and inserted under the read lock), so an invalidation that raced with it can never be
+//! undone by a stale insert. Lookups take no lock of ours. Expiry is re-checked by the caller on
+//! every hit.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::RwLock;
+use std::time::Duration;
 
+use moka::sync::Cache;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -54,44 +60,28 @@ pub struct Hit {
     pub hash_fp: [u8; 32],
 }
 
-#[derive(Default)]
-struct Inner {
-    young: HashMap<Uuid, Entry>,
-    old: HashMap<Uuid, Entry>,
-    epoch: u64,
-}
-
 pub struct VerifiedCache {
-    inner: Mutex<Inner>,
-    generation_cap: usize,
+    entries: Cache<Uuid, Entry>,
+    /// Invalidation epoch; write-locked by removals, read-locked by checked inserts.
+    epoch: RwLock<u64>,
 }
 
 impl VerifiedCache {
-    /// A cache holding at most `capacity` entries.
-    pub fn new(capacity: usize) -> Self {
+    /// A cache holding at most `capacity` entries, each for at most `max_age`.
+    pub fn new(capacity: usize, max_age: Duration) -> Self {
         VerifiedCache {
-            inner: Mutex::new(Inner::default()),
-            generation_cap: (capacity / 2).max(1),
+            entries: Cache::builder()
+                .max_capacity(u64::try_from(capacity).unwrap_or(u64::MAX))
+                .time_to_live(max_age)
+                .support_invalidation_closures()
+                .build(),
+            epoch: RwLock::new(0),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that grants
-        // access (every mutation is a single insert/remove), so recover from poisoning.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The entry for `id` if `digest` is the digest that verified.
     pub fn get(&self, id: Uuid, digest: &TokenDigest) -> Option<Hit> {
-        let mut inner = self.lock();
-        let entry = match inner.young.get(&id) {
-            Some(entry) => entry.clone(),
-            None => {
-                let entry = inner.old.remove(&id)?;
-                inner.promote(id, entry.clone(), self.generation_cap);
-                entry
-            }
-        };
+        let entry = self.entries.get(&id)?;
         bool::from(entry.digest.ct_eq(digest)).then_some(Hit {
             token: entry.token,
             hash_fp: entry.hash_fp,
@@ -100,7 +90,8 @@ impl VerifiedCache {
 
     /// The current invalidation epoch; pass it to [`VerifiedCache::insert_if_current`].
     pub fn epoch(&self) -> u64 {
-        self.lock().epoch
+        // A panic while holding the lock leaves nothing half-done (the epoch is one integer).
+        *self.epoch.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Inserts unless an invalidation happened since `epoch` was read. Returns whether it did.
@@ -111,58 +102,55 @@ impl VerifiedCache {
         hash_fp: [u8; 32],
         token: VerifiedToken,
     ) -> bool {
-        let mut inner = self.lock();
-        if inner.epoch != epoch {
+        let current = self.epoch.read().unwrap_or_else(|e| e.into_inner());
+        if *current != epoch {
             return false;
         }
-        let id = token.token_id;
-        inner.old.remove(&id);
         let entry = Entry {
             digest,
             hash_fp,
             token,
         };
-        inner.promote(id, entry, self.generation_cap);
+        self.entries.insert(entry.token.token_id, entry);
         true
     }
 
+    fn removal(&self) -> std::sync::RwLockWriteGuard<'_, u64> {
+        let mut epoch = self.epoch.write().unwrap_or_else(|e| e.into_inner());
+        *epoch += 1;
+        epoch
+    }
+
     pub fn invalidate_token(&self, id: Uuid) {
-        let mut inner = self.lock();
-        inner.epoch += 1;
-        inner.young.remove(&id);
-        inner.old.remove(&id);
+        let _epoch = self.removal();
+        self.entries.invalidate(&id);
     }
 
     pub fn invalidate_org(&self, org_id: Uuid) {
-        let mut inner = self.lock();
-        inner.epoch += 1;
-        inner.young.retain(|_, e| e.token.org_id != org_id);
-        inner.old.retain(|_, e| e.token.org_id != org_id);
+        let _epoch = self.removal();
+        // Entries inserted before this call that match are never returned again.
+        if self
+            .entries
+            .invalidate_entries_if(move |_, e| e.token.org_id == org_id)
+            .is_err()
+        {
+            self.entries.invalidate_all();
+        }
     }
 
     pub fn clear(&self) {
-        let mut inner = self.lock();
-        inner.epoch += 1;
-        inner.young.clear();
-        inner.old.clear();
+        let _epoch = self.removal();
+        self.entries.invalidate_all();
     }
 
+    /// Entries held (after pending maintenance; for tests and metrics).
     pub fn len(&self) -> usize {
-        let inner = self.lock();
-        inner.young.len() + inner.old.len()
+        self.entries.run_pending_tasks();
+        usize::try_from(self.entries.entry_count()).unwrap_or(usize::MAX)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl Inner {
-    fn promote(&mut self, id: Uuid, entry: Entry, cap: usize) {
-        if self.young.len() >= cap && !self.young.contains_key(&id) {
-            self.old = std::mem::take(&mut self.young);
-        }
-        self.young.insert(id, entry);
     }
 }
 
@@ -184,7 +172,7 @@ mod tests {
 
     #[test]
     fn hit_needs_the_matching_digest() {
-        let cache = VerifiedCache::new(16);
+        let cache = VerifiedCache::new(16, Duration::from_secs(600));
         let t = token(Uuid::new_v4());
         assert!(cache.insert_if_current(cache.epoch(), [1; 32], [9; 32], t.clone()));
         let hit = cache.get(t.token_id, &[1; 32]).expect("hit");
@@ -199,7 +187,7 @@ mod tests {
 
     #[test]
     fn invalidation_removes_and_blocks_racing_inserts() {
-        let cache = VerifiedCache::new(16);
+        let cache = VerifiedCache::new(16, Duration::from_secs(600));
         let org = Uuid::new_v4();
         let (a, b) = (token(org), token(Uuid::new_v4()));
         let epoch = cache.epoch();
@@ -221,22 +209,61 @@ mod tests {
         assert!(cache.is_empty());
     }
 
-    #[test]
-    fn bounded_and_recently_used_entries_survive() {
-        let cache = VerifiedCache::new(100);
-        let keep = token(Uuid::new_v4());
-        cache.insert_if_current(cache.epoch(), [7; 32], [0; 32], keep.clone());
-        for i in 0..10_000u32 {
-            let mut t = token(Uuid::new_v4());
-            t.rpm_limit = i;
-            cache.insert_if_current(cache.epoch(), [0; 32], [0; 32], t);
-            if i % 10 == 0 {
-                assert!(
-                    cache.get(keep.token_id, &[7; 32]).is_some(),
-                    "evicted at {i}"
-                );
+    /// Active tokens validated a few times, then one org creates and validates `churn` new
+    /// tokens once each; returns how many of the 500 active entries are still cached.
+    fn survivors(capacity: usize, churn: usize) -> usize {
+        let cache = VerifiedCache::new(capacity, Duration::from_secs(600));
+        let active: Vec<VerifiedToken> = (0..500).map(|_| token(Uuid::new_v4())).collect();
+        for t in &active {
+            cache.insert_if_current(cache.epoch(), [7; 32], [0; 32], t.clone());
+        }
+        for _ in 0..4 {
+            for t in &active {
+                assert!(cache.get(t.token_id, &[7; 32]).is_some());
             }
-            assert!(cache.len() <= 100);
+        }
+        let churner = Uuid::new_v4();
+        for _ in 0..churn {
+            let t = token(churner);
+            cache.insert_if_current(cache.epoch(), [1; 32], [0; 32], t.clone());
+            let _ = cache.get(t.token_id, &[1; 32]);
+        }
+        assert!(cache.len() <= capacity);
+        active
+            .iter()
+            .filter(|t| cache.get(t.token_id, &[7; 32]).is_some())
+            .count()
+    }
+
+    #[test]
+    fn cache_resists_one_orgs_churn() {
+        // The case scaled down: 50k new tokens against a 100k cache is churn of half the
+        // capacity; the old two-generation cache lost every entry not touched during it. Twice the
+        // capacity must still leave the active entries; far more ages the frequency sketch.
+        let capacity = 1_000;
+        for churn in [capacity / 2, capacity * 2, capacity * 5, capacity * 20] {
+            println!(
+                "capacity {capacity}: {} of 500 active entries kept after {churn} churn inserts",
+                survivors(capacity, churn)
+            );
+        }
+        let kept = survivors(capacity, capacity * 2);
+        assert!(
+            kept >= 450,
+            "only {kept}/500 active entries survived the churn"
+        );
+    }
+
+    #[test]
+    fn entries_expire_after_the_max_age() {
+        let cache = VerifiedCache::new(16, Duration::from_millis(50));
+        let t = token(Uuid::new_v4());
+        cache.insert_if_current(cache.epoch(), [1; 32], [0; 32], t.clone());
+        assert!(cache.get(t.token_id, &[1; 32]).is_some());
+        let start = std::time::Instant::now();
+        while cache.get(t.token_id, &[1; 32]).is_some() {
+            assert!(start.elapsed() < Duration::from_secs(10), "never expired");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

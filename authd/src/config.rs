@@ -1,6 +1,8 @@
 //! authd's configuration: every `IBEX_*` variable it reads, with its default (`--help` lists them).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use secrecy::SecretString;
@@ -26,10 +28,37 @@ pub struct AuthdConfig {
     )]
     pub database_url: String,
 
-    /// Operator key for platform-level calls (CreateOrg, first tokens). Unset: admin calls are
-    /// refused. Only its SHA-256 is kept in memory.
+    /// Operator key for platform-level calls (CreateOrg, first tokens), at least 32 characters.
+    /// Unset: admin calls are refused. Only its SHA-256 is kept in memory.
     #[arg(long, env = "IBEX_ADMIN_KEY", hide_env_values = true, value_parser = parse_secret)]
     pub admin_key: Option<SecretString>,
+
+    /// Service key the proxies present on ValidateToken, ValidateAgent and WatchInvalidations
+    /// (metadata `x-ibex-service-key`). Required, at least 32 characters. Only its SHA-256 is
+    /// kept in memory.
+    #[arg(long, env = "IBEX_SERVICE_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub service_key: Option<SecretString>,
+
+    /// PEM certificate chain for gRPC over TLS (with IBEX_AUTHD_TLS_KEY_FILE). Unset: plaintext.
+    #[arg(long, env = "IBEX_AUTHD_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key for gRPC over TLS (with IBEX_AUTHD_TLS_CERT_FILE).
+    #[arg(long, env = "IBEX_AUTHD_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Most unrevoked tokens one org may hold; CreateToken past it is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IBEX_MAX_TOKENS_PER_ORG", default_value_t = 10_000)]
+    pub max_tokens_per_org: u32,
+
+    /// Most agents one org may hold; CreateAgent past it is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IBEX_MAX_AGENTS_PER_ORG", default_value_t = 10_000)]
+    pub max_agents_per_org: u32,
+
+    /// Longest authd trusts a verified token from its own cache before re-reading it (catches
+    /// changes made without the NOTIFY triggers, e.g. a restore).
+    #[arg(long, env = "IBEX_AUTHD_CACHE_MAX_AGE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub cache_max_age: Duration,
 
     /// Requests per minute for orgs created without an explicit budget.
     #[arg(long, env = "IBEX_DEFAULT_RPM", default_value_t = 600)]
@@ -73,6 +102,12 @@ mod tests {
             "IBEX_AUTHD_HTTP_LISTEN",
             "IBEX_DATABASE_URL",
             "IBEX_ADMIN_KEY",
+            "IBEX_SERVICE_KEY",
+            "IBEX_AUTHD_TLS_CERT_FILE",
+            "IBEX_AUTHD_TLS_KEY_FILE",
+            "IBEX_MAX_TOKENS_PER_ORG",
+            "IBEX_MAX_AGENTS_PER_ORG",
+            "IBEX_AUTHD_CACHE_MAX_AGE",
             "IBEX_DEFAULT_RPM",
             "IBEX_ENV",
             "IBEX_LOG",
@@ -80,5 +115,6 @@ mod tests {
             assert!(help.contains(var), "{var} missing from --help:\n{help}");
         }
         assert!(help.contains("127.0.0.1:9091") && help.contains("600"));
+        assert!(help.contains("10000") && help.contains("10m"));
     }
 }

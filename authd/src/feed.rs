@@ -18,7 +18,7 @@ use futures::StreamExt;
 use ibex_proto::pb::{self, invalidation_event::Kind};
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
 use crate::cache::VerifiedCache;
@@ -182,16 +182,16 @@ impl Feed {
     /// Runs the listener until shutdown: connect, LISTEN, heartbeat, reconnect on loss.
     pub async fn run(
         self: Arc<Self>,
-        config: tokio_postgres::Config,
+        database: crate::store::Database,
         cache: Arc<VerifiedCache>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut config = config;
-        config.application_name(APPLICATION_NAME);
+        let mut database = database;
+        database.config.application_name(APPLICATION_NAME);
         let mut backoff = BACKOFF_MIN;
         loop {
             let started = Instant::now();
-            match self.listen_once(&config, &cache, &mut shutdown).await {
+            match self.listen_once(&database, &cache, &mut shutdown).await {
                 Ok(()) => return,
                 Err(err) => {
                     tracing::warn!(error = %err, "invalidation LISTEN connection lost; heartbeats stopped")
@@ -211,12 +211,15 @@ impl Feed {
 
     async fn listen_once(
         &self,
-        config: &tokio_postgres::Config,
+        database: &crate::store::Database,
         cache: &VerifiedCache,
         shutdown: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
-        let (client, mut connection) =
-            tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await??;
+        let (client, mut connection) = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            database.config.connect(database.connector.clone()),
+        )
+        .await??;
         let (notify_tx, mut notify_rx) = mpsc::channel::<String>(NOTIFY_BUFFER);
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -288,7 +291,7 @@ mod tests {
     #[test]
     fn dispatch_updates_the_cache_and_fans_out() {
         let feed = Feed::new();
-        let cache = VerifiedCache::new(8);
+        let cache = VerifiedCache::new(8, Duration::from_secs(600));
         let mut rx = feed.subscribe();
         let (org, token) = (Uuid::new_v4(), Uuid::new_v4());
         cache.insert_if_current(

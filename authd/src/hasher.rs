@@ -21,6 +21,10 @@ pub const T_COST: u32 = 2;
 pub const P_COST: u32 = 1;
 /// Cold validations allowed to wait per core once every core is busy verifying.
 pub const QUEUE_PER_CORE: usize = 1;
+/// New-token hashes running at once (one core at most, whatever the machine).
+pub const CREATE_WORKERS: usize = 1;
+/// Creations allowed to wait for [`CREATE_WORKERS`]; past this, RESOURCE_EXHAUSTED.
+pub const CREATE_QUEUE: usize = 32;
 
 /// The Argon2 pool is saturated: refuse now, the caller may retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -63,7 +67,15 @@ pub fn verify_blocking(secret: &str, phc: &str) -> bool {
 pub struct HashPool {
     run: Arc<Semaphore>,
     admission: Arc<Semaphore>,
+    create_run: Arc<Semaphore>,
+    create_admission: Arc<Semaphore>,
     dummy: Arc<str>,
+}
+
+/// A reserved place in the creation queue, held for the whole CreateToken call.
+pub struct Creation {
+    run: Arc<Semaphore>,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// A reserved place in the pool; [`Admission::verify`] uses it.
@@ -81,6 +93,8 @@ impl HashPool {
         Ok(HashPool {
             run: Arc::new(Semaphore::new(workers)),
             admission: Arc::new(Semaphore::new(workers * (1 + QUEUE_PER_CORE))),
+            create_run: Arc::new(Semaphore::new(CREATE_WORKERS)),
+            create_admission: Arc::new(Semaphore::new(CREATE_WORKERS + CREATE_QUEUE)),
             dummy: dummy.into(),
         })
     }
@@ -101,8 +115,20 @@ impl HashPool {
         })
     }
 
-    /// Hashes a new secret on the pool, waiting for a worker (management path, not admission
-    /// controlled: it is authenticated and rare).
+    /// Reserves a place in the creation queue or refuses at once.
+    pub fn admit_creation(&self) -> Result<Creation, Busy> {
+        let permit = Arc::clone(&self.create_admission)
+            .try_acquire_owned()
+            .map_err(|_| Busy)?;
+        Ok(Creation {
+            run: Arc::clone(&self.create_run),
+            _permit: permit,
+        })
+    }
+}
+
+impl Creation {
+    /// Hashes a new secret on the creation pool (never the validation pool).
     pub async fn hash(&self, secret: SecretString) -> Result<String, HashError> {
         let run = Arc::clone(&self.run)
             .acquire_owned()
@@ -173,5 +199,21 @@ mod tests {
             .expect("dummy verify runs");
         assert!(!ok, "the dummy verify always says no");
         drop(second);
+    }
+
+    #[tokio::test]
+    async fn creation_has_its_own_bounded_queue() {
+        let pool = HashPool::new(1).expect("pool");
+        let held: Vec<Creation> = (0..CREATE_WORKERS + CREATE_QUEUE)
+            .map(|_| pool.admit_creation().expect("a place"))
+            .collect();
+        assert!(matches!(pool.admit_creation(), Err(Busy)));
+        // Validation admission is untouched by a full creation queue.
+        let admission = pool.admit().expect("validation still admitted");
+        drop(admission);
+        let phc = held[0].hash(SecretString::from("s")).await.expect("hashes");
+        assert!(verify_blocking("s", &phc));
+        drop(held);
+        assert!(pool.admit_creation().is_ok());
     }
 }

@@ -1,4 +1,5 @@
-//! authd's tiny HTTP side: `GET /health` (the process serves) and `GET /ready` (Postgres answers).
+//! authd's tiny HTTP side: `GET /health` (the process serves), `GET /ready` (Postgres answers)
+//! and `GET /metrics` (refusal counters, Prometheus text).
 //!
 //! Hand-rolled on purpose: two fixed routes, one request per connection, bounded bytes, time and
 //! connections. Not a general HTTP server.
@@ -11,12 +12,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::authz::Refusals;
+
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const MAX_CONNECTIONS: usize = 64;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub async fn serve(listener: TcpListener, pool: Pool, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    pool: Pool,
+    refusals: Arc<Refusals>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
@@ -34,14 +42,34 @@ pub async fn serve(listener: TcpListener, pool: Pool, mut shutdown: watch::Recei
             continue; // Over the limit: drop the connection.
         };
         let pool = pool.clone();
+        let refusals = Arc::clone(&refusals);
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = tokio::time::timeout(READ_TIMEOUT, handle(stream, &pool)).await;
+            let _ = tokio::time::timeout(READ_TIMEOUT, handle(stream, &pool, &refusals)).await;
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, pool: &Pool) -> std::io::Result<()> {
+/// Prometheus text for the refusal counters.
+pub fn metrics_text(refusals: &Refusals) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    format!(
+        "# HELP ibex_authd_service_key_refusals_total Internal calls refused for a missing or wrong service key.\n\
+         # TYPE ibex_authd_service_key_refusals_total counter\n\
+         ibex_authd_service_key_refusals_total {}\n\
+         # HELP ibex_authd_admin_key_refusals_total Management calls with a wrong operator key.\n\
+         # TYPE ibex_authd_admin_key_refusals_total counter\n\
+         ibex_authd_admin_key_refusals_total {}\n\
+         # HELP ibex_authd_admin_key_throttled_total Operator-key attempts refused by the per-address throttle.\n\
+         # TYPE ibex_authd_admin_key_throttled_total counter\n\
+         ibex_authd_admin_key_throttled_total {}\n",
+        refusals.service_key.load(Relaxed),
+        refusals.admin_key.load(Relaxed),
+        refusals.admin_throttled.load(Relaxed),
+    )
+}
+
+async fn handle(mut stream: TcpStream, pool: &Pool, refusals: &Refusals) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -59,6 +87,10 @@ async fn handle(mut stream: TcpStream, pool: &Pool) -> std::io::Result<()> {
     let (method, path) = (parts.next(), parts.next());
     match (method, path) {
         (Some(b"GET"), Some(b"/health")) => respond(&mut stream, 200, r#"{"status":"ok"}"#).await,
+        (Some(b"GET"), Some(b"/metrics")) => {
+            let body = metrics_text(refusals);
+            respond_as(&mut stream, 200, "text/plain; version=0.0.4", &body).await
+        }
         (Some(b"GET"), Some(b"/ready")) => {
             if ready(pool).await {
                 respond(&mut stream, 200, r#"{"status":"ready"}"#).await
@@ -88,6 +120,15 @@ async fn ready(pool: &Pool) -> bool {
 }
 
 async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Result<()> {
+    respond_as(stream, status, "application/json", body).await
+}
+
+async fn respond_as(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -96,7 +137,7 @@ async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> std::io::Re
         _ => "Service Unavailable",
     };
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );

@@ -5,7 +5,7 @@
 //! status codes) and [`authz`] (who is calling) → [`validator`] (the ValidateToken decision) over
 //! [`cache`], [`throttle`], [`hasher`] → [`store`] (every SQL statement) and [`audit`].
 //! [`feed`] turns Postgres NOTIFY into the WatchInvalidations stream; [`usage`] batches
-//! `last_used_at`. [`ctl`] is ibexctl.
+//! `last_used_at`; [`pgtls`] turns a DSN's `sslmode` into a rustls connector. [`ctl`] is ibexctl.
 
 pub mod audit;
 pub mod authz;
@@ -18,6 +18,7 @@ pub mod http;
 pub mod ledger;
 pub mod pat;
 pub mod perms;
+pub mod pgtls;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::authz::{self, AdminKeyDigest, Caller};
+use crate::authz::{self, AdminKeyDigest, Caller, KeyDigest, Refusals};
 use crate::cache::VerifiedToken;
 use crate::feed::Feed;
 use crate::hasher;
@@ -20,16 +20,49 @@ use crate::ledger;
 use crate::pat;
 use crate::perms;
 use crate::store::{self, NewToken, StoreError};
+use crate::throttle::{AdminThrottle, ClientKey};
 use crate::validator::{Outcome, ValidateError, Validator};
 
 /// Names are bounded so no input grows memory or rows without limit.
 pub const MAX_NAME_LEN: usize = 200;
+/// Concurrent WatchInvalidations streams; past this, RESOURCE_EXHAUSTED.
+pub const MAX_SUBSCRIBERS: usize = 256;
+/// Metadata on a RESOURCE_EXHAUSTED from ValidateToken saying why: `throttled` (this address
+/// failed too often on this id: its own doing) or `busy` (authd is saturated).
+pub const REFUSAL_HEADER: &str = "x-ibex-refusal";
+
+/// Per-org quotas (SPEC §6).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_tokens_per_org: u32,
+    pub max_agents_per_org: u32,
+}
 
 pub struct Service {
     pub validator: Arc<Validator>,
     pub admin: Option<AdminKeyDigest>,
+    pub service_key: KeyDigest,
+    pub refusals: Arc<Refusals>,
+    pub admin_throttle: AdminThrottle,
+    pub limits: Limits,
     pub default_rpm: u32,
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// The gRPC peer's address as a throttle key.
+fn peer<T>(request: &Request<T>) -> ClientKey {
+    request
+        .remote_addr()
+        .map_or(ClientKey::Unknown, |addr| ClientKey::from_ip(addr.ip()))
+}
+
+fn refused(message: &'static str, reason: &'static str) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    status.metadata_mut().insert(
+        REFUSAL_HEADER,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    status
 }
 
 fn uuid_arg(field: &str, value: &str) -> Result<Uuid, Status> {
@@ -61,6 +94,7 @@ fn store_status(err: StoreError, not_found: &str) -> Status {
     match err {
         StoreError::NotFound => Status::not_found(not_found.to_owned()),
         StoreError::Invalid(what) => Status::invalid_argument(what),
+        StoreError::Quota(what) => Status::resource_exhausted(what),
         other => {
             tracing::error!(error = %other, "database error");
             Status::unavailable("database unavailable")
@@ -109,7 +143,17 @@ fn opt_id(value: Option<Uuid>) -> String {
 
 impl Service {
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        authz::caller(request.metadata(), self.admin.as_ref(), &self.validator).await
+        let gate = authz::Gate {
+            admin: self.admin.as_ref(),
+            admin_throttle: &self.admin_throttle,
+            refusals: &self.refusals,
+            validator: &self.validator,
+        };
+        authz::caller(request.metadata(), peer(request), &gate).await
+    }
+
+    fn internal<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        authz::require_service_key(request.metadata(), &self.service_key, &self.refusals)
     }
 }
 
@@ -121,12 +165,19 @@ impl AuthService for Service {
         &self,
         request: Request<pb::ValidateTokenRequest>,
     ) -> Result<Response<pb::ValidateTokenResponse>, Status> {
-        let token = request.into_inner().token;
-        let outcome = match self.validator.validate(&token).await {
+        self.internal(&request)?;
+        let from_peer = peer(&request);
+        let req = request.into_inner();
+        let client = ClientKey::parse(&req.client_addr).unwrap_or(from_peer);
+        let outcome = match self.validator.validate(&req.token, client).await {
             Ok(outcome) => outcome,
             Err(ValidateError::Busy) => {
-                return Err(Status::resource_exhausted(
-                    "argon2 pool saturated; retry later",
+                return Err(refused("argon2 pool saturated; retry later", "busy"))
+            }
+            Err(ValidateError::Throttled) => {
+                return Err(refused(
+                    "too many failed attempts for this token from this address; retry later",
+                    "throttled",
                 ))
             }
             Err(ValidateError::Unavailable(err)) => {
@@ -159,6 +210,7 @@ impl AuthService for Service {
         &self,
         request: Request<pb::ValidateAgentRequest>,
     ) -> Result<Response<pb::ValidateAgentResponse>, Status> {
+        self.internal(&request)?;
         let req = request.into_inner();
         let not_found = || {
             Response::new(pb::ValidateAgentResponse {
@@ -214,9 +266,15 @@ impl AuthService for Service {
         let org = uuid_arg("org_id", &req.org_id)?;
         caller.require(org, perms::AGENTS_MANAGE)?;
         let name = name_arg("name", &req.name, true)?;
-        let id = store::create_agent(&self.validator.pool, org, &name, &caller.actor())
-            .await
-            .map_err(|e| store_status(e, "org not found"))?;
+        let id = store::create_agent(
+            &self.validator.pool,
+            org,
+            &name,
+            self.limits.max_agents_per_org,
+            &caller.actor(),
+        )
+        .await
+        .map_err(|e| store_status(e, "org not found"))?;
         tracing::info!(%org, agent = %id, "agent created");
         Ok(Response::new(pb::CreateAgentResponse {
             agent_id: id.to_string(),
@@ -257,6 +315,10 @@ impl AuthService for Service {
         let req = request.get_ref();
         let org = uuid_arg("org_id", &req.org_id)?;
         caller.require(org, perms::TOKENS_MANAGE)?;
+        // Held for the whole creation: hashing and the insert never crowd out validations.
+        let creation = self.validator.hasher.admit_creation().map_err(|_| {
+            Status::resource_exhausted("too many token creations in progress; retry later")
+        })?;
         let permissions = perms::check_known(req.permissions)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let agent_id = optional_uuid("agent_id", &req.agent_id)?;
@@ -278,12 +340,15 @@ impl AuthService for Service {
             return Err(Status::invalid_argument("expires_in_ms must be ≥ 0"));
         }
         let expires_in_ms = (req.expires_in_ms > 0).then_some(req.expires_in_ms);
+        // A token created with a PAT never outlives it.
+        let expires_at_most_ms = match &caller {
+            Caller::Pat(manager) => manager.expires_at_ms,
+            Caller::Admin => None,
+        };
         let name = name_arg("name", &req.name, false)?;
 
         let issued = pat::issue(Uuid::new_v4());
-        let phc = self
-            .validator
-            .hasher
+        let phc = creation
             .hash(issued.secret.clone())
             .await
             .map_err(|e: hasher::HashError| {
@@ -299,7 +364,9 @@ impl AuthService for Service {
             user_id,
             permissions,
             expires_in_ms,
+            expires_at_most_ms,
             secret_hash: &phc,
+            max_tokens: self.limits.max_tokens_per_org,
         };
         let (expires_at_ms, rpm_limit) =
             store::create_token(&self.validator.pool, &new, &caller.actor())
@@ -386,6 +453,8 @@ impl AuthService for Service {
         &self,
         request: Request<pb::RecordUsageRequest>,
     ) -> Result<Response<pb::RecordUsageResponse>, Status> {
+        // Internal: the proxies' shippers, with the service key (SPEC §6).
+        self.internal(&request)?;
         ledger::rpc::record_usage(&self.validator.pool, request.into_inner()).await
     }
 
@@ -413,6 +482,12 @@ impl AuthService for Service {
         &self,
         request: Request<pb::WatchInvalidationsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.internal(&request)?;
+        if self.validator.feed.subscribers() >= MAX_SUBSCRIBERS {
+            return Err(Status::resource_exhausted(
+                "too many invalidation subscribers; retry later",
+            ));
+        }
         let subscriber: String = request
             .get_ref()
             .subscriber

@@ -8,10 +8,10 @@
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::audit::{self, Actor};
+pub use crate::pgtls::Database;
 
 /// Connections in authd's pool.
 pub const POOL_SIZE: usize = 16;
@@ -28,12 +28,26 @@ pub enum StoreError {
     NotFound,
     #[error("{0}")]
     Invalid(&'static str),
+    /// An org quota (IBEX_MAX_TOKENS_PER_ORG, IBEX_MAX_AGENTS_PER_ORG) is reached.
+    #[error("{0}")]
+    Quota(&'static str),
 }
 
-pub fn pool(config: tokio_postgres::Config) -> anyhow::Result<Pool> {
+/// Serialises quota checks of one org (a transaction-scoped advisory lock: no UPDATE grant
+/// needed, released at commit). `kind` keeps token and agent counts apart.
+async fn lock_org_quota(tx: &Transaction<'_>, org: Uuid, kind: i32) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($2::int4, hashtext($1::uuid::text))",
+        &[&org, &kind],
+    )
+    .await?;
+    Ok(())
+}
+
+pub fn pool(database: &Database) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
-        config,
-        NoTls,
+        database.config.clone(),
+        database.connector.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -161,12 +175,26 @@ pub async fn create_agent(
     pool: &Pool,
     org: Uuid,
     name: &str,
+    max_agents: u32,
     actor: &Actor,
 ) -> Result<Uuid, StoreError> {
     let id = Uuid::new_v4();
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     set_org(&tx, org).await?;
+    lock_org_quota(&tx, org, QUOTA_AGENTS).await?;
+    let agents: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM ibex_core.agents WHERE org_id = $1",
+            &[&org],
+        )
+        .await?
+        .try_get(0)?;
+    if agents >= i64::from(max_agents) {
+        return Err(StoreError::Quota(
+            "the org holds IBEX_MAX_AGENTS_PER_ORG agents already",
+        ));
+    }
     tx.execute(
         "INSERT INTO ibex_core.agents (id, org_id, name) VALUES ($1, $2, $3)",
         &[&id, &org, &name],
@@ -221,6 +249,9 @@ pub async fn set_agent_status(
     Ok(())
 }
 
+const QUOTA_TOKENS: i32 = 0x1be7_0002;
+const QUOTA_AGENTS: i32 = 0x1be7_0003;
+
 /// A token about to be stored; `secret_hash` is the Argon2id PHC string.
 pub struct NewToken<'a> {
     pub id: Uuid,
@@ -230,7 +261,11 @@ pub struct NewToken<'a> {
     pub user_id: Option<Uuid>,
     pub permissions: u64,
     pub expires_in_ms: Option<i64>,
+    /// Latest expiry allowed (the creating PAT's own, unix ms); the token gets the earlier one.
+    pub expires_at_most_ms: Option<i64>,
     pub secret_hash: &'a str,
+    /// Most unrevoked tokens the org may hold.
+    pub max_tokens: u32,
 }
 
 /// Stores the token and its audit row; returns (expires_at_ms, org rpm_limit).
@@ -251,11 +286,37 @@ pub async fn create_token(
         .await?
         .ok_or(StoreError::NotFound)?
         .try_get(0)?;
+    if let Some(user) = token.user_id {
+        let found = tx
+            .query_opt(
+                "SELECT 1 FROM ibex_core.users WHERE org_id = $1 AND id = $2",
+                &[&token.org_id, &user],
+            )
+            .await?;
+        if found.is_none() {
+            return Err(StoreError::Invalid("user_id is not a user of this org"));
+        }
+    }
+    lock_org_quota(&tx, token.org_id, QUOTA_TOKENS).await?;
+    let unrevoked: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM ibex_core.tokens WHERE org_id = $1 AND revoked_at IS NULL",
+            &[&token.org_id],
+        )
+        .await?
+        .try_get(0)?;
+    if unrevoked >= i64::from(token.max_tokens) {
+        return Err(StoreError::Quota(
+            "the org holds IBEX_MAX_TOKENS_PER_ORG unrevoked tokens already",
+        ));
+    }
+    // LEAST ignores NULLs: no expiry asked and no cap → never; otherwise the earlier of the two.
     let sql = format!(
         "INSERT INTO ibex_core.tokens \
          (id, org_id, name, agent_id, user_id, permissions, secret_hash, expires_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, \
-                 now() + $8::bigint * interval '1 millisecond') \
+                 LEAST(now() + $8::bigint * interval '1 millisecond', \
+                       to_timestamp($9::bigint / 1000.0))) \
          RETURNING {}",
         ms("expires_at")
     );
@@ -271,6 +332,7 @@ pub async fn create_token(
                 &perms,
                 &token.secret_hash,
                 &token.expires_in_ms,
+                &token.expires_at_most_ms,
             ],
         )
         .await

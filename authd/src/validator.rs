@@ -24,7 +24,7 @@ use crate::feed::Feed;
 use crate::hasher::{Busy, HashPool};
 use crate::pat;
 use crate::store::{self, StoreError, TokenRow};
-use crate::throttle::FailureThrottle;
+use crate::throttle::{ClientKey, GuessThrottle};
 use crate::usage::UsageRecorder;
 
 /// Verified-token cache size.
@@ -41,9 +41,13 @@ pub enum Outcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValidateError {
-    /// The Argon2 pool is saturated or this id is being guessed at: undecided, retry later.
+    /// The Argon2 pool is saturated: undecided, retry later.
     #[error("busy: too many cold validations")]
     Busy,
+    /// This (token id, client address) failed too often: undecided, retry later. Only the
+    /// address that guessed is refused; the holder at another address is not.
+    #[error("throttled: too many failed attempts for this id from this address")]
+    Throttled,
     #[error("unavailable: {0}")]
     Unavailable(String),
 }
@@ -80,13 +84,14 @@ pub struct Validator {
     pub pool: Pool,
     pub hasher: HashPool,
     pub cache: Arc<VerifiedCache>,
-    pub throttle: FailureThrottle,
+    pub throttle: GuessThrottle,
     pub feed: Arc<Feed>,
     pub usage: UsageRecorder,
 }
 
 impl Validator {
-    pub async fn validate(&self, token: &str) -> Result<Outcome, ValidateError> {
+    /// Validates `token` presented by `client` (the end client's address, for the throttle).
+    pub async fn validate(&self, token: &str, client: ClientKey) -> Result<Outcome, ValidateError> {
         let Some(parsed) = pat::parse(token) else {
             // Same Argon2 cost as an unknown id; the format is public, the cost is not a tell.
             let admission = self.hasher.admit()?;
@@ -104,7 +109,7 @@ impl Validator {
                 return Ok(outcome);
             }
         }
-        self.cold(parsed, digest).await
+        self.cold(parsed, digest, client).await
     }
 
     fn answer(&self, token: VerifiedToken) -> Outcome {
@@ -148,10 +153,12 @@ impl Validator {
         &self,
         parsed: pat::ParsedPat<'_>,
         digest: pat::TokenDigest,
+        client: ClientKey,
     ) -> Result<Outcome, ValidateError> {
         let id = parsed.id;
-        if !self.throttle.allows(id, Instant::now()) {
-            return Err(ValidateError::Busy);
+        let key = (id, client);
+        if !self.throttle.allows(key, Instant::now()) {
+            return Err(ValidateError::Throttled);
         }
         let admission = self.hasher.admit()?;
         let epoch = self.cache.epoch();
@@ -165,10 +172,10 @@ impl Validator {
             .verify(SecretString::from(parsed.secret.to_owned()), phc)
             .await?;
         let (Some(org), Some(hash_fp), true) = (org, hash_fp, verified) else {
-            self.throttle.record_failure(id, Instant::now());
+            self.throttle.record_failure(key, Instant::now());
             return Ok(Outcome::Invalid);
         };
-        self.throttle.record_success(id);
+        self.throttle.record_success(key);
         let Some(row) = store::load_token(&self.pool, org, id).await? else {
             return Ok(Outcome::Invalid);
         };

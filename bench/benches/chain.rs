@@ -87,7 +87,7 @@ type Reply<T> = Pin<Box<dyn Future<Output = Result<T, Unavailable>>>>;
 struct WarmupAuthd;
 
 impl AuthBackend for WarmupAuthd {
-    fn validate_token(&self, token: &BearerToken) -> Reply<TokenAnswer> {
+    fn validate_token(&self, token: &BearerToken, _client: std::net::IpAddr) -> Reply<TokenAnswer> {
         let answer = if token.expose() == TOKEN.as_bytes() {
             TokenAnswer::Valid(ValidToken {
                 org: Uuid::from_u128(1),

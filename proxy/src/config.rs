@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
+use crate::auth::bridge::BridgeConfig;
 use crate::http::Limits;
 use crate::ratelimit::RateLimitConfig;
 use crate::server::ServerConfig;
@@ -84,8 +85,19 @@ pub struct Config {
           value_parser = parse_http_url)]
     pub authd_grpc: String,
 
+    /// Key presented to authd on ValidateToken, ValidateAgent and WatchInvalidations
+    /// (`x-ibex-service-key`); the same value as authd's. Required, at least 32 characters.
+    #[arg(long, env = "IBEX_SERVICE_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub service_key: Option<SecretString>,
+
+    /// PEM CA certificate(s) to trust for an `https://` IBEX_AUTHD_GRPC (default: system roots).
+    #[arg(long, env = "IBEX_AUTHD_CA_FILE")]
+    pub authd_ca_file: Option<PathBuf>,
+
     /// Redis holding the per-org rate-limit counters: redis://[:password@]host[:port][/db]
-    /// only (no TLS, no unix socket). The password is never printed.
+    /// only (no TLS, no unix socket). A Redis Cluster is found out by itself from any one
+    /// node, or from a seed list: redis://[:password@]host:port,host:port,... (db 0).
+    /// The password is never printed.
     #[arg(
         long,
         env = "IBEX_REDIS_URL",
@@ -227,6 +239,29 @@ impl Config {
         }
     }
 
+    /// What the authd bridge needs: the service key (required, ≥ 32 characters) and, for an
+    /// `https://` address, the CA file. Errors name the variable, never its value.
+    pub fn authd_bridge(&self) -> Result<BridgeConfig, String> {
+        let key = self
+            .service_key
+            .as_ref()
+            .ok_or("IBEX_SERVICE_KEY is required (the key authd expects from proxies)")?;
+        if key.expose_secret().chars().count() < MIN_SERVICE_KEY_LEN {
+            return Err(format!(
+                "IBEX_SERVICE_KEY must be at least {MIN_SERVICE_KEY_LEN} characters"
+            ));
+        }
+        if self.authd_ca_file.is_some() && !self.authd_grpc.starts_with("https://") {
+            return Err("IBEX_AUTHD_CA_FILE is set but IBEX_AUTHD_GRPC is not https://".into());
+        }
+        Ok(BridgeConfig {
+            authd_url: self.authd_grpc.clone(),
+            subscriber: format!("ibex-proxy:{}", std::process::id()),
+            service_key: key.clone(),
+            ca_file: self.authd_ca_file.clone(),
+        })
+    }
+
     /// The server's settings: listener, workers, limits and timeouts.
     pub fn server(&self) -> ServerConfig {
         ServerConfig {
@@ -269,6 +304,9 @@ impl Config {
     }
 }
 
+/// Shortest `IBEX_SERVICE_KEY` accepted (authd refuses shorter ones too).
+pub const MIN_SERVICE_KEY_LEN: usize = 32;
+
 fn default_threads() -> u16 {
     std::thread::available_parallelism()
         .map(|n| u16::try_from(n.get()).unwrap_or(u16::MAX))
@@ -300,7 +338,7 @@ fn parse_http_url(s: &str) -> Result<String, String> {
 fn check_redis_url(url: &str) -> Result<(), String> {
     if !url.starts_with("redis://") {
         return Err(
-            "only redis://[:password@]host[:port][/db] is supported (not rediss:// or unix://)"
+            "only redis://[:password@]host[:port][,host[:port]...][/db] is supported (not rediss:// or unix://)"
                 .into(),
         );
     }
@@ -308,7 +346,7 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     // this message has one prefix and cannot quote the URL either way.
     RateLimitConfig::new(url, Duration::ZERO)
         .validate()
-        .map_err(|_| "not a valid redis://[:password@]host[:port][/db] URL".into())
+        .map_err(|_| "not a valid redis://[:password@]host[:port][,host[:port]...][/db] URL".into())
 }
 
 fn parse_secret(s: &str) -> Result<SecretString, String> {
@@ -328,7 +366,6 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-    use secrecy::ExposeSecret;
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
         let mut all = vec!["ibex-proxy"];
@@ -451,7 +488,11 @@ mod tests {
 
     #[test]
     fn only_plain_redis_urls_pass_and_no_message_quotes_the_url() {
-        for ok in ["redis://127.0.0.1:6379/0", "redis://:pw@localhost"] {
+        for ok in [
+            "redis://127.0.0.1:6379/0",
+            "redis://:pw@localhost",
+            "redis://:pw@10.0.0.1:7000,10.0.0.2:7000",
+        ] {
             assert!(
                 parse(&["--redis-url", ok]).unwrap().validate().is_ok(),
                 "{ok}"
@@ -462,6 +503,7 @@ mod tests {
             "unix:///tmp/hunter2.sock",
             "localhost:hunter2",
             "redis://:hunter2@[bad",
+            "redis://:hunter2@a:7000,,b:7000",
             "",
         ] {
             let err = parse(&["--redis-url", bad])
@@ -486,6 +528,8 @@ mod tests {
             "IBEX_PROXY_THREADS",
             "IBEX_PROXY_PIN_CPUS",
             "IBEX_AUTHD_GRPC",
+            "IBEX_SERVICE_KEY",
+            "IBEX_AUTHD_CA_FILE",
             "IBEX_REDIS_URL",
             "IBEX_REDIS_TIMEOUT",
             "IBEX_AUTH_VALIDATE_TIMEOUT",
@@ -507,6 +551,27 @@ mod tests {
             assert!(help.contains(var), "{var} missing from --help");
         }
         assert!(help.contains("[default: 50ms]"));
+    }
+
+    #[test]
+    fn service_key_is_required_long_and_redacted() {
+        let err = parse(&[]).unwrap().authd_bridge().unwrap_err();
+        assert!(err.contains("IBEX_SERVICE_KEY"), "{err}");
+        let short = parse(&["--service-key", "short-key"]).unwrap();
+        let err = short.authd_bridge().unwrap_err();
+        assert!(
+            err.contains("IBEX_SERVICE_KEY") && !err.contains("short-key"),
+            "{err}"
+        );
+        let key = "k".repeat(MIN_SERVICE_KEY_LEN);
+        let c = parse(&["--service-key", &key]).unwrap();
+        assert_eq!(c.authd_bridge().unwrap().service_key.expose_secret(), key);
+        assert!(!format!("{c:?}").contains(&key));
+        let err = parse(&["--service-key", &key, "--authd-ca-file", "/ca.pem"])
+            .unwrap()
+            .authd_bridge()
+            .unwrap_err();
+        assert!(err.contains("IBEX_AUTHD_CA_FILE"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use ibex_proxy::auth::bridge::{Bridge, BridgeConfig};
+use ibex_proxy::auth::bridge::authd_endpoint;
+use ibex_proxy::auth::bridge::Bridge;
 use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
 use ibex_proxy::clock::SystemClock;
@@ -20,6 +21,7 @@ use ibex_proxy::ledger::shipper::AuthdSink;
 use ibex_proxy::ledger::Ledger;
 use ibex_proxy::server::Server;
 use ibex_proxy::upstream::Upstream;
+use secrecy::ExposeSecret;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -44,11 +46,8 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> anyhow::Result<()> {
     check_before_serving(&config)?;
-    let bridge = Bridge::start(BridgeConfig {
-        authd_url: config.authd_grpc.clone(),
-        subscriber: format!("ibex-proxy:{}", std::process::id()),
-    })
-    .context("IBEX_AUTHD_GRPC")?;
+    let bridge = Bridge::start(config.authd_bridge().map_err(anyhow::Error::msg)?)
+        .context("IBEX_AUTHD_GRPC")?;
     let (ledger, meters) = start_ledger(&config)?;
     let server = Server::bind(config.server())
         .with_context(|| format!("binding {} (admin {})", config.listen, config.admin_listen))?;
@@ -91,7 +90,23 @@ fn start_ledger(config: &Config) -> anyhow::Result<(Ledger, MeterFactory)> {
         .map(|u| u.trim().to_owned())
         .filter(|u| !u.is_empty())
         .collect();
-    ledger.ship(AuthdSink::new(&urls, Vec::new()).context("IBEX_AUTHD_GRPC")?)?;
+    let endpoints = urls
+        .iter()
+        .map(|u| authd_endpoint(u, config.authd_ca_file.as_deref()))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("IBEX_AUTHD_GRPC")?;
+    // The same service key the bridge sends (checked by `authd_bridge` before this runs).
+    let key = config
+        .service_key
+        .as_ref()
+        .context("IBEX_SERVICE_KEY is required")?;
+    let mut value = tonic::metadata::MetadataValue::try_from(key.expose_secret())
+        .context("IBEX_SERVICE_KEY cannot go in a header")?;
+    value.set_sensitive(true);
+    ledger.ship(AuthdSink::new(
+        endpoints,
+        vec![("x-ibex-service-key", value)],
+    )?)?;
     let prices = match &config.prices_file {
         Some(path) => Prices::load(path)?,
         None => Prices::default(),
@@ -137,6 +152,7 @@ fn reload_prices_on_sighup(path: std::path::PathBuf, book: Arc<PriceBook>) -> an
 /// What would make every worker fail is refused before the ready line.
 fn check_before_serving(config: &Config) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
+    config.authd_bridge().map_err(anyhow::Error::msg)?;
     if let Some(upstream) = Wiring::upstream_config(config) {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()?

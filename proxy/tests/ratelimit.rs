@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
-use ibex_e2e::Redis;
+use ibex_e2e::{Redis, RedisCluster};
 use ibex_proxy::clock::{FakeClock, SystemClock};
 use ibex_proxy::ratelimit::{RateDecision, RateLimitConfig, RateLimiter};
 use uuid::Uuid;
@@ -495,4 +495,341 @@ async fn the_url_selects_the_database_and_authenticates_with_its_password() {
         assert!(!bad.healthy());
     })
     .await;
+}
+
+// ---- Redis Cluster (SPEC §4): a real six-node cluster, 3 masters + 3 replicas ----
+
+/// `n` new orgs whose keys live on the master at `port` (slot found with `CLUSTER KEYSLOT`).
+#[expect(
+    clippy::unwrap_used,
+    reason = "a test helper: a failed query fails the test"
+)]
+async fn orgs_on(cluster: &RedisCluster, port: u16, n: usize) -> Vec<Uuid> {
+    let masters = cluster.masters().await.unwrap();
+    let master = masters.iter().find(|m| m.port == port).unwrap();
+    let mut orgs = Vec::new();
+    while orgs.len() < n {
+        let org = Uuid::new_v4();
+        let slot = cluster.keyslot(&format!("{{{org}}}")).await.unwrap();
+        if master.slots.iter().any(|&(a, b)| (a..=b).contains(&slot)) {
+            orgs.push(org);
+        }
+    }
+    orgs
+}
+
+fn key_of(org: &Uuid, now_ms: u64) -> String {
+    format!("ibex:rl:{{{org}}}:{}", now_ms / 60_000)
+}
+
+#[tokio::test]
+async fn cluster_orgs_on_every_master_get_exactly_their_limit_from_one_node_and_a_seed_list() {
+    const LIMIT: u32 = 12;
+    const PER_WORKER: usize = 10;
+    let cluster = RedisCluster::start().await.unwrap();
+    let masters = cluster.masters().await.unwrap();
+    assert_eq!(masters.len(), 3);
+    let mut orgs = Vec::new();
+    for m in &masters {
+        orgs.extend(orgs_on(&cluster, m.port, 2).await);
+    }
+    // One worker knows a single node (a replica: it must find the masters itself), the other
+    // the whole seed list.
+    let nodes = cluster.nodes().await.unwrap();
+    let replica = nodes.iter().find(|n| !n.master).unwrap().port;
+    let now = mid_minute_ms();
+    let start = Arc::new(Barrier::new(2));
+    let worker = |url: String, start: Arc<Barrier>, orgs: Vec<Uuid>| {
+        on_worker(move || async move {
+            let limiter = Rc::new(limiter_at(&url, Rc::new(FakeClock::new(now as i64))));
+            until_healthy(&limiter).await;
+            assert!(limiter.is_cluster(), "{url} is a cluster node");
+            start.wait();
+            let tasks: Vec<_> = orgs
+                .iter()
+                .flat_map(|&org| std::iter::repeat_n(org, PER_WORKER))
+                .map(|org| {
+                    let limiter = limiter.clone();
+                    monoio::spawn(async move { (org, limiter.check(&org, LIMIT).await) })
+                })
+                .collect();
+            futures::future::join_all(tasks).await
+        })
+    };
+    let (a, b) = tokio::join!(
+        worker(cluster.node_url(replica), start.clone(), orgs.clone()),
+        worker(cluster.seed_url(), start, orgs.clone())
+    );
+    for org in &orgs {
+        let decisions: Vec<_> = a.iter().chain(&b).filter(|(o, _)| o == org).collect();
+        assert!(
+            decisions.iter().all(|(_, d)| !d.failed_open),
+            "{org}: failed open"
+        );
+        let admitted = decisions.iter().filter(|(_, d)| d.admitted).count();
+        assert_eq!(admitted, LIMIT as usize, "org {org}");
+        // The count lives on the master that owns the org's slot.
+        let slot = cluster.keyslot(&format!("{{{org}}}")).await.unwrap();
+        let owner = cluster.master_of(slot).await.unwrap();
+        let got = cluster
+            .command(owner, &["GET", &key_of(org, now)])
+            .await
+            .unwrap();
+        assert_eq!(got, format!("$2\r\n{}\r\n", 2 * PER_WORKER), "org {org}");
+    }
+}
+
+#[tokio::test]
+async fn cluster_master_killed_fails_open_only_its_slots_until_the_replica_is_promoted() {
+    // Bound on "counting again" after the cluster itself has promoted the replica: one map
+    // refresh, which a lost master connection asks for within the reconnect backoff (100 ms
+    // here), far under the periodic refresh; generous for a loaded 2-core box.
+    const RECOVERY_BOUND: Duration = Duration::from_secs(10);
+    let mut cluster = RedisCluster::start().await.unwrap();
+    let masters = cluster.masters().await.unwrap();
+    let victim = masters[0].port;
+    let victim_slot = masters[0].slots[0].0;
+    let mut others = Vec::new();
+    for m in &masters[1..] {
+        others.extend(orgs_on(&cluster, m.port, 2).await);
+    }
+    let probe = orgs_on(&cluster, victim, 2).await;
+    let (probe, fresh) = (probe[0], probe[1]);
+    let url = cluster.seed_url();
+    let now = mid_minute_ms();
+    let (to_test, mut from_worker) = mpsc::unbounded::<&'static str>();
+    let (mut to_worker, mut from_test) = mpsc::unbounded::<Instant>();
+    let worker = on_worker(move || async move {
+        // A frozen clock: no leases, every check asks Redis.
+        let limiter = limiter_at(&url, Rc::new(FakeClock::new(now as i64)));
+        until_healthy(&limiter).await;
+        let mut to_test = to_test;
+        to_test.send("ready").await.unwrap();
+        let mut killed_at: Option<Instant> = None;
+        let (mut others_failed, mut probe_failed) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let recovered = loop {
+            assert!(
+                Instant::now() < deadline,
+                "the victim's slots never counted again"
+            );
+            if killed_at.is_none() {
+                if let Ok(at) = from_test.try_recv() {
+                    killed_at = Some(at);
+                }
+            }
+            for org in &others {
+                if limiter.check(org, 1_000_000).await.failed_open {
+                    others_failed += 1;
+                }
+            }
+            let d = limiter.check(&probe, 1_000_000).await;
+            if killed_at.is_none() && d.failed_open {
+                // The kill is announced before it happens: it must be here by now.
+                killed_at = from_test.try_recv().ok();
+            }
+            match killed_at {
+                Some(at) if !d.failed_open => break at.elapsed(),
+                Some(_) => probe_failed += 1,
+                None => assert!(!d.failed_open, "failed open before the kill"),
+            }
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // A fresh org on the promoted master's slots: exactly its limit again.
+        let decisions: Vec<_> = {
+            let mut out = Vec::new();
+            for _ in 0..6 {
+                out.push(limiter.check(&fresh, 5).await);
+            }
+            out
+        };
+        (recovered, others_failed, probe_failed, decisions)
+    });
+    let killer = async {
+        assert_eq!(from_worker.next().await, Some("ready"));
+        // Counting on every master first.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Announced first, so a check that fails because of the kill finds it announced.
+        let killed = Instant::now();
+        to_worker.send(killed).await.unwrap();
+        cluster.kill(victim).await.unwrap();
+        let promoted = cluster.wait_failover(victim_slot, victim).await.unwrap();
+        (killed, promoted)
+    };
+    let ((recovered, others_failed, probe_failed, decisions), (_, promoted)) =
+        tokio::join!(worker, killer);
+    eprintln!(
+        "cluster failover: replica promoted {promoted:?} after SIGKILL; limiter counting the \
+         victim's slots again {recovered:?} after the SIGKILL ({probe_failed} probe checks failed open \
+         meanwhile); bound: promotion + {RECOVERY_BOUND:?}"
+    );
+    assert_eq!(others_failed, 0, "checks on the other masters failed open");
+    assert!(
+        recovered <= promoted + RECOVERY_BOUND,
+        "counting again after {recovered:?}, promotion took {promoted:?}"
+    );
+    for (i, d) in decisions.iter().enumerate() {
+        assert!(!d.failed_open, "fresh org check {}: {d:?}", i + 1);
+        assert_eq!(d.admitted, i < 5, "fresh org check {}: {d:?}", i + 1);
+    }
+}
+
+#[tokio::test]
+async fn cluster_slot_migrated_mid_run_follows_ask_then_moved_and_never_fails_open() {
+    const LIMIT: u32 = 40;
+    let cluster = RedisCluster::start().await.unwrap();
+    let masters = cluster.masters().await.unwrap();
+    let (from, to) = (masters[0].port, masters[1].port);
+    let org = orgs_on(&cluster, from, 1).await[0];
+    let slot = cluster.keyslot(&format!("{{{org}}}")).await.unwrap();
+    // A second org on the same slot, first seen while the slot is migrating (its key is new:
+    // the source answers ASK and the target creates it).
+    let late = loop {
+        let o = Uuid::new_v4();
+        if ibex_proxy::ratelimit::cluster_map::key_slot(o.to_string().as_bytes()) == slot {
+            assert_eq!(cluster.keyslot(&format!("{{{o}}}")).await.unwrap(), slot);
+            break o;
+        }
+    };
+    let url = cluster.seed_url();
+    let now = mid_minute_ms();
+    let (to_test, mut from_worker) = mpsc::unbounded::<Vec<RateDecision>>();
+    let (mut to_worker, mut from_test) = mpsc::unbounded::<u32>();
+    let worker = on_worker(move || async move {
+        let limiter = limiter_at(&url, Rc::new(FakeClock::new(now as i64)));
+        until_healthy(&limiter).await;
+        let mut to_test = to_test;
+        // Each step: `n` checks of `org` (and one of `late` during the migration).
+        while let Some(n) = from_test.next().await {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(limiter.check(&org, LIMIT).await);
+            }
+            out.push(limiter.check(&late, LIMIT).await);
+            to_test.send(out).await.unwrap();
+        }
+    });
+    let driver = async {
+        let mut all = Vec::new();
+        let mut late_seen = Vec::new();
+        let mut step = async |n: u32| {
+            to_worker.send(n).await.unwrap();
+            let mut out = from_worker.next().await.unwrap();
+            late_seen.push(out.pop().unwrap());
+            all.extend(out);
+        };
+        step(10).await; // before: on the source
+        cluster.begin_migration(slot, from, to).await.unwrap();
+        step(5).await; // MIGRATING: the org's key is still on the source; `late` gets ASK
+        let moved = cluster.migrate_keys(slot, from, to).await.unwrap();
+        assert!(moved >= 1, "the org's key was migrated");
+        step(5).await; // the key is on the target now: ASK for it too
+        cluster.finish_migration(slot, from, to).await.unwrap();
+        step(25).await; // the source answers MOVED: the map follows
+        drop(to_worker);
+        (all, late_seen)
+    };
+    let ((), (decisions, late_seen)) = tokio::join!(worker, driver);
+    assert!(
+        decisions.iter().chain(&late_seen).all(|d| !d.failed_open),
+        "a check failed open"
+    );
+    let admitted = decisions.iter().filter(|d| d.admitted).count();
+    assert_eq!(admitted, LIMIT as usize, "one count through the migration");
+    for (i, d) in decisions.iter().take(LIMIT as usize).enumerate() {
+        assert_eq!(d.remaining, Some(LIMIT - 1 - i as u32), "check {}", i + 1);
+    }
+    let asking = cluster
+        .command(to, &["INFO", "commandstats"])
+        .await
+        .unwrap();
+    assert!(
+        asking.contains("cmdstat_asking:calls="),
+        "ASK was never followed"
+    );
+    let count = cluster
+        .command(to, &["GET", &key_of(&org, now)])
+        .await
+        .unwrap();
+    assert_eq!(count, "$2\r\n45\r\n", "the count lives on the target");
+    assert_eq!(late_seen.iter().filter(|d| d.admitted).count(), 4);
+    assert_eq!(cluster.master_of(slot).await.unwrap(), to);
+}
+
+#[tokio::test]
+async fn cluster_master_that_stops_answering_trips_only_its_own_breaker() {
+    let cluster = RedisCluster::start().await.unwrap();
+    let masters = cluster.masters().await.unwrap();
+    let victim = masters[0].port;
+    let mut others = Vec::new();
+    for m in &masters[1..] {
+        others.extend(orgs_on(&cluster, m.port, 2).await);
+    }
+    let probe = orgs_on(&cluster, victim, 1).await[0];
+    let url = cluster.seed_url();
+    let now = mid_minute_ms();
+    let (to_test, mut from_worker) = mpsc::unbounded::<&'static str>();
+    let (mut to_worker, mut from_test) = mpsc::unbounded::<&'static str>();
+    let worker = on_worker(move || async move {
+        let limiter = Rc::new(RateLimiter::new(
+            Rc::new(RateLimitConfig {
+                // Long enough that a loaded box never times out a live master, short
+                // enough that the stopped one trips its breaker well inside the pause.
+                breaker_open: Duration::from_millis(200),
+                reconnect_min: Duration::from_millis(10),
+                reconnect_max: Duration::from_millis(100),
+                ..RateLimitConfig::new(url, Duration::from_secs(1))
+            }),
+            Rc::new(FakeClock::new(now as i64)),
+        ));
+        until_healthy(&limiter).await;
+        let mut to_test = to_test;
+        to_test.send("ready").await.unwrap();
+        assert_eq!(from_test.next().await, Some("stopped"));
+        // A burst on the stopped master: every one times out, which opens its breaker.
+        let burst: Vec<_> = (0..8)
+            .map(|_| {
+                let limiter = limiter.clone();
+                monoio::spawn(async move { limiter.check(&probe, 1_000_000).await })
+            })
+            .collect();
+        // Meanwhile, and after, the other masters' orgs are counted.
+        let mut others_failed = 0;
+        let mut rounds = 0;
+        let resumed = loop {
+            for org in &others {
+                if limiter.check(org, 1_000_000).await.failed_open {
+                    others_failed += 1;
+                }
+            }
+            rounds += 1;
+            if rounds == 150 {
+                to_test.send("resume").await.unwrap();
+            }
+            if rounds > 150 {
+                let d = limiter.check(&probe, 1_000_000).await;
+                if !d.failed_open {
+                    break rounds;
+                }
+                assert!(rounds < 5_000, "the victim never counted again");
+            }
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let burst = futures::future::join_all(burst).await;
+        assert!(
+            burst.iter().all(|d| d.failed_open),
+            "a stopped master answered"
+        );
+        (others_failed, resumed)
+    });
+    let driver = async {
+        assert_eq!(from_worker.next().await, Some("ready"));
+        cluster.pause(victim, true).unwrap();
+        to_worker.send("stopped").await.unwrap();
+        assert_eq!(from_worker.next().await, Some("resume"));
+        cluster.pause(victim, false).unwrap();
+    };
+    let ((others_failed, resumed), ()) = tokio::join!(worker, driver);
+    eprintln!("stopped master: counting its slots again {resumed} rounds in (resumed at 150)");
+    assert_eq!(others_failed, 0, "the other masters' orgs failed open");
 }

@@ -17,5 +17,5 @@ pub mod watchdog;
 pub use nix::sys::signal::Signal;
 pub use pg::Postgres;
 pub use procs::{Authd, Proxy};
-pub use redis::Redis;
+pub use redis::{Redis, RedisCluster};
 pub use stack::{Seed, Stack};

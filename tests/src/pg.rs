@@ -19,6 +19,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::certs::Leaf;
 use crate::procs::free_port;
 use crate::watchdog::Watchdog;
 
@@ -119,6 +120,17 @@ impl Postgres {
     /// loopback port, create database `ibex`. Runs as the `postgres` system user when we are
     /// root; as ourselves otherwise. Stops and removes everything on Drop (also on panic).
     pub async fn start() -> Result<Postgres> {
+        Self::start_with(None).await
+    }
+
+    /// Like [`Postgres::start`], with `ssl=on` serving `leaf` (copied into the cluster's dir and
+    /// handed to the server's user, as Postgres insists). Plain connections still work, so
+    /// setup code is unchanged; a client asking for `sslmode=verify-full` gets TLS.
+    pub async fn start_tls(leaf: &Leaf) -> Result<Postgres> {
+        Self::start_with(Some(leaf)).await
+    }
+
+    async fn start_with(leaf: Option<&Leaf>) -> Result<Postgres> {
         let bindir = bindir()?;
         let run_as = run_as()?;
         let dir = tempfile::Builder::new()
@@ -172,11 +184,34 @@ impl Postgres {
             std::os::unix::fs::chown(&hba, Some(user.uid), Some(user.gid))?;
         }
 
+        let tls = match leaf {
+            None => None,
+            Some(leaf) => {
+                let (cert, key) = (root.join("server.crt"), root.join("server.key"));
+                std::fs::copy(&leaf.cert_file, &cert).context("copying the server cert")?;
+                std::fs::copy(&leaf.key_file, &key).context("copying the server key")?;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+                if let Some(user) = run_as {
+                    for path in [&cert, &key] {
+                        std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))?;
+                    }
+                }
+                Some((cert, key))
+            }
+        };
+
         let log_path = root.join("postgres.log");
         let mut last_err = None;
         for _ in 0..START_ATTEMPTS {
             let port = free_port()?;
-            match Self::spawn(&bindir, run_as, &root, &data, &sock, &log_path, port).await {
+            let dirs = Dirs {
+                root: &root,
+                data: &data,
+                sock: &sock,
+                log: &log_path,
+                tls: tls.as_ref(),
+            };
+            match Self::spawn(&bindir, run_as, &dirs, port).await {
                 Ok((child, watchdog)) => {
                     let pg = Postgres {
                         port,
@@ -201,12 +236,21 @@ impl Postgres {
     async fn spawn(
         bindir: &Path,
         run_as: Option<RunAs>,
-        root: &Path,
-        data: &Path,
-        sock: &Path,
-        log_path: &Path,
+        dirs: &Dirs<'_>,
         port: u16,
     ) -> Result<(Child, Watchdog), StartError> {
+        let (root, data, sock, log_path) = (dirs.root, dirs.data, dirs.sock, dirs.log);
+        let mut ssl = Vec::new();
+        if let Some((cert, key)) = dirs.tls {
+            ssl.extend([
+                "-c".to_owned(),
+                "ssl=on".to_owned(),
+                "-c".to_owned(),
+                format!("ssl_cert_file={}", cert.display()),
+                "-c".to_owned(),
+                format!("ssl_key_file={}", key.display()),
+            ]);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -224,6 +268,7 @@ impl Postgres {
             .args(["-c", "full_page_writes=off"])
             .args(["-c", "max_connections=200"])
             .args(["-c", "logging_collector=off"])
+            .args(&ssl)
             .stdout(log.try_clone().context("cloning log fd")?)
             .stderr(log)
             .process_group(0)
@@ -323,6 +368,16 @@ impl Drop for Postgres {
         let _ = signal::killpg(pid, Signal::SIGKILL);
         let _ = self.child.start_kill();
     }
+}
+
+/// Where one cluster lives.
+struct Dirs<'a> {
+    root: &'a Path,
+    data: &'a Path,
+    sock: &'a Path,
+    log: &'a Path,
+    /// (certificate, key) for `ssl=on`.
+    tls: Option<&'a (PathBuf, PathBuf)>,
 }
 
 enum StartError {

@@ -65,6 +65,20 @@ pub fn random_admin_key() -> String {
     )
 }
 
+/// The service key (`IBEX_SERVICE_KEY`) every authd and proxy of this test binary shares unless
+/// a test sets its own: random, generated once per process, so stacks started separately by one
+/// test still talk to each other.
+pub fn service_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        format!(
+            "ibex-service-{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )
+    })
+}
+
 /// `ibex-authd` on free loopback ports against a [`Postgres`] that has been migrated.
 #[derive(Debug)]
 pub struct Authd {
@@ -72,21 +86,30 @@ pub struct Authd {
     pub http_addr: SocketAddr,
     /// The operator key this instance was started with (`IBEX_ADMIN_KEY`).
     pub admin_key: String,
+    /// The service key this instance was started with (`IBEX_SERVICE_KEY`).
+    pub service_key: String,
     service: Service,
 }
 
 impl Authd {
     /// Starts authd with `IBEX_DATABASE_URL` (the runtime role), a random `IBEX_ADMIN_KEY`
-    /// (unless `extra_env` sets one) and `IBEX_LOG=info`; `extra_env` overrides any of them.
+    /// (unless `extra_env` sets one), the process's [`service_key`] and `IBEX_LOG=info`;
+    /// `extra_env` overrides any of them.
     pub async fn start(pg: &Postgres, extra_env: &[(&str, &str)]) -> Result<Authd> {
         let admin_key = extra_env
             .iter()
             .find(|(k, _)| *k == "IBEX_ADMIN_KEY")
             .map(|(_, v)| (*v).to_owned())
             .unwrap_or_else(random_admin_key);
+        let service_key = extra_env
+            .iter()
+            .find(|(k, _)| *k == "IBEX_SERVICE_KEY")
+            .map(|(_, v)| (*v).to_owned())
+            .unwrap_or_else(|| service_key().to_owned());
         let mut env = vec![
             ("IBEX_DATABASE_URL".to_owned(), pg.app_url()),
             ("IBEX_ADMIN_KEY".to_owned(), admin_key.clone()),
+            ("IBEX_SERVICE_KEY".to_owned(), service_key.clone()),
             (
                 "IBEX_AUTHD_GRPC_LISTEN".to_owned(),
                 "127.0.0.1:0".to_owned(),
@@ -104,13 +127,20 @@ impl Authd {
             grpc_addr: ready_addr(&ready, "grpc")?,
             http_addr: ready_addr(&ready, "http")?,
             admin_key,
+            service_key,
             service,
         })
     }
 
-    /// `http://127.0.0.1:PORT`, the form `IBEX_AUTHD_GRPC` and tonic clients take.
+    /// `http://127.0.0.1:PORT` (or `https://` when started with `IBEX_AUTHD_TLS_CERT_FILE`), the
+    /// form `IBEX_AUTHD_GRPC` and tonic clients take.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        let scheme = if self.service.has_env("IBEX_AUTHD_TLS_CERT_FILE") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.grpc_addr)
     }
 
     /// SIGKILL (as abrupt as a crash); the ports stay reserved for [`Authd::restart`].
@@ -177,7 +207,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts the proxy against `authd_grpc` and `redis_url` with `IBEX_PROXY_THREADS=2`,
-    /// `IBEX_LOG=info`, `IBEX_AUTH_VALIDATE_TIMEOUT=2s` and a usage spool of its own;
+    /// `IBEX_LOG=info`, `IBEX_AUTH_VALIDATE_TIMEOUT=2s`, the process's [`service_key`] and a
+    /// usage spool of its own;
     /// `extra_env` overrides any of them.
     pub async fn start(
         authd_grpc: SocketAddr,
@@ -192,6 +223,7 @@ impl Proxy {
             ),
             ("IBEX_AUTHD_GRPC".to_owned(), format!("http://{authd_grpc}")),
             ("IBEX_REDIS_URL".to_owned(), redis_url.to_owned()),
+            ("IBEX_SERVICE_KEY".to_owned(), service_key().to_owned()),
             ("IBEX_PROXY_THREADS".to_owned(), "2".to_owned()),
             ("IBEX_LOG".to_owned(), "info".to_owned()),
             // A cold validation costs an Argon2id verify plus, on first use, a gRPC connection;
@@ -505,6 +537,10 @@ impl Service {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Err(last_err)
+    }
+
+    fn has_env(&self, name: &str) -> bool {
+        self.env.iter().any(|(k, _)| k == name)
     }
 
     fn exit_status(&mut self) -> Option<std::process::ExitStatus> {

@@ -234,7 +234,9 @@ async fn tls_on_the_public_listener(stack: &Stack) -> Result<()> {
         ("IBEX_TLS_CERT_FILE", cert.to_str().context("path")?),
         ("IBEX_TLS_KEY_FILE", key.to_str().context("path")?),
     ];
-    let tls13 = proxy(stack, &tls_env).await?;
+    let mut env13 = tls_env.to_vec();
+    env13.push(("IBEX_HEADER_TIMEOUT", "1s"));
+    let tls13 = proxy(stack, &env13).await?;
     ensure!(tls13.tls, "the ready line says https");
     let roots = ca_roots(&ca)?;
 
@@ -277,6 +279,21 @@ async fn tls_on_the_public_listener(stack: &Stack) -> Result<()> {
         !got.starts_with(b"HTTP/"),
         "plain HTTP was served on the TLS port: {:?}",
         String::from_utf8_lossy(&got)
+    );
+
+    // The header timeout covers the handshake: a client that connects and never starts it is
+    // closed (IBEX_HEADER_TIMEOUT=1s here), not held for ever.
+    let mut silent = TcpStream::connect(tls13.addr).await?;
+    let t0 = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut byte)).await;
+    ensure!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent TLS client was not closed: {read:?}"
+    );
+    eprintln!(
+        "edge: a silent TLS client closed after {:.2} s (IBEX_HEADER_TIMEOUT=1s)",
+        t0.elapsed().as_secs_f64()
     );
 
     // SIGHUP: new connections get the new certificate, the open one carries on.

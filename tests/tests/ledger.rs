@@ -78,6 +78,14 @@ async fn client(authd: &Authd) -> Result<AuthServiceClient<Channel>> {
     Ok(AuthServiceClient::connect(authd.grpc_url()).await?)
 }
 
+/// An internal call: with the service key, as the proxies' shippers send it.
+fn internal<T>(message: T) -> Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("x-ibex-service-key", procs::service_key().parse()?);
+    Ok(r)
+}
+
 fn with_pat<T>(message: T, pat: &str) -> Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut()
@@ -107,6 +115,15 @@ async fn ledger_store_read_and_verify() -> Result<()> {
     );
     let mut grpc = client(&authd).await?;
 
+    // --- RecordUsage is internal: no service key, no write ---
+    let denied = grpc
+        .record_usage(pb::RecordUsageRequest {
+            records: vec![record(&a, "no-key", "free", 1, 1)],
+        })
+        .await
+        .expect_err("no service key");
+    ensure!(denied.code() == tonic::Code::Unauthenticated, "{denied:?}");
+
     // --- stored once, however often sent; one batch may span orgs ---
     let mut batch: Vec<_> = (0..300)
         .map(|i| {
@@ -123,9 +140,9 @@ async fn ledger_store_read_and_verify() -> Result<()> {
     // The same request id twice in one batch: stored once.
     batch.push(record(&a, "a-0", "priced", 10, 5));
     let first = grpc
-        .record_usage(pb::RecordUsageRequest {
+        .record_usage(internal(pb::RecordUsageRequest {
             records: batch.clone(),
-        })
+        })?)
         .await?
         .into_inner();
     ensure!(
@@ -133,9 +150,9 @@ async fn ledger_store_read_and_verify() -> Result<()> {
         "first send: {first:?}"
     );
     let again = grpc
-        .record_usage(pb::RecordUsageRequest {
+        .record_usage(internal(pb::RecordUsageRequest {
             records: batch.clone(),
-        })
+        })?)
         .await?
         .into_inner();
     ensure!(
@@ -150,7 +167,7 @@ async fn ledger_store_read_and_verify() -> Result<()> {
         ..record(&a, "x", "free", 1, 1)
     });
     let err = grpc
-        .record_usage(pb::RecordUsageRequest { records: bad })
+        .record_usage(internal(pb::RecordUsageRequest { records: bad })?)
         .await
         .expect_err("invalid record");
     ensure!(err.code() == tonic::Code::InvalidArgument, "{err:?}");
@@ -358,7 +375,7 @@ async fn throughput() -> Result<()> {
                     }
                     round += 1;
                     let resp = grpc
-                        .record_usage(pb::RecordUsageRequest { records: batch })
+                        .record_usage(internal(pb::RecordUsageRequest { records: batch })?)
                         .await?
                         .into_inner();
                     stored += u64::from(resp.stored);

@@ -15,6 +15,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../migrations/0001_core.sql"),
     ),
     (
+        "0002_control",
+        include_str!("../../../migrations/0002_control.sql"),
+    ),
+    (
         "0003_usage",
         include_str!("../../../migrations/0003_usage.sql"),
     ),
@@ -24,11 +28,10 @@ pub const APP_ROLE: &str = "ibex_app";
 const LOCK_KEY: i64 = 0x1be7_0001;
 
 pub async fn run(global: &Global) -> anyhow::Result<String> {
-    let app: tokio_postgres::Config = global
-        .database_url
-        .parse()
-        .context("IBEX_DATABASE_URL is not a valid Postgres DSN")?;
+    let app =
+        crate::pgtls::Database::from_url(&global.database_url).context("IBEX_DATABASE_URL")?;
     let password = app
+        .config
         .get_password()
         .map(|p| String::from_utf8_lossy(p).into_owned());
     let mut client = connect_admin(&global.database_admin_url).await?;

@@ -38,9 +38,18 @@ pub struct Global {
     #[arg(long, global = true, env = "IBEX_ADMIN_KEY", hide_env_values = true, value_parser = parse_secret)]
     pub admin_key: Option<SecretString>,
 
-    /// A PAT to act with instead of the operator key (needs the org's `*:manage` bit).
-    #[arg(long, global = true, value_parser = parse_secret)]
+    /// A PAT to act with instead of the operator key (needs the org's `*:manage` bit). Prefer
+    /// IBEX_TOKEN or --token-file: a value on the command line shows in `ps` and shell history.
+    #[arg(long, global = true, env = "IBEX_TOKEN", hide_env_values = true, value_parser = parse_secret)]
     pub token: Option<SecretString>,
+
+    /// Read the PAT from this file (its first line) instead of --token / IBEX_TOKEN.
+    #[arg(long, global = true, env = "IBEX_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s) to trust for an `https://` IBEX_AUTHD_GRPC (default: system roots).
+    #[arg(long, global = true, env = "IBEX_AUTHD_CA_FILE")]
+    pub authd_ca_file: Option<std::path::PathBuf>,
 
     /// Owner DSN for `migrate`, `seed` and `audit verify`.
     #[arg(
@@ -182,25 +191,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
     }
 }
 
-/// Connects with the owner DSN; the connection is driven in the background.
+/// Connects with the owner DSN (honouring its `sslmode`); the connection is driven in the
+/// background.
 pub async fn connect_admin(dsn: &str) -> anyhow::Result<tokio_postgres::Client> {
     use anyhow::Context;
-    let config: tokio_postgres::Config = dsn
-        .parse()
-        .context("IBEX_DATABASE_ADMIN_URL is not a valid Postgres DSN")?;
-    let (client, connection) = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        config.connect(tokio_postgres::NoTls),
-    )
-    .await
-    .context("connecting to Postgres timed out")?
-    .context("connecting to Postgres with IBEX_DATABASE_ADMIN_URL")?;
-    tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::warn!(error = %err, "postgres connection ended");
-        }
-    });
-    Ok(client)
+    let database = crate::pgtls::Database::from_url(dsn).context("IBEX_DATABASE_ADMIN_URL")?;
+    tokio::time::timeout(std::time::Duration::from_secs(10), database.connect())
+        .await
+        .context("connecting to Postgres timed out")?
+        .context("connecting to Postgres with IBEX_DATABASE_ADMIN_URL")
 }
 
 async fn audit_verify(global: &Global) -> anyhow::Result<String> {
@@ -231,6 +230,9 @@ mod tests {
         let help = Cli::command().render_long_help().to_string();
         for var in [
             "IBEX_AUTHD_GRPC",
+            "IBEX_AUTHD_CA_FILE",
+            "IBEX_TOKEN",
+            "IBEX_TOKEN_FILE",
             "IBEX_ADMIN_KEY",
             "IBEX_DATABASE_ADMIN_URL",
             "IBEX_DATABASE_URL",

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ibex_proto::pb::{self, auth_service_client::AuthServiceClient};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::{time_json, AgentCommand, Global, OrgCommand, TokenCommand};
 use crate::authz::ADMIN_KEY_HEADER;
@@ -18,9 +18,31 @@ use crate::service::agent_status_name;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `https://` → TLS trusting `ca_file` (PEM) or, without one, the system roots.
+pub fn endpoint(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Endpoint> {
+    let mut endpoint =
+        Endpoint::from_shared(url.to_owned()).context("IBEX_AUTHD_GRPC is not a valid URL")?;
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("IBEX_AUTHD_CA_FILE {}", path.display()))?;
+                tls.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => tls.with_native_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("IBEX_AUTHD_GRPC / IBEX_AUTHD_CA_FILE")?;
+    } else if ca_file.is_some() {
+        anyhow::bail!("IBEX_AUTHD_CA_FILE is set but IBEX_AUTHD_GRPC is not an https:// address");
+    }
+    Ok(endpoint)
+}
+
 pub(super) async fn client(global: &Global) -> anyhow::Result<AuthServiceClient<Channel>> {
-    let channel = Endpoint::from_shared(global.authd.clone())
-        .context("IBEX_AUTHD_GRPC is not a valid URL")?
+    let channel = endpoint(&global.authd, global.authd_ca_file.as_deref())?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .connect()
@@ -29,19 +51,35 @@ pub(super) async fn client(global: &Global) -> anyhow::Result<AuthServiceClient<
     Ok(AuthServiceClient::new(channel))
 }
 
+/// The PAT from --token / IBEX_TOKEN, or the first line of --token-file.
+fn caller_pat(global: &Global) -> anyhow::Result<Option<SecretString>> {
+    if let Some(path) = &global.token_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--token-file {}", path.display()))?;
+        let first = text.lines().next().unwrap_or_default().trim();
+        anyhow::ensure!(
+            !first.is_empty(),
+            "--token-file {} is empty",
+            path.display()
+        );
+        return Ok(Some(SecretString::from(first.to_owned())));
+    }
+    Ok(global.token.clone())
+}
+
 /// Wraps a message with the caller's credential.
 pub(super) fn request<T>(global: &Global, message: T) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
-    if let Some(token) = &global.token {
+    if let Some(token) = caller_pat(global)? {
         let value = MetadataValue::try_from(format!("Bearer {}", token.expose_secret()))
-            .context("--token contains characters not allowed in a header")?;
+            .context("the PAT contains characters not allowed in a header")?;
         request.metadata_mut().insert("authorization", value);
     } else if let Some(key) = &global.admin_key {
         let value = MetadataValue::try_from(key.expose_secret())
             .context("IBEX_ADMIN_KEY contains characters not allowed in a header")?;
         request.metadata_mut().insert(ADMIN_KEY_HEADER, value);
     } else {
-        anyhow::bail!("no credential: set IBEX_ADMIN_KEY or pass --token <PAT>");
+        anyhow::bail!("no credential: set IBEX_ADMIN_KEY, IBEX_TOKEN or --token-file");
     }
     Ok(request)
 }

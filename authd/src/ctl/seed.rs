@@ -38,10 +38,9 @@ pub async fn run(global: &Global) -> anyhow::Result<String> {
         !global.env.eq_ignore_ascii_case("production"),
         "refusing to seed: IBEX_ENV=production"
     );
-    let config: tokio_postgres::Config = global
-        .database_admin_url
-        .parse()
-        .context("IBEX_DATABASE_ADMIN_URL is not a valid Postgres DSN")?;
+    let config = crate::pgtls::Database::from_url(&global.database_admin_url)
+        .context("IBEX_DATABASE_ADMIN_URL")?
+        .config;
     anyhow::ensure!(
         is_local(&config),
         "refusing to seed: the IBEX_DATABASE_ADMIN_URL host is not local"

@@ -1,6 +1,7 @@
 //! The ledger's three RPCs, decoded and authorised; `service.rs` only delegates here.
 //!
-//! `RecordUsage` is an internal call (the proxies' shippers) and is gated like `ValidateToken`.
+//! `RecordUsage` is an internal call (the proxies' shippers): `service.rs` checks the service
+//! key first, as for `ValidateToken`.
 //! `GetUsage` and `ExportUsage` need a PAT with `read` in the org asked for (another org:
 //! PERMISSION_DENIED) or the operator key.
 

@@ -209,14 +209,9 @@ async fn management_is_authorised_per_org_and_per_bit() {
 #[tokio::test]
 async fn admin_calls_are_refused_when_no_admin_key_is_configured() {
     let pg = migrated_postgres().await;
-    let settings = ibex_authd::server::Settings {
-        grpc_listen: "127.0.0.1:0".parse().expect("addr"),
-        http_listen: "127.0.0.1:0".parse().expect("addr"),
-        database: pg.app_url().parse().expect("dsn"),
-        admin: None,
-        default_rpm: 600,
-        hash_workers: 1,
-    };
+    let mut settings = settings(&pg);
+    settings.admin = None;
+    settings.hash_workers = 1;
     let authd = ibex_authd::server::start(settings).await.expect("start");
     let mut grpc = client(&authd).await;
     let refused = grpc

@@ -257,6 +257,12 @@ async fn authd_binary_help_ready_line_and_sigterm() {
         "IBEX_AUTHD_HTTP_LISTEN",
         "IBEX_DATABASE_URL",
         "IBEX_ADMIN_KEY",
+        "IBEX_SERVICE_KEY",
+        "IBEX_AUTHD_TLS_CERT_FILE",
+        "IBEX_AUTHD_TLS_KEY_FILE",
+        "IBEX_MAX_TOKENS_PER_ORG",
+        "IBEX_MAX_AGENTS_PER_ORG",
+        "IBEX_AUTHD_CACHE_MAX_AGE",
         "IBEX_DEFAULT_RPM",
         "IBEX_ENV",
         "IBEX_LOG",
@@ -270,6 +276,7 @@ async fn authd_binary_help_ready_line_and_sigterm() {
         .env("IBEX_DATABASE_URL", pg.app_url())
         .env("IBEX_AUTHD_GRPC_LISTEN", "127.0.0.1:0")
         .env("IBEX_AUTHD_HTTP_LISTEN", "127.0.0.1:0")
+        .env("IBEX_SERVICE_KEY", service_key())
         .env_remove("IBEX_ADMIN_KEY")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use ibex_authd::authz::{AdminKeyDigest, ADMIN_KEY_HEADER};
+use ibex_authd::authz::{KeyDigest, ADMIN_KEY_HEADER, SERVICE_KEY_HEADER};
 use ibex_authd::server::{self, Running, Settings};
 use ibex_e2e::Postgres;
 use ibex_proto::pb::{self, auth_service_client::AuthServiceClient};
@@ -12,7 +12,13 @@ use uuid::Uuid;
 
 pub type Client = AuthServiceClient<Channel>;
 
-pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef01234";
+
+/// The service key: the same one `ibex_e2e` gives the binaries it starts, so requests built here
+/// work against in-process and binary authd alike.
+pub fn service_key() -> &'static str {
+    ibex_e2e::procs::service_key()
+}
 
 /// Postgres + `ibexctl migrate` (in-process, same code as the binary).
 pub async fn migrated_postgres() -> Postgres {
@@ -24,16 +30,33 @@ pub async fn migrated_postgres() -> Postgres {
     pg
 }
 
+/// In-process authd settings with the test keys and two Argon2 workers.
+pub fn settings(pg: &Postgres) -> Settings {
+    let mut settings = Settings::local(
+        ibex_authd::store::Database::from_url(&pg.app_url()).expect("dsn"),
+        KeyDigest::new("IBEX_SERVICE_KEY", &SecretString::from(service_key())).expect("key"),
+    );
+    settings.admin =
+        Some(KeyDigest::new("IBEX_ADMIN_KEY", &SecretString::from(ADMIN_KEY)).expect("key"));
+    settings.hash_workers = 2;
+    settings
+}
+
 pub async fn start_authd(pg: &Postgres) -> Running {
-    let settings = Settings {
-        grpc_listen: "127.0.0.1:0".parse().expect("addr"),
-        http_listen: "127.0.0.1:0".parse().expect("addr"),
-        database: pg.app_url().parse().expect("dsn"),
-        admin: AdminKeyDigest::new(&SecretString::from(ADMIN_KEY)),
-        default_rpm: 600,
-        hash_workers: 2,
-    };
+    start_with(settings(pg)).await
+}
+
+pub async fn start_with(settings: Settings) -> Running {
     server::start(settings).await.expect("authd starts")
+}
+
+/// A request carrying the service key (ValidateToken, ValidateAgent, WatchInvalidations).
+pub fn internal<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert(SERVICE_KEY_HEADER, service_key().parse().expect("ascii"));
+    request
 }
 
 pub async fn client(authd: &Running) -> Client {
@@ -106,9 +129,10 @@ pub async fn create_token(
 
 pub async fn validate(client: &mut Client, token: &str) -> pb::ValidateTokenResponse {
     client
-        .validate_token(pb::ValidateTokenRequest {
+        .validate_token(internal(pb::ValidateTokenRequest {
             token: token.into(),
-        })
+            client_addr: String::new(),
+        }))
         .await
         .expect("validate")
         .into_inner()

@@ -8,7 +8,7 @@ use tonic::Streaming;
 use crate::common::*;
 
 /// Waits for the first event matching `want`, skipping heartbeats; panics after `deadline`.
-async fn next_matching(
+pub(crate) async fn next_matching(
     stream: &mut Streaming<pb::InvalidationEvent>,
     deadline: Duration,
     want: impl Fn(&Kind) -> bool,
@@ -46,9 +46,9 @@ async fn changes_through_authd1_and_plain_sql_reach_a_subscriber_of_authd2() {
         .await
     );
     let mut stream = grpc2
-        .watch_invalidations(pb::WatchInvalidationsRequest {
+        .watch_invalidations(internal(pb::WatchInvalidationsRequest {
             subscriber: "test".into(),
-        })
+        }))
         .await
         .expect("subscribe")
         .into_inner();
@@ -203,9 +203,9 @@ async fn heartbeats_stop_and_the_cache_is_rechecked_while_listen_is_lost() {
         .await
     );
     let mut stream = grpc
-        .watch_invalidations(pb::WatchInvalidationsRequest {
+        .watch_invalidations(internal(pb::WatchInvalidationsRequest {
             subscriber: "test".into(),
-        })
+        }))
         .await
         .expect("subscribe")
         .into_inner();

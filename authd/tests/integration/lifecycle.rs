@@ -175,10 +175,10 @@ async fn agents_throttle_and_saturation() {
         let mut grpc = checker.clone();
         async move {
             let response = grpc
-                .validate_agent(pb::ValidateAgentRequest {
+                .validate_agent(internal(pb::ValidateAgentRequest {
                     org_id: org.to_string(),
                     agent_id: agent.to_string(),
-                })
+                }))
                 .await
                 .expect("validate agent")
                 .into_inner();
@@ -211,9 +211,10 @@ async fn agents_throttle_and_saturation() {
     let mut throttled = false;
     for _ in 0..20 {
         match grpc
-            .validate_token(pb::ValidateTokenRequest {
+            .validate_token(internal(pb::ValidateTokenRequest {
                 token: wrong.clone(),
-            })
+                client_addr: String::new(),
+            }))
             .await
         {
             Ok(r) => assert_eq!(status(&r.into_inner()), pb::TokenStatus::Invalid),
@@ -240,10 +241,13 @@ async fn agents_throttle_and_saturation() {
             let mut grpc = grpc.clone();
             tokio::spawn(async move {
                 let token = format!("ibex_pat_{}_{}", Uuid::new_v4(), "D".repeat(48));
-                grpc.validate_token(pb::ValidateTokenRequest { token })
-                    .await
-                    .map(|r| r.into_inner().status)
-                    .map_err(|e| e.code())
+                grpc.validate_token(internal(pb::ValidateTokenRequest {
+                    token,
+                    client_addr: String::new(),
+                }))
+                .await
+                .map(|r| r.into_inner().status)
+                .map_err(|e| e.code())
             })
         })
         .collect();

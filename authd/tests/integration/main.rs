@@ -10,6 +10,8 @@
 mod authorisation;
 mod cli;
 mod common;
+mod control;
 mod invalidation;
 mod lifecycle;
 mod rls_audit;
+mod tls;

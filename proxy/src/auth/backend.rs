@@ -2,6 +2,8 @@
 //! be driven in tests (and benches) without a network. The production
 //! implementation is [`crate::auth::bridge::BridgeClient`].
 
+use std::net::IpAddr;
+
 use futures::future::LocalBoxFuture;
 use uuid::Uuid;
 
@@ -29,10 +31,15 @@ pub enum TokenAnswer {
     Revoked,
     Expired,
     /// authd is up but declined to decide now (gRPC RESOURCE_EXHAUSTED: its
-    /// Argon2 pool is saturated, or this token id is throttled after repeated
-    /// failures). Answered 503 like `Unavailable`, never cached; for an
-    /// unknown credential it also spends the address's failure budget.
+    /// Argon2 pool is saturated). Answered 503 like `Unavailable`, never
+    /// cached; for an unknown credential it also spends the address's
+    /// failure budget.
     Busy,
+    /// authd's guess throttle refused this (token id, client address): 503,
+    /// never cached, and not charged to the address's failure budget — the
+    /// failures that led here were charged already, and a holder sharing an
+    /// address with a guesser must not be locked out of the proxy by them.
+    Throttled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +59,12 @@ pub struct Unavailable;
 pub type Answer<T> = Result<T, Unavailable>;
 
 pub trait AuthBackend {
-    fn validate_token(&self, token: &BearerToken) -> LocalBoxFuture<'static, Answer<TokenAnswer>>;
+    /// `client` is the end client's address: authd throttles guesses per (token id, address).
+    fn validate_token(
+        &self,
+        token: &BearerToken,
+        client: IpAddr,
+    ) -> LocalBoxFuture<'static, Answer<TokenAnswer>>;
     fn validate_agent(
         &self,
         org: Uuid,
@@ -65,7 +77,11 @@ pub trait AuthBackend {
 pub struct NoBackend;
 
 impl AuthBackend for NoBackend {
-    fn validate_token(&self, _: &BearerToken) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
+    fn validate_token(
+        &self,
+        _: &BearerToken,
+        _: IpAddr,
+    ) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
         Box::pin(async { Err(Unavailable) })
     }
 

@@ -119,13 +119,14 @@ impl<B: AuthBackend> Authenticator<B> {
         core.metrics.token_cache_misses.inc();
         // Boxed: the miss path's future is large and rare; inline it would
         // grow every request's future, which is moved on each call.
-        match Box::pin(self.validate_token(key, &bearer)).await? {
+        match Box::pin(self.validate_token(key, &bearer, peer)).await? {
             TokenAnswer::Valid(t) => self.grant(t, core.clock.now()),
             TokenAnswer::Invalid => Err(core.refuse_guess(peer, core.clock.now())),
             TokenAnswer::Revoked => Err(ApiError::TokenRevoked),
             TokenAnswer::Expired => Err(ApiError::TokenExpired),
             TokenAnswer::Busy if known_credential => Err(ApiError::AuthUnavailable),
             TokenAnswer::Busy => Err(core.refuse_undecided(peer, core.clock.now())),
+            TokenAnswer::Throttled => Err(ApiError::AuthUnavailable),
         }
     }
 
@@ -179,13 +180,14 @@ impl<B: AuthBackend> Authenticator<B> {
         &self,
         key: TokenDigest,
         bearer: &BearerToken,
+        peer: IpAddr,
     ) -> Result<TokenAnswer, ApiError> {
         let core = self.core.clone();
         let (answer, _) = self
             .core
             .token_flights
             .run(key, || {
-                let call = self.backend.validate_token(bearer);
+                let call = self.backend.validate_token(bearer, peer);
                 async move {
                     core.metrics.authd_token_calls.inc();
                     let (started, epoch) = (core.clock.now(), core.epoch());
@@ -280,6 +282,6 @@ fn cache_token(
         TokenAnswer::Invalid => tokens.insert_refused(key, ApiError::InvalidToken, now),
         TokenAnswer::Revoked => tokens.insert_refused(key, ApiError::TokenRevoked, now),
         TokenAnswer::Expired => tokens.insert_refused(key, ApiError::TokenExpired, now),
-        TokenAnswer::Busy => {}
+        TokenAnswer::Busy | TokenAnswer::Throttled => {}
     }
 }

@@ -93,6 +93,7 @@ impl AuthBackend for Rc<Fake> {
     fn validate_token(
         &self,
         token: &BearerToken,
+        _client: std::net::IpAddr,
     ) -> LocalBoxFuture<'static, Result<TokenAnswer, Unavailable>> {
         self.token_calls.set(self.token_calls.get() + 1);
         if self.down.get() {
@@ -1095,6 +1096,29 @@ fn one_failure_budget_per_proxy_and_verified_credentials_pass_on_every_worker() 
         // neither is cached (it asks authd once for each).
         assert_eq!(probe(&w2, 1, agent(), peer).await.status, 200);
         assert_eq!(w2.fake.token_calls.get(), calls + 1);
+    });
+}
+
+#[test]
+fn throttle_refusals_are_not_charged_to_the_address() {
+    run(async {
+        let h = H::new();
+        // authd's (id, address) throttle refused: 503 every time, and never
+        // counted as a guess, so the address is not locked out by it (a
+        // holder sharing an address with a guesser keeps being asked about).
+        let shared = "10.8.8.10:4000";
+        for i in 0..30u128 {
+            h.fake
+                .tokens
+                .borrow_mut()
+                .insert(pat(8000 + i), TokenAnswer::Throttled);
+            let bearer = format!("Bearer {}", pat(8000 + i));
+            let r = h
+                .send_from(Method::Get, "/v1/x", &[("Authorization", &bearer)], shared)
+                .await;
+            assert_eq!((r.status, code(&r).as_str()), (503, "AUTH_UNAVAILABLE"));
+        }
+        assert_eq!(h.fake.token_calls.get(), 30, "every one reached authd");
     });
 }
 

@@ -41,20 +41,19 @@ impl AuthdSink {
     /// `urls`: authd gRPC addresses (several are balanced). `metadata`: headers sent with every
     /// call (the service key once authd requires one).
     pub fn new(
-        urls: &[String],
+        endpoints: Vec<tonic::transport::Endpoint>,
         metadata: Vec<(
             &'static str,
             tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
         )>,
     ) -> anyhow::Result<Self> {
-        let endpoints = urls
-            .iter()
-            .map(|u| {
-                Ok(tonic::transport::Endpoint::from_shared(u.clone())?
-                    .connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(30)))
+        let endpoints: Vec<_> = endpoints
+            .into_iter()
+            .map(|e| {
+                e.connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(30))
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect();
         anyhow::ensure!(
             !endpoints.is_empty(),
             "no authd address for the usage shipper"

@@ -1,12 +1,14 @@
 //! One count in Redis and what guards it: the `EVALSHA` (with `EVAL` on
-//! `NOSCRIPT`) over the worker's pipelined connection, the per-call timeout,
-//! the circuit breaker fed by every outcome, and the throttled fail-open
-//! warning.
+//! `NOSCRIPT`) over the worker's pipelined connection to the key's master,
+//! the per-call timeout, the circuit breaker fed by every outcome (on a
+//! cluster, not by failures local to one master), and the throttled
+//! fail-open warning.
 
 use std::sync::atomic::Ordering::Relaxed;
 
 use uuid::Uuid;
 
+use super::cluster_map;
 use super::conn::Event;
 use super::decision::{Failure, RateDecision};
 use super::resp::Frame;
@@ -34,13 +36,17 @@ impl Shared {
             Err(failure) => {
                 let now = self.mono_ms();
                 self.stats.redis_errors.fetch_add(1, Relaxed);
-                self.breaker.borrow_mut().on_failure(now);
-                self.publish_breaker();
-                if failure == Failure::Timeout
-                    && self.conn.oldest_wait_ms(now) > self.config.breaker_open.as_millis() as u64
-                {
+                // On a cluster each master has its own breaker (in the
+                // client): one master's failures must not fail open the
+                // slots of the others.
+                if !self.redis.is_cluster() {
+                    self.breaker.borrow_mut().on_failure(now);
+                    self.publish_breaker();
+                }
+                if failure == Failure::Timeout {
                     // Redis kept the socket but stopped answering: start over.
-                    self.conn.request_reset();
+                    self.redis
+                        .reset_stalled(now, self.config.breaker_open.as_millis() as u64);
                 }
                 Err(failure)
             }
@@ -51,58 +57,37 @@ impl Shared {
     async fn count(&self, org: &Uuid, window: &Window, n: u64, now: u64) -> Result<u64, Failure> {
         let units = Decimal::new(n);
         let deadline = monoio::time::Instant::now() + self.config.timeout;
-        let rx = {
-            let mut key = self.key.borrow_mut();
-            key.clear();
-            window.write_key(org, &mut key);
-            self.conn.send(
-                &[
-                    b"EVALSHA",
-                    self.sha.as_bytes(),
-                    b"1",
-                    key.as_bytes(),
-                    self.ttl_arg.as_bytes(),
-                    units.as_bytes(),
-                ],
-                now,
-            )?
-        };
-        let mut reply = Self::wait(deadline, rx).await?;
-        if reply.is_noscript() {
-            // Redis restarted or its script cache was flushed: send the body,
-            // which also caches it for the next EVALSHA.
-            let key = window.key(org);
-            let rx = self.conn.send(
-                &[
-                    b"EVAL",
-                    SCRIPT.as_bytes(),
-                    b"1",
-                    key.as_bytes(),
-                    self.ttl_arg.as_bytes(),
-                    units.as_bytes(),
-                ],
-                now,
-            )?;
-            reply = Self::wait(deadline, rx).await?;
+        // The reused key buffer is taken out for the call (a concurrent
+        // call makes its own) and put back after.
+        let mut key = std::mem::take(&mut *self.key.borrow_mut());
+        key.clear();
+        window.write_key(org, &mut key);
+        let slot = cluster_map::key_slot(key.as_bytes());
+        let mut args: [&[u8]; 6] = [
+            b"EVALSHA",
+            self.sha.as_bytes(),
+            b"1",
+            key.as_bytes(),
+            self.ttl_arg.as_bytes(),
+            units.as_bytes(),
+        ];
+        let mut reply = self.redis.request(slot, &args, now, deadline).await;
+        if reply.as_ref().is_ok_and(Frame::is_noscript) {
+            // Redis restarted, its script cache was flushed, or a replica
+            // was promoted: send the body, which also caches it for the
+            // next EVALSHA.
+            args[0] = b"EVAL";
+            args[1] = SCRIPT.as_bytes();
+            reply = self.redis.request(slot, &args, now, deadline).await;
         }
-        match reply {
+        *self.key.borrow_mut() = key;
+        match reply? {
             Frame::Array(Some(items)) => match items.first() {
                 Some(&Frame::Integer(count)) if count >= 1 => Ok(count as u64),
                 _ => Err(Failure::BadReply),
             },
             Frame::Error(_) => Err(Failure::ErrorReply),
             _ => Err(Failure::BadReply),
-        }
-    }
-
-    async fn wait(
-        deadline: monoio::time::Instant,
-        rx: futures::channel::oneshot::Receiver<Frame>,
-    ) -> Result<Frame, Failure> {
-        match monoio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(frame)) => Ok(frame),
-            Ok(Err(_)) => Err(Failure::ConnectionLost),
-            Err(_) => Err(Failure::Timeout),
         }
     }
 

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::conn::Target;
+use super::cluster;
 
 #[derive(Clone)]
 pub struct RateLimitConfig {
@@ -52,7 +52,7 @@ impl RateLimitConfig {
     /// Checks the URL so a bad one stops the process at startup instead of
     /// failing every request open. The message never contains the URL.
     pub fn validate(&self) -> Result<(), String> {
-        Target::parse(&self.redis_url).map(|_| ())
+        cluster::parse_seeds(&self.redis_url).map(|_| ())
     }
 }
 

@@ -7,7 +7,8 @@
 //! write, a reader hands each reply to the oldest slot. A driver task
 //! connects, hands over, and on any failure drops every slot (their checks
 //! fail open), backs off and reconnects. Not a general Redis client: RESP2,
-//! one TCP address, no TLS, no cluster redirects.
+//! one TCP address per connection, no TLS. A cluster is several of these,
+//! one per master, routed by [`super::cluster`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -35,6 +36,7 @@ const KEEP_OUT_CAPACITY: usize = 64 * 1024;
 const STABLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Where and how to connect, parsed once from `redis://host:port[/db]`.
+#[derive(Clone)]
 pub struct Target {
     pub host: String,
     pub port: u16,
@@ -168,7 +170,7 @@ impl Conn {
         self.state.borrow().pending.len()
     }
 
-    fn set_phase(&self, phase: Phase) {
+    pub(super) fn set_phase(&self, phase: Phase) {
         let mut st = self.state.borrow_mut();
         st.phase = phase;
         if phase == Phase::Down {
@@ -263,12 +265,7 @@ async fn connect(target: &Target, script: &str) -> io::Result<TcpStream> {
     stream.set_nodelay(true)?;
     let mut hello = Vec::with_capacity(256 + script.len());
     let mut expected = 1;
-    if let Some(password) = &target.password {
-        let password = password.expose_secret().as_bytes();
-        match &target.username {
-            Some(user) => resp::push_command(&mut hello, &[b"AUTH", user.as_bytes(), password]),
-            None => resp::push_command(&mut hello, &[b"AUTH", password]),
-        }
+    if push_auth(&mut hello, target) {
         expected += 1;
     }
     if target.db != 0 {
@@ -303,7 +300,20 @@ async fn connect(target: &Target, script: &str) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-async fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+/// Appends `AUTH` if the target has a password; says whether it did.
+pub(super) fn push_auth(out: &mut Vec<u8>, target: &Target) -> bool {
+    let Some(password) = &target.password else {
+        return false;
+    };
+    let password = password.expose_secret().as_bytes();
+    match &target.username {
+        Some(user) => resp::push_command(out, &[b"AUTH", user.as_bytes(), password]),
+        None => resp::push_command(out, &[b"AUTH", password]),
+    }
+    true
+}
+
+pub(super) async fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
@@ -371,7 +381,10 @@ async fn read_replies(conn: &Conn, mut rd: OwnedReadHalf<TcpStream>) -> io::Erro
 }
 
 /// Appends whatever the socket has to `buf`; EOF is an error.
-async fn read_more<R: AsyncReadRent>(rd: &mut R, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+pub(super) async fn read_more<R: AsyncReadRent>(
+    rd: &mut R,
+    mut buf: Vec<u8>,
+) -> io::Result<Vec<u8>> {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
@@ -412,31 +425,31 @@ async fn write_commands(conn: &Conn, mut wr: OwnedWriteHalf<TcpStream>) -> io::E
     }
 }
 
-fn protocol(e: resp::ProtocolError) -> io::Error {
+pub(super) fn protocol(e: resp::ProtocolError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// A single-thread, single-waiter wake-up flag: `notify` any number of times
 /// in a tick, the waiter runs once.
 #[derive(Default)]
-struct Notify {
+pub(super) struct Notify {
     flag: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
 
 impl Notify {
-    fn notify(&self) {
+    pub(super) fn notify(&self) {
         self.flag.set(true);
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }
     }
 
-    fn clear(&self) {
+    pub(super) fn clear(&self) {
         self.flag.set(false);
     }
 
-    fn notified(&self) -> impl Future<Output = ()> + '_ {
+    pub(super) fn notified(&self) -> impl Future<Output = ()> + '_ {
         poll_fn(move |cx| {
             if self.flag.replace(false) {
                 Poll::Ready(())

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-use super::conn::SendError;
+use super::cluster::CallError;
 
 /// What the chain needs to answer and to set the `X-RateLimit-*`,
 /// `x-ratelimit-*-requests`, `Retry-After` and `retry-after-ms` headers.
@@ -49,6 +49,8 @@ pub(super) enum Failure {
     ConnectionLost,
     ErrorReply,
     BadReply,
+    /// Redis Cluster: the key's slot has no answering master right now.
+    SlotDown,
 }
 
 impl Failure {
@@ -61,15 +63,20 @@ impl Failure {
             Failure::ConnectionLost => "connection lost",
             Failure::ErrorReply => "Redis returned an error",
             Failure::BadReply => "unexpected reply",
+            Failure::SlotDown => "no answering Redis Cluster master for the slot",
         }
     }
 }
 
-impl From<SendError> for Failure {
-    fn from(e: SendError) -> Self {
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Self {
         match e {
-            SendError::NotConnected => Failure::NotConnected,
-            SendError::QueueFull => Failure::QueueFull,
+            CallError::NotConnected => Failure::NotConnected,
+            CallError::QueueFull => Failure::QueueFull,
+            CallError::Timeout => Failure::Timeout,
+            CallError::ConnectionLost => Failure::ConnectionLost,
+            CallError::SlotDown => Failure::SlotDown,
+            CallError::Redirects => Failure::ErrorReply,
         }
     }
 }

@@ -24,14 +24,18 @@
 //! counted the whole budget a busy org is refused locally until the window
 //! changes.
 //!
-//! The commands go over the worker's own pipelined connection ([`conn`]); a
-//! per-call timeout and a circuit breaker ([`breaker`]) turn a dead or slow
-//! Redis into an immediate fail-open. Window arithmetic is in [`window`],
-//! the wire format in [`resp`].
+//! The commands go over the worker's own pipelined connection ([`conn`]),
+//! one per master on a Redis Cluster ([`cluster`]: found out by itself,
+//! slot map, `MOVED`/`ASK`); a per-call timeout and a circuit breaker
+//! ([`breaker`]; one per master on a cluster) turn a dead or slow Redis
+//! into an immediate fail-open. Window arithmetic is in [`window`], the
+//! wire format in [`resp`].
 //!
 //! Needs a monoio runtime with the timer enabled (`enable_timer()`).
 
 pub mod breaker;
+pub mod cluster;
+pub mod cluster_map;
 pub mod conn;
 pub mod lease;
 pub mod resp;
@@ -54,7 +58,8 @@ use uuid::Uuid;
 
 use self::admit::Step;
 use self::breaker::{Breaker, Permit, WarnThrottle};
-use self::conn::{Conn, DriveTiming, Phase, Target};
+use self::cluster::Client;
+use self::conn::DriveTiming;
 use self::decision::Failure;
 use self::state::Shared;
 use self::window::{Window, KEY_TTL_MS};
@@ -67,8 +72,6 @@ pub struct RateLimiter {
     config: Rc<RateLimitConfig>,
     stats: Arc<RateLimitStats>,
     shared: Rc<Shared>,
-    /// Dropping the limiter drops this, which stops its connection task.
-    _stop: futures::channel::oneshot::Sender<()>,
 }
 
 impl RateLimiter {
@@ -79,55 +82,58 @@ impl RateLimiter {
     /// run on the runtime's monotonic time.
     pub fn new(config: Rc<RateLimitConfig>, clock: Rc<dyn Clock>) -> Self {
         let stats = Arc::new(RateLimitStats::default());
-        let conn = Rc::new(Conn::new(config.max_pending));
         let timeout_ms = u64::try_from(config.timeout.as_millis()).unwrap_or(u64::MAX);
-        let shared = Rc::new(Shared {
-            config: config.clone(),
-            stats: stats.clone(),
-            conn: conn.clone(),
-            breaker: RefCell::new(Breaker::new(
-                config.breaker_failures,
-                u64::try_from(config.breaker_open.as_millis()).unwrap_or(u64::MAX),
-                timeout_ms.saturating_mul(2).max(10),
-            )),
-            warn: RefCell::new(WarnThrottle::new(
-                u64::try_from(config.warn_interval.as_millis()).unwrap_or(u64::MAX),
-            )),
-            key: RefCell::new(String::with_capacity(64)),
-            leases: RefCell::new(HashMap::new()),
-            sha: redis::Script::new(SCRIPT).get_hash().to_string(),
-            ttl_arg: KEY_TTL_MS.to_string(),
-            clock,
-            started: std::time::Instant::now(),
-        });
-        let (stop, stopped) = futures::channel::oneshot::channel::<()>();
-        match Target::parse(&config.redis_url) {
-            Ok(target) => {
-                let timing = DriveTiming {
-                    connect_timeout: config.connect_timeout,
-                    backoff_min: config.reconnect_min,
-                    backoff_max: config.reconnect_max.max(config.reconnect_min),
-                };
-                let events = shared.clone();
-                monoio::spawn(conn::drive(
-                    conn,
-                    target,
-                    Rc::from(SCRIPT),
-                    timing,
-                    move |event| events.on_connection_event(event),
-                    async move {
-                        let _ = stopped.await;
-                    },
-                ));
-            }
+        let seeds = cluster::parse_seeds(&config.redis_url).unwrap_or_else(|msg| {
             // Never connects: every check fails open, `healthy()` stays false.
-            Err(msg) => tracing::error!(error = %msg, "rate limiter disabled: bad Redis URL"),
-        }
+            tracing::error!(error = %msg, "rate limiter disabled: bad Redis URL");
+            Vec::new()
+        });
+        let timing = DriveTiming {
+            connect_timeout: config.connect_timeout,
+            backoff_min: config.reconnect_min,
+            backoff_max: config.reconnect_max.max(config.reconnect_min),
+        };
+        let breaker = Breaker::new(
+            config.breaker_failures,
+            u64::try_from(config.breaker_open.as_millis()).unwrap_or(u64::MAX),
+            timeout_ms.saturating_mul(2).max(10),
+        );
+        let shared = Rc::new_cyclic(|me: &std::rc::Weak<Shared>| {
+            let events = me.clone();
+            let redis = Client::start(
+                seeds,
+                Rc::from(SCRIPT),
+                timing,
+                config.max_pending,
+                // One per master on a cluster; on a single Redis the
+                // limiter's own (below) is the breaker.
+                breaker.clone(),
+                move |event| {
+                    if let Some(shared) = events.upgrade() {
+                        shared.on_connection_event(event);
+                    }
+                },
+            );
+            Shared {
+                config: config.clone(),
+                stats: stats.clone(),
+                redis,
+                breaker: RefCell::new(breaker),
+                warn: RefCell::new(WarnThrottle::new(
+                    u64::try_from(config.warn_interval.as_millis()).unwrap_or(u64::MAX),
+                )),
+                key: RefCell::new(String::with_capacity(64)),
+                leases: RefCell::new(HashMap::new()),
+                sha: redis::Script::new(SCRIPT).get_hash().to_string(),
+                ttl_arg: KEY_TTL_MS.to_string(),
+                clock,
+                started: std::time::Instant::now(),
+            }
+        });
         Self {
             config,
             stats,
             shared,
-            _stop: stop,
         }
     }
 
@@ -196,10 +202,21 @@ impl RateLimiter {
         }
     }
 
-    /// Whether Redis answered recently (for `/ready`): connected and the
-    /// breaker closed.
+    /// Whether Redis answered recently (for `/ready`): connected (on a
+    /// cluster: at least one master, see [`cluster::Client::healthy`]) and
+    /// the breaker closed.
     pub fn healthy(&self) -> bool {
-        self.shared.conn.phase() == Phase::Up
+        self.shared.redis.healthy()
             && self.shared.breaker.borrow().state() == breaker::State::Closed
+    }
+
+    /// Whether the limiter found a Redis Cluster (tests, logs).
+    pub fn is_cluster(&self) -> bool {
+        self.shared.redis.is_cluster()
+    }
+
+    /// How many times the client read the cluster's slot map (tests).
+    pub fn map_refreshes(&self) -> u64 {
+        self.shared.redis.refreshes()
     }
 }

@@ -16,6 +16,26 @@ pub const MAX_ARRAY: usize = 64;
 /// Deepest nesting accepted.
 const MAX_DEPTH: usize = 4;
 
+/// Bounds for one reply: the limiter's own replies use [`Limits::REPLY`];
+/// a cluster's slot map (`CLUSTER SLOTS`, one array entry per slot range,
+/// up to 16,384 of them) uses [`Limits::TOPOLOGY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_array: usize,
+    pub max_depth: usize,
+}
+
+impl Limits {
+    pub const REPLY: Limits = Limits {
+        max_array: MAX_ARRAY,
+        max_depth: MAX_DEPTH,
+    };
+    pub const TOPOLOGY: Limits = Limits {
+        max_array: 16_384,
+        max_depth: 5,
+    };
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Simple(Vec<u8>),
@@ -29,6 +49,23 @@ impl Frame {
     /// `-NOSCRIPT ...`: EVALSHA named a script this server has not cached.
     pub fn is_noscript(&self) -> bool {
         matches!(self, Frame::Error(e) if e.starts_with(b"NOSCRIPT"))
+    }
+
+    /// The integer, or the decimal digits of a simple or bulk string.
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Frame::Integer(i) => Some(*i),
+            Frame::Simple(b) | Frame::Bulk(Some(b)) => integer(b).ok(),
+            _ => None,
+        }
+    }
+
+    /// A simple or bulk string as UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Frame::Simple(b) | Frame::Bulk(Some(b)) => std::str::from_utf8(b).ok(),
+            _ => None,
+        }
     }
 }
 
@@ -50,10 +87,20 @@ pub fn push_command(out: &mut Vec<u8>, args: &[&[u8]]) {
 /// Parses one reply from the front of `buf`: `Ok(None)` if `buf` holds only
 /// part of it, else the frame and how many bytes it used.
 pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
-    parse_at(buf, 0, 0)
+    parse_at(buf, 0, 0, &Limits::REPLY)
 }
 
-fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Frame, usize)>, ProtocolError> {
+/// [`parse`] with other bounds (the slot map).
+pub fn parse_limited(buf: &[u8], limits: &Limits) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    parse_at(buf, 0, 0, limits)
+}
+
+fn parse_at(
+    buf: &[u8],
+    pos: usize,
+    depth: usize,
+    limits: &Limits,
+) -> Result<Option<(Frame, usize)>, ProtocolError> {
     let Some(&tag) = buf.get(pos) else {
         return Ok(None);
     };
@@ -88,13 +135,13 @@ fn parse_at(buf: &[u8], pos: usize, depth: usize) -> Result<Option<(Frame, usize
                 return Ok(Some((Frame::Array(None), next)));
             }
             let len = usize::try_from(len).map_err(|_| ProtocolError)?;
-            if len > MAX_ARRAY || depth >= MAX_DEPTH {
+            if len > limits.max_array || depth >= limits.max_depth {
                 return Err(ProtocolError);
             }
             let mut items = Vec::with_capacity(len);
             let mut at = next;
             for _ in 0..len {
-                match parse_at(buf, at, depth + 1)? {
+                match parse_at(buf, at, depth + 1, limits)? {
                     Some((item, after)) => {
                         items.push(item);
                         at = after;
@@ -207,6 +254,25 @@ mod tests {
                 &bytes[..bytes.len().min(20)]
             );
         }
+    }
+
+    #[test]
+    fn topology_limits_allow_long_arrays_and_one_more_level() {
+        let mut long = b"*65\r\n".to_vec();
+        for _ in 0..65 {
+            long.extend_from_slice(b":1\r\n");
+        }
+        assert_eq!(parse(&long), Err(ProtocolError));
+        assert!(matches!(
+            parse_limited(&long, &Limits::TOPOLOGY),
+            Ok(Some(_))
+        ));
+        let deep = b"*1\r\n*1\r\n*1\r\n*1\r\n*0\r\n";
+        assert_eq!(parse(deep), Err(ProtocolError));
+        assert!(matches!(
+            parse_limited(deep, &Limits::TOPOLOGY),
+            Ok(Some(_))
+        ));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use futures::channel::oneshot;
 use uuid::Uuid;
 
 use super::breaker::{Breaker, WarnThrottle};
+use super::cluster::Client;
 use super::config::RateLimitConfig;
-use super::conn::Conn;
 use super::decision::{Failure, RateLimitStats};
 use super::lease::Lease;
 use crate::clock::Clock;
@@ -32,10 +32,12 @@ pub(super) struct Entry {
 pub(super) struct Shared {
     pub(super) config: Rc<RateLimitConfig>,
     pub(super) stats: Arc<RateLimitStats>,
-    pub(super) conn: Rc<Conn>,
+    /// One server or a cluster; dropping it stops its connections.
+    pub(super) redis: Client,
     pub(super) breaker: RefCell<Breaker>,
     pub(super) warn: RefCell<WarnThrottle>,
-    /// Reused buffer for the key of the check being sent.
+    /// Reused buffer for the key of the check being sent (taken out for
+    /// the call; a concurrent call makes its own).
     pub(super) key: RefCell<String>,
     /// Leases by org, bounded by [`super::lease::MAX_ENTRIES`].
     pub(super) leases: RefCell<HashMap<Uuid, Entry>>,

@@ -129,6 +129,7 @@ impl Env {
             next_ip: AtomicU32::new(0),
         };
         env.remember_secret(&env.admin_key.clone());
+        env.remember_secret(ibex_e2e::procs::service_key());
         let env = Arc::new(env);
         // Both proxies ready: invalidation feed and Redis up.
         for p in 0..env.proxies.len() {

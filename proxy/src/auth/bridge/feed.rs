@@ -102,6 +102,7 @@ fn broadcast(subscribers: &Subscribers, event: FeedEvent) {
 
 pub(super) async fn watch(
     channel: Channel,
+    key: super::ServiceKey,
     subscriber: String,
     subscribers: Subscribers,
     stats: Arc<BridgeStats>,
@@ -114,7 +115,7 @@ pub(super) async fn watch(
         let req = pb::WatchInvalidationsRequest {
             subscriber: subscriber.clone(),
         };
-        match client.watch_invalidations(req).await {
+        match client.watch_invalidations(key.request(req)).await {
             Ok(resp) => {
                 let mut stream = resp.into_inner();
                 // Whatever happened while we were away is unknown.

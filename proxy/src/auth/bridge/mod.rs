@@ -13,16 +13,22 @@
 //! `IBEX_AUTH_VALIDATE_TIMEOUT` themselves), and any decision on what an
 //! answer means for a request.
 
+mod authd;
 mod feed;
 mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::SecretString;
 use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
 
+use authd::ServiceKey;
+
 use crate::metrics::BridgeStats;
+/// The usage shipper reaches authd the same way (TLS, CA file).
+pub use authd::endpoint as authd_endpoint;
 pub use feed::FeedReceiver;
 use feed::Subscribers;
 pub use validate::BridgeClient;
@@ -41,6 +47,11 @@ pub struct BridgeConfig {
     pub authd_url: String,
     /// Name sent to authd's logs with the feed subscription.
     pub subscriber: String,
+    /// `IBEX_SERVICE_KEY`, sent as `x-ibex-service-key` on every call.
+    pub service_key: SecretString,
+    /// `IBEX_AUTHD_CA_FILE`: the CA to trust for an `https://` authd (else
+    /// the system roots).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Handle to the bridge thread; cheap to clone, shared by every worker.
@@ -56,7 +67,8 @@ impl Bridge {
     /// its channel to authd. Fails on an unusable authd URL; authd being down
     /// is not an error (logged; calls answer 503 until it is up).
     pub fn start(config: BridgeConfig) -> anyhow::Result<Bridge> {
-        let endpoint = Endpoint::from_shared(config.authd_url.clone())?
+        let key = ServiceKey::new(&config.service_key)?;
+        let endpoint = authd::endpoint(&config.authd_url, config.ca_file.as_deref())?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -72,7 +84,9 @@ impl Bridge {
         let (connected_tx, connected) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("ibex-authd-bridge".into())
-            .spawn(move || runtime.block_on(serve(endpoint, config, rx, subs, st, connected_tx)))?;
+            .spawn(move || {
+                runtime.block_on(serve(endpoint, key, config, rx, subs, st, connected_tx))
+            })?;
         match connected.recv_timeout(CONNECT_AT_START + Duration::from_secs(1)) {
             Ok(true) => tracing::debug!("authd channel connected"),
             _ => tracing::warn!(
@@ -106,6 +120,7 @@ impl Bridge {
 /// The validation channel is connected first (reported on `connected`).
 async fn serve(
     endpoint: Endpoint,
+    key: ServiceKey,
     config: BridgeConfig,
     calls: mpsc::Receiver<Call>,
     subscribers: Subscribers,
@@ -116,6 +131,7 @@ async fn serve(
     // an invalidation (and vice versa).
     tokio::spawn(feed::watch(
         endpoint.connect_lazy(),
+        key.clone(),
         config.subscriber,
         subscribers,
         stats,
@@ -131,5 +147,5 @@ async fn serve(
             endpoint.connect_lazy()
         }
     };
-    validate::run(channel, calls).await;
+    validate::run(channel, key, calls).await;
 }

@@ -15,11 +15,17 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
+use super::ServiceKey;
 use crate::auth::backend::{
     AgentAnswer, Answer, AuthBackend, TokenAnswer, Unavailable, ValidToken,
 };
 use crate::auth::secret::BearerToken;
 use crate::metrics::BridgeStats;
+
+/// authd's reason on a RESOURCE_EXHAUSTED ValidateToken: `throttled` = this
+/// client address failed too often on this token id (its own doing);
+/// anything else = authd is saturated.
+const REFUSAL_HEADER: &str = "x-ibex-refusal";
 
 /// Concurrent authd calls the bridge makes.
 const MAX_IN_FLIGHT: usize = 512;
@@ -29,6 +35,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) enum Call {
     Token {
         token: SecretString,
+        /// The end client's address, for authd's guess throttle.
+        client: std::net::IpAddr,
         reply: oneshot::Sender<Answer<TokenAnswer>>,
     },
     Agent {
@@ -64,13 +72,24 @@ impl BridgeClient {
 }
 
 impl AuthBackend for BridgeClient {
-    fn validate_token(&self, token: &BearerToken) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
+    fn validate_token(
+        &self,
+        token: &BearerToken,
+        client: std::net::IpAddr,
+    ) -> LocalBoxFuture<'static, Answer<TokenAnswer>> {
         let (reply, rx) = oneshot::channel();
         // A malformed value may not be UTF-8 (obs-text). The lossy form can
         // never be a PAT (U+FFFD is not alphanumeric), so authd refuses it
         // like any other malformed token, after the same dummy Argon2.
         let token = SecretString::from(String::from_utf8_lossy(token.expose()).into_owned());
-        self.submit(Call::Token { token, reply }, rx)
+        self.submit(
+            Call::Token {
+                token,
+                client,
+                reply,
+            },
+            rx,
+        )
     }
 
     fn validate_agent(
@@ -91,7 +110,7 @@ pub(super) fn endpoint(endpoint: Endpoint) -> Endpoint {
 }
 
 /// The bridge thread's validation loop, until every worker's client is gone.
-pub(super) async fn run(channel: Channel, mut calls: mpsc::Receiver<Call>) {
+pub(super) async fn run(channel: Channel, key: ServiceKey, mut calls: mpsc::Receiver<Call>) {
     let client = AuthServiceClient::new(channel);
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(call) = calls.recv().await {
@@ -99,20 +118,26 @@ pub(super) async fn run(channel: Channel, mut calls: mpsc::Receiver<Call>) {
             return;
         };
         let mut client = client.clone();
+        let key = key.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match call {
-                Call::Token { token, reply } => {
+                Call::Token {
+                    token,
+                    client: addr,
+                    reply,
+                } => {
                     if reply.is_closed() {
                         return; // the worker gave up already
                     }
                     let req = pb::ValidateTokenRequest {
                         token: token.expose_secret().to_owned(),
+                        client_addr: addr.to_string(),
                     };
-                    let answer = match client.validate_token(req).await {
+                    let answer = match client.validate_token(key.request(req)).await {
                         Ok(r) => token_answer(r.into_inner()),
                         Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                            Ok(TokenAnswer::Busy)
+                            Ok(refusal(&status))
                         }
                         Err(status) => {
                             tracing::debug!(code = ?status.code(), "authd ValidateToken failed");
@@ -129,7 +154,7 @@ pub(super) async fn run(channel: Channel, mut calls: mpsc::Receiver<Call>) {
                         org_id: org.to_string(),
                         agent_id: agent.to_string(),
                     };
-                    let answer = match client.validate_agent(req).await {
+                    let answer = match client.validate_agent(key.request(req)).await {
                         Ok(r) => agent_answer(r.into_inner()),
                         Err(status) => {
                             tracing::debug!(code = ?status.code(), "authd ValidateAgent failed");
@@ -140,6 +165,14 @@ pub(super) async fn run(channel: Channel, mut calls: mpsc::Receiver<Call>) {
                 }
             }
         });
+    }
+}
+
+/// Why authd declined to decide: its guess throttle, or saturation.
+fn refusal(status: &tonic::Status) -> TokenAnswer {
+    match status.metadata().get(REFUSAL_HEADER).map(|v| v.as_bytes()) {
+        Some(b"throttled") => TokenAnswer::Throttled,
+        _ => TokenAnswer::Busy,
     }
 }
 
