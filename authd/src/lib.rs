@@ -15,6 +15,7 @@ pub mod ctl;
 pub mod feed;
 pub mod hasher;
 pub mod http;
+pub mod ledger;
 pub mod pat;
 pub mod perms;
 pub mod pgtls;

@@ -16,6 +16,7 @@ use crate::authz::{self, AdminKeyDigest, Caller, KeyDigest, Refusals};
 use crate::cache::VerifiedToken;
 use crate::feed::Feed;
 use crate::hasher;
+use crate::ledger;
 use crate::pat;
 use crate::perms;
 use crate::store::{self, NewToken, StoreError};
@@ -446,6 +447,33 @@ impl AuthService for Service {
             })
             .collect();
         Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn record_usage(
+        &self,
+        request: Request<pb::RecordUsageRequest>,
+    ) -> Result<Response<pb::RecordUsageResponse>, Status> {
+        // Internal: the proxies' shippers, with the service key (SPEC §6).
+        self.internal(&request)?;
+        ledger::rpc::record_usage(&self.validator.pool, request.into_inner()).await
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<pb::GetUsageRequest>,
+    ) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        ledger::rpc::get_usage(&self.validator.pool, &caller, request.into_inner()).await
+    }
+
+    type ExportUsageStream = ledger::rpc::ExportStream;
+
+    async fn export_usage(
+        &self,
+        request: Request<pb::ExportUsageRequest>,
+    ) -> Result<Response<Self::ExportUsageStream>, Status> {
+        let caller = self.caller(&request).await?;
+        ledger::rpc::export_usage(&self.validator.pool, &caller, request.into_inner()).await
     }
 
     type WatchInvalidationsStream = EventStream;

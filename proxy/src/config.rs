@@ -188,6 +188,19 @@ pub struct Config {
           value_parser = parse_positive_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// Usage spool directory (SPEC §10); required in production. Default: .ibex/spool.
+    #[arg(long, env = "IBEX_USAGE_SPOOL_DIR")]
+    pub usage_spool_dir: Option<std::path::PathBuf>,
+
+    /// Bound on the usage spool; when it holds this much, forwarded routes answer 503
+    /// USAGE_UNAVAILABLE until it drains.
+    #[arg(long, env = "IBEX_USAGE_SPOOL_MAX_BYTES", default_value_t = crate::ledger::DEFAULT_MAX_BYTES)]
+    pub usage_spool_max_bytes: u64,
+
+    /// JSON prices `{"<model>": {"input_per_mtok": .., "output_per_mtok": ..}}`; re-read on SIGHUP.
+    #[arg(long, env = "IBEX_PRICES_FILE")]
+    pub prices_file: Option<std::path::PathBuf>,
+
     /// Deployment environment.
     #[arg(long = "env", env = "IBEX_ENV", value_enum, default_value_t = Environment::Development)]
     pub environment: Environment,
@@ -205,7 +218,25 @@ impl Config {
     /// Checks what clap cannot check without echoing a secret. Every problem
     /// is named by its variable; no message contains a configured value.
     pub fn validate(&self) -> Result<(), String> {
-        check_redis_url(&self.redis_url).map_err(|e| format!("IBEX_REDIS_URL: {e}"))
+        check_redis_url(&self.redis_url).map_err(|e| format!("IBEX_REDIS_URL: {e}"))?;
+        if self.environment == Environment::Production && self.usage_spool_dir.is_none() {
+            return Err("IBEX_USAGE_SPOOL_DIR is required in production".into());
+        }
+        if self.usage_spool_max_bytes == 0 {
+            return Err("IBEX_USAGE_SPOOL_MAX_BYTES must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// The usage spool's settings.
+    pub fn ledger(&self) -> crate::ledger::LedgerConfig {
+        crate::ledger::LedgerConfig {
+            dir: self
+                .usage_spool_dir
+                .clone()
+                .unwrap_or_else(|| crate::ledger::DEFAULT_DIR.into()),
+            max_bytes: self.usage_spool_max_bytes,
+        }
     }
 
     /// What the authd bridge needs: the service key (required, ≥ 32 characters) and, for an

@@ -30,6 +30,8 @@ pub enum ApiError {
     ProviderNotConfigured,
     UpstreamUnavailable,
     AuthUnavailable,
+    /// The usage spool is full (SPEC §10): a request that would go unmetered is refused.
+    UsageUnavailable,
     UpstreamTimeout,
     /// `/ready` when a dependency is down; the message names it.
     NotReady(&'static str),
@@ -38,7 +40,7 @@ pub enum ApiError {
 impl ApiError {
     /// Every variant once (`NotReady` with one of its messages), for tests
     /// and tables that must cover them all.
-    pub const ALL: [ApiError; 22] = {
+    pub const ALL: [ApiError; 23] = {
         use ApiError::*;
         [
             MissingAgentId,
@@ -61,6 +63,7 @@ impl ApiError {
             ProviderNotConfigured,
             UpstreamUnavailable,
             AuthUnavailable,
+            UsageUnavailable,
             UpstreamTimeout,
             NotReady("not ready: authd is unavailable"),
         ]
@@ -80,7 +83,7 @@ impl ApiError {
             HeadersTooLarge => 431,
             ProviderNotConfigured => 501,
             UpstreamUnavailable => 502,
-            AuthUnavailable | NotReady(_) => 503,
+            AuthUnavailable | UsageUnavailable | NotReady(_) => 503,
             UpstreamTimeout => 504,
         }
     }
@@ -108,6 +111,7 @@ impl ApiError {
             ProviderNotConfigured => "PROVIDER_NOT_CONFIGURED",
             UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             AuthUnavailable => "AUTH_UNAVAILABLE",
+            UsageUnavailable => "USAGE_UNAVAILABLE",
             UpstreamTimeout => "UPSTREAM_TIMEOUT",
             NotReady(_) => "NOT_READY",
         }
@@ -136,6 +140,7 @@ impl ApiError {
             ProviderNotConfigured => "no upstream provider is configured",
             UpstreamUnavailable => "upstream provider is unavailable",
             AuthUnavailable => "authentication service is unavailable",
+            UsageUnavailable => "usage ledger is full; retry later",
             UpstreamTimeout => "upstream provider timed out",
             NotReady(what) => what,
         }

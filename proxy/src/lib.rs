@@ -22,6 +22,7 @@ pub mod config;
 pub mod ctx;
 pub mod error;
 pub mod http;
+pub mod ledger;
 pub mod metrics;
 pub mod ratelimit;
 pub mod request_id;

@@ -5,16 +5,23 @@
 use std::io::Write;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use ibex_proxy::auth::bridge::authd_endpoint;
 use ibex_proxy::auth::bridge::Bridge;
 use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
 use ibex_proxy::clock::SystemClock;
 use ibex_proxy::config::Config;
+use ibex_proxy::ledger::meter::MeterFactory;
+use ibex_proxy::ledger::prices::{PriceBook, Prices};
+use ibex_proxy::ledger::shipper::AuthdSink;
+use ibex_proxy::ledger::Ledger;
 use ibex_proxy::server::Server;
 use ibex_proxy::upstream::Upstream;
+use secrecy::ExposeSecret;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -41,6 +48,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     check_before_serving(&config)?;
     let bridge = Bridge::start(config.authd_bridge().map_err(anyhow::Error::msg)?)
         .context("IBEX_AUTHD_GRPC")?;
+    let (ledger, meters) = start_ledger(&config)?;
     let server = Server::bind(config.server())
         .with_context(|| format!("binding {} (admin {})", config.listen, config.admin_listen))?;
     let addr = server.local_addr();
@@ -48,7 +56,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         .admin_addr()
         .map_or_else(String::new, |a| a.to_string());
     let scheme = if server.is_tls() { "https" } else { "http" };
-    let wiring = Wiring::new(config, bridge);
+    let wiring = Wiring::new(config, bridge).with_ledger(meters);
     wiring
         .registry()
         .register_listeners(server.listener_stats());
@@ -67,7 +75,77 @@ fn run(config: Config) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     })?;
+    // Whatever the workers recorded is written and fsynced; the rest ships on the next start.
+    ledger.shutdown();
     tracing::info!("drained; exiting");
+    Ok(())
+}
+
+/// Opens the usage spool, starts its shipper to authd and loads the prices (SPEC §10).
+fn start_ledger(config: &Config) -> anyhow::Result<(Ledger, MeterFactory)> {
+    let mut ledger = Ledger::open(&config.ledger())?;
+    let urls: Vec<String> = config
+        .authd_grpc
+        .split(',')
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let endpoints = urls
+        .iter()
+        .map(|u| authd_endpoint(u, config.authd_ca_file.as_deref()))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("IBEX_AUTHD_GRPC")?;
+    // The same service key the bridge sends (checked by `authd_bridge` before this runs).
+    let key = config
+        .service_key
+        .as_ref()
+        .context("IBEX_SERVICE_KEY is required")?;
+    let mut value = tonic::metadata::MetadataValue::try_from(key.expose_secret())
+        .context("IBEX_SERVICE_KEY cannot go in a header")?;
+    value.set_sensitive(true);
+    ledger.ship(AuthdSink::new(
+        endpoints,
+        vec![("x-ibex-service-key", value)],
+    )?)?;
+    let prices = match &config.prices_file {
+        Some(path) => Prices::load(path)?,
+        None => Prices::default(),
+    };
+    tracing::info!(models = prices.len(), "prices loaded");
+    let book = Arc::new(PriceBook::new(prices));
+    if let Some(path) = config.prices_file.clone() {
+        reload_prices_on_sighup(path, book.clone())?;
+    }
+    let meters = MeterFactory {
+        ledger: ledger.shared().clone(),
+        prices: book,
+    };
+    Ok((ledger, meters))
+}
+
+/// SIGHUP re-reads IBEX_PRICES_FILE; a bad file keeps the old prices and says why.
+fn reload_prices_on_sighup(path: std::path::PathBuf, book: Arc<PriceBook>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut hup = rt.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    })?;
+    std::thread::Builder::new()
+        .name("ibex-prices".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                while hup.recv().await.is_some() {
+                    match book.reload(&path) {
+                        Ok(n) => tracing::info!(models = n, "prices reloaded"),
+                        Err(e) => tracing::error!(
+                            error = format!("{e:#}"),
+                            "prices not reloaded; keeping the old ones"
+                        ),
+                    }
+                }
+            })
+        })?;
     Ok(())
 }
 

@@ -231,6 +231,8 @@ async fn chat(up: &Upstream, body: &'static str) -> Result<Response, UpstreamErr
     let ctx = ForwardCtx {
         request_id: "req-abc-123",
         org_id: &ORG,
+        agent_id: &ORG,
+        token_id: &ORG,
     };
     up.forward(&req, UpstreamRoute::ChatCompletions, ctx).await
 }
@@ -360,6 +362,8 @@ fn upstream_sees_its_key_and_request_id_never_the_client_credentials() {
         let ctx = ForwardCtx {
             request_id: "req-models",
             org_id: &ORG,
+            agent_id: &ORG,
+            token_id: &ORG,
         };
         up.forward(&req, UpstreamRoute::Models, ctx).await.unwrap();
         let seen = fake.next_seen();

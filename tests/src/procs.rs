@@ -194,16 +194,21 @@ impl Authd {
 pub struct Proxy {
     /// The public listener (plain HTTP, or TLS when the proxy was given a certificate).
     pub addr: SocketAddr,
+    /// `IBEX_USAGE_SPOOL_DIR`: the caller's, or a directory of this proxy's own (kept across
+    /// [`Proxy::restart`], removed on drop).
+    pub spool_dir: std::path::PathBuf,
     /// The admin listener (`/metrics`, `/health`, `/ready`), always plain HTTP.
     pub admin: SocketAddr,
     /// Whether the public listener speaks TLS (`https=` in the ready line).
     pub tls: bool,
     service: Service,
+    _spool: Option<tempfile::TempDir>,
 }
 
 impl Proxy {
     /// Starts the proxy against `authd_grpc` and `redis_url` with `IBEX_PROXY_THREADS=2`,
-    /// `IBEX_LOG=info`, `IBEX_AUTH_VALIDATE_TIMEOUT=2s` and the process's [`service_key`];
+    /// `IBEX_LOG=info`, `IBEX_AUTH_VALIDATE_TIMEOUT=2s`, the process's [`service_key`] and a
+    /// usage spool of its own;
     /// `extra_env` overrides any of them.
     pub async fn start(
         authd_grpc: SocketAddr,
@@ -226,6 +231,18 @@ impl Proxy {
             // the timeout itself set it explicitly.
             ("IBEX_AUTH_VALIDATE_TIMEOUT".to_owned(), "2s".to_owned()),
         ];
+        let (spool_dir, spool) = match extra_env.iter().find(|(k, _)| *k == "IBEX_USAGE_SPOOL_DIR")
+        {
+            Some((_, dir)) => (std::path::PathBuf::from(dir), None),
+            None => {
+                let dir = tempfile::Builder::new().prefix("ibex-spool-").tempdir()?;
+                (dir.path().to_owned(), Some(dir))
+            }
+        };
+        env.push((
+            "IBEX_USAGE_SPOOL_DIR".to_owned(),
+            spool_dir.to_string_lossy().into_owned(),
+        ));
         merge_env(&mut env, extra_env);
         let mut service = Service::new("ibex-proxy", env)?;
         let ready = service.spawn(&[]).await?;
@@ -234,7 +251,9 @@ impl Proxy {
             addr: ready_addr(&ready, if tls { "https" } else { "http" })?,
             admin: ready_addr(&ready, "admin")?,
             tls,
+            spool_dir,
             service,
+            _spool: spool,
         })
     }
 

@@ -11,7 +11,10 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match ctl::run(cli).await {
         Ok(out) => {
-            println!("{out}");
+            // Empty when the command streamed its own output (`usage export`).
+            if !out.is_empty() {
+                println!("{out}");
+            }
             std::process::ExitCode::SUCCESS
         }
         Err(err) => {

@@ -18,6 +18,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_control",
         include_str!("../../../migrations/0002_control.sql"),
     ),
+    (
+        "0003_usage",
+        include_str!("../../../migrations/0003_usage.sql"),
+    ),
 ];
 
 pub const APP_ROLE: &str = "ibex_app";

@@ -8,6 +8,7 @@
 pub mod migrate;
 pub mod remote;
 pub mod seed;
+pub mod usage;
 
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
@@ -101,6 +102,8 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The usage ledger: totals (default), `export` (JSONL) and `verify` (the hash chain).
+    Usage(usage::UsageArgs),
 }
 
 #[derive(Subcommand)]
@@ -184,6 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Org(cmd) => remote::org(&global, cmd).await,
         Command::Agent(cmd) => remote::agent(&global, cmd).await,
         Command::Token(cmd) => remote::token(&global, cmd).await,
+        Command::Usage(args) => usage::run(&global, args).await,
     }
 }
 

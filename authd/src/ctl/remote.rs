@@ -41,7 +41,7 @@ pub fn endpoint(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<
     Ok(endpoint)
 }
 
-async fn client(global: &Global) -> anyhow::Result<AuthServiceClient<Channel>> {
+pub(super) async fn client(global: &Global) -> anyhow::Result<AuthServiceClient<Channel>> {
     let channel = endpoint(&global.authd, global.authd_ca_file.as_deref())?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
@@ -68,7 +68,7 @@ fn caller_pat(global: &Global) -> anyhow::Result<Option<SecretString>> {
 }
 
 /// Wraps a message with the caller's credential.
-fn request<T>(global: &Global, message: T) -> anyhow::Result<tonic::Request<T>> {
+pub(super) fn request<T>(global: &Global, message: T) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
     if let Some(token) = caller_pat(global)? {
         let value = MetadataValue::try_from(format!("Bearer {}", token.expose_secret()))
@@ -84,7 +84,7 @@ fn request<T>(global: &Global, message: T) -> anyhow::Result<tonic::Request<T>> 
     Ok(request)
 }
 
-fn rpc_error(status: tonic::Status) -> anyhow::Error {
+pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 

@@ -92,10 +92,16 @@ pub async fn forward(
     let Some(upstream) = upstream else {
         return Err(ApiError::ProviderNotConfigured);
     };
-    let org = p.org();
+    // A request that would go unmetered is refused (SPEC §10); `/v1/models` always answers.
+    if target == UpstreamRoute::ChatCompletions && !upstream.admits() {
+        return Err(ApiError::UsageUnavailable);
+    }
+    let (org, agent, token) = (p.org(), p.agent(), p.token_id());
     let ctx = ForwardCtx {
         request_id,
         org_id: &org,
+        agent_id: &agent,
+        token_id: &token,
     };
     upstream
         .forward(&req, target, ctx)

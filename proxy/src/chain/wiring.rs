@@ -27,6 +27,7 @@ pub struct Wiring {
     bridge: Bridge,
     registry: Arc<Registry>,
     auth_shared: AuthShared,
+    meters: Option<crate::ledger::meter::MeterFactory>,
 }
 
 impl Wiring {
@@ -42,7 +43,15 @@ impl Wiring {
             bridge,
             registry,
             auth_shared,
+            meters: None,
         }
+    }
+
+    /// Every worker's upstream records its requests in the usage ledger.
+    pub fn with_ledger(mut self, meters: crate::ledger::meter::MeterFactory) -> Self {
+        self.registry.register_ledger(meters.ledger.clone());
+        self.meters = Some(meters);
+        self
     }
 
     /// The process's metrics registry (the listeners register their counters).
@@ -91,10 +100,13 @@ impl Wiring {
         monoio::spawn(super::access_log::flush_periodically());
 
         let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()), ctx.clock.clone());
-        let upstream = match Self::upstream_config(cfg) {
+        let mut upstream = match Self::upstream_config(cfg) {
             Some(u) => Some(Upstream::new(Rc::new(u), ctx.clock.clone())?),
             None => None,
         };
+        if let (Some(u), Some(m)) = (upstream.as_mut(), self.meters.as_ref()) {
+            u.set_meter(m.meter());
+        }
         self.registry.register_worker(
             ctx.metrics.clone(),
             Some(limiter.stats()),

@@ -25,6 +25,7 @@ struct Worker {
 pub struct Registry {
     workers: Mutex<Vec<Worker>>,
     bridge: Mutex<Option<Arc<BridgeStats>>>,
+    ledger: Mutex<Option<Arc<crate::ledger::Shared>>>,
     listeners: Mutex<Option<Arc<ListenerStats>>>,
 }
 
@@ -47,6 +48,12 @@ impl Registry {
     pub fn register_bridge(&self, stats: Arc<BridgeStats>) {
         if let Ok(mut b) = self.bridge.lock() {
             *b = Some(stats);
+        }
+    }
+
+    pub fn register_ledger(&self, ledger: Arc<crate::ledger::Shared>) {
+        if let Ok(mut l) = self.ledger.lock() {
+            *l = Some(ledger);
         }
     }
 
@@ -91,6 +98,14 @@ impl Registry {
         if let Ok(bridge) = self.bridge.lock() {
             if let Some(b) = bridge.as_ref() {
                 bridge_stats(&mut out, b);
+            }
+        }
+        if let Ok(ledger) = self.ledger.lock() {
+            if let Some(l) = ledger.as_ref() {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                l.stats.render(now_ms, &mut out);
             }
         }
         if let Ok(listeners) = self.listeners.lock() {

@@ -64,11 +64,33 @@ pub struct Record {
     pub scanner: Scanner,
     /// How the body ended; stays `client_gone` if it was dropped unfinished.
     pub outcome: &'static str,
+    /// The request's usage record, finished with what was seen when this drops.
+    pub ledger: Option<crate::ledger::meter::Pending>,
+}
+
+impl Record {
+    /// The client gets an error instead of this response (body too large or broken).
+    pub fn client_status(&mut self, err: super::UpstreamError) {
+        if let Some(p) = self.ledger.as_mut() {
+            p.seen.status = crate::error::ApiError::from(err).status();
+        }
+    }
 }
 
 impl Drop for Record {
     fn drop(&mut self) {
+        let events = self.scanner.events();
         let found = self.scanner.take();
+        if let Some(mut p) = self.ledger.take() {
+            p.seen.usage = found
+                .usage
+                .map(|u| (u.prompt_tokens, u.completion_tokens, u.total_tokens));
+            p.seen.events = events;
+            p.seen.body_bytes = self.bytes;
+            p.model = found.model.clone();
+            p.streamed = self.streamed;
+            p.finish();
+        }
         let model = found.model.as_deref().unwrap_or("unknown");
         if let Some(u) = found.usage {
             self.stats.usage(self.org, model, u);

@@ -34,6 +34,7 @@ use secrecy::ExposeSecret;
 
 use crate::clock::Clock;
 use crate::http::{Body, Request, Response};
+use crate::ledger::meter::{Meter, Pending};
 use body::{BodyError, BodyReader, Decoder, Record};
 use conn::{Conn, Connector, Pool};
 use request::HeadPrefix;
@@ -69,6 +70,8 @@ pub struct UpstreamConfig {
 pub struct ForwardCtx<'a> {
     pub request_id: &'a str,
     pub org_id: &'a uuid::Uuid,
+    pub agent_id: &'a uuid::Uuid,
+    pub token_id: &'a uuid::Uuid,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +99,8 @@ pub struct Upstream {
     stats: Arc<UpstreamStats>,
     chat: HeadPrefix,
     models: HeadPrefix,
+    /// The usage ledger (SPEC §10): one record per forwarded request.
+    meter: Option<Rc<Meter>>,
 }
 
 impl Upstream {
@@ -135,8 +140,19 @@ impl Upstream {
             chat,
             models,
             config,
+            meter: None,
             clock,
         })
+    }
+
+    /// Records every forwarded request in the usage ledger from now on.
+    pub fn set_meter(&mut self, meter: Rc<Meter>) {
+        self.meter = Some(meter);
+    }
+
+    /// False while the usage spool is full: a metered route must answer 503.
+    pub fn admits(&self) -> bool {
+        self.meter.as_ref().is_none_or(|m| m.admits())
     }
 
     /// This worker's counters, for `/metrics` ([`render_prometheus`]).
@@ -155,10 +171,33 @@ impl Upstream {
         ctx: ForwardCtx<'_>,
     ) -> Result<Response, UpstreamError> {
         let started = self.clock.now();
-        let (prefix, body) = match route {
+        let (prefix, mut body) = match route {
             UpstreamRoute::ChatCompletions => (&self.chat, req.body.clone()),
             UpstreamRoute::Models => (&self.models, Bytes::new()),
         };
+        let mut pending = self.meter.as_ref().map(|m| {
+            let path = match route {
+                UpstreamRoute::ChatCompletions => "/v1/chat/completions",
+                UpstreamRoute::Models => "/v1/models",
+            };
+            m.start(
+                ctx.request_id,
+                *ctx.org_id,
+                *ctx.agent_id,
+                *ctx.token_id,
+                path,
+                body.clone(),
+            )
+        });
+        // A metered stream always carries the provider's usage (SPEC §10).
+        if let Some(p) = pending.as_mut() {
+            if route == UpstreamRoute::ChatCompletions {
+                if let Some(asked) = crate::ledger::stream_usage::ask_for_usage(&body) {
+                    body = asked;
+                    p.strip_usage = true;
+                }
+            }
+        }
         let mut head = Vec::with_capacity(512 + body.len().min(COALESCE_BODY));
         let content_length = (route == UpstreamRoute::ChatCompletions).then_some(body.len());
         request::render_head(&mut head, prefix, req, ctx.request_id, content_length);
@@ -166,13 +205,35 @@ impl Upstream {
         let exchanged = monoio::time::timeout(self.config.timeout, self.exchange(head, body)).await;
         let (conn, resp, rest) = match exchanged {
             Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(self.failed(e, route, ctx, started)),
-            Err(_) => return Err(self.failed(UpstreamError::Timeout, route, ctx, started)),
+            Ok(Err(e)) => return Err(self.failed_metered(pending, e, route, ctx, started)),
+            Err(_) => {
+                let e = UpstreamError::Timeout;
+                return Err(self.failed_metered(pending, e, route, ctx, started));
+            }
         };
         let ttfb = self.elapsed(started);
         self.stats.response(resp.status, ttfb);
-        self.respond(conn, resp, rest, route, ctx, started, ttfb)
+        if let Some(p) = pending.as_mut() {
+            p.seen.status = resp.status;
+        }
+        self.respond(conn, resp, rest, route, ctx, started, ttfb, pending)
             .await
+    }
+
+    /// [`Upstream::failed`], recording the request with the status the client gets.
+    fn failed_metered(
+        &self,
+        pending: Option<Pending>,
+        err: UpstreamError,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        started: Instant,
+    ) -> UpstreamError {
+        if let Some(mut p) = pending {
+            p.seen.status = crate::error::ApiError::from(err).status();
+            p.finish();
+        }
+        self.failed(err, route, ctx, started)
     }
 
     fn failed(
@@ -241,7 +302,9 @@ impl Upstream {
         ctx: ForwardCtx<'_>,
         started: Instant,
         ttfb: Duration,
+        pending: Option<Pending>,
     ) -> Result<Response, UpstreamError> {
+        let strip_usage = pending.as_ref().is_some_and(|p| p.strip_usage);
         let scanner = match route {
             UpstreamRoute::Models => Scanner::Off,
             UpstreamRoute::ChatCompletions if head.event_stream => Scanner::Sse(Box::default()),
@@ -260,6 +323,7 @@ impl Upstream {
             bytes: 0,
             scanner,
             outcome: "client_gone",
+            ledger: pending,
         };
         let (decoder, stream) = match head.framing {
             Framing::Empty => (Decoder::Length(0), false),
@@ -280,20 +344,26 @@ impl Upstream {
         let body = if head.framing == Framing::Empty {
             reader.next().await.ok();
             Body::Empty
+        } else if stream && strip_usage && head.event_stream {
+            Body::Stream(crate::ledger::stream_usage::strip_usage_chunk(
+                reader.into_stream(),
+            ))
         } else if stream {
             Body::Stream(reader.into_stream())
         } else if too_large {
+            reader.record.client_status(UpstreamError::Unavailable);
             drop(reader);
             return Err(self.failed(UpstreamError::Unavailable, route, ctx, started));
         } else {
             match reader.read_full(MAX_FULL_BODY).await {
                 Ok(b) => Body::Full(b),
                 Err(e) => {
-                    drop(reader);
                     let err = match e {
                         BodyError::IdleTimeout => UpstreamError::Timeout,
                         _ => UpstreamError::Unavailable,
                     };
+                    reader.record.client_status(err);
+                    drop(reader);
                     return Err(self.failed(err, route, ctx, started));
                 }
             }

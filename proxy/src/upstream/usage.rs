@@ -257,6 +257,9 @@ pub struct SseScanner {
     line: Line,
     last_cr: bool,
     json: JsonScanner,
+    /// Events with data other than `[DONE]` (for the ledger's estimate).
+    events: u64,
+    data_seen: bool,
 }
 
 impl Default for SseScanner {
@@ -271,6 +274,8 @@ impl SseScanner {
             line: Line::Start { matched: 0 },
             last_cr: false,
             json: JsonScanner::new(),
+            events: 0,
+            data_seen: false,
         }
     }
 
@@ -295,6 +300,9 @@ impl SseScanner {
                         if matched == 0 {
                             // Blank line: the event is complete.
                             self.json.reset();
+                            if std::mem::take(&mut self.data_seen) {
+                                self.events += 1;
+                            }
                         }
                         self.line = Line::Start { matched: 0 };
                     } else if b == PREFIX[usize::from(matched)] {
@@ -324,6 +332,9 @@ impl SseScanner {
                     let body = &rest[..end.unwrap_or(rest.len())];
                     if self.line == Line::Data {
                         self.json.feed(body);
+                        if !body.is_empty() && body != b"[DONE]" {
+                            self.data_seen = true;
+                        }
                     }
                     match end {
                         Some(p) => {
@@ -356,6 +367,14 @@ impl Scanner {
             Scanner::Json(s) => s.feed(data),
             Scanner::Sse(s) => s.feed(data),
             Scanner::Off => {}
+        }
+    }
+
+    /// Complete `data:` events seen (0 for a whole JSON body).
+    pub fn events(&self) -> u64 {
+        match self {
+            Scanner::Sse(s) => s.events,
+            _ => 0,
         }
     }
 

@@ -38,7 +38,7 @@ impl ServiceKey {
 
 /// `http://` as is; `https://` with TLS trusting `ca_file` (PEM) or, without
 /// one, the system roots.
-pub(super) fn endpoint(url: &str, ca_file: Option<&Path>) -> anyhow::Result<Endpoint> {
+pub fn endpoint(url: &str, ca_file: Option<&Path>) -> anyhow::Result<Endpoint> {
     let endpoint = Endpoint::from_shared(url.to_owned())?;
     if !url.starts_with("https://") {
         return Ok(endpoint);

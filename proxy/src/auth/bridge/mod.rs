@@ -27,6 +27,8 @@ use tonic::transport::Endpoint;
 use authd::ServiceKey;
 
 use crate::metrics::BridgeStats;
+/// The usage shipper reaches authd the same way (TLS, CA file).
+pub use authd::endpoint as authd_endpoint;
 pub use feed::FeedReceiver;
 use feed::Subscribers;
 pub use validate::BridgeClient;
