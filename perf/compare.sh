@@ -12,6 +12,8 @@
 #   RATES="1000 10000" DURATION=10 perf/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PROXY_BIN=path runs another build of the proxy (e.g. an older commit's) in the same harness.
+PROXY_BIN=${PROXY_BIN:-target/release/ibex-proxy}
 RATES=${RATES:-"1000 10000"}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-32}
@@ -33,8 +35,8 @@ sed "s#__DIR__#$work#g; s#__PORT__#$NGINX_PORT#g" perf/nginx-static.conf > "$wor
 taskset -c "$SERVER_CPU" nginx -c "$work/nginx.conf" -p "$work" &
 NGINX_PID=$!
 
-IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:0 IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
-  taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/proxy.out" 2> "$work/proxy.err" &
+IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:0 IBEX_USAGE_SPOOL_DIR=$work/spool IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+  taskset -c "$SERVER_CPU" "$PROXY_BIN" > "$work/proxy.out" 2> "$work/proxy.err" &
 PROXY_PID=$!
 for _ in $(seq 100); do grep -q IBEX_READY "$work/proxy.out" 2>/dev/null && break; sleep 0.1; done
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$NGINX_PORT/" >/dev/null 2>&1 && break; sleep 0.1; done

@@ -12,6 +12,8 @@
 #   perf/tls-compare.sh                       # DURATION=10 CONNS=32
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PROXY_BIN=path runs another build of the proxy (e.g. an older commit's) in the same harness.
+PROXY_BIN=${PROXY_BIN:-target/release/ibex-proxy}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-32}
 SERVER_CPU=${SERVER_CPU:-0}
@@ -35,12 +37,12 @@ NGINX_PID=$!
 # The proxy needs an authd address and a service key to start; /health uses neither.
 common=(IBEX_PROXY_THREADS=1 IBEX_LOG=warn IBEX_AUTHD_GRPC=http://127.0.0.1:9
         IBEX_SERVICE_KEY=perf-tls-compare-service-key-0123456789 IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:0)
-env "${common[@]}" IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT \
+env "${common[@]}" IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_USAGE_SPOOL_DIR="$work/spool-tls" \
   IBEX_TLS_CERT_FILE="$work/cert.pem" IBEX_TLS_KEY_FILE="$work/key.pem" \
-  taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/proxy.out" 2> "$work/proxy.err" &
+  taskset -c "$SERVER_CPU" "$PROXY_BIN" > "$work/proxy.out" 2> "$work/proxy.err" &
 PROXY_PID=$!
-env "${common[@]}" IBEX_PROXY_LISTEN=127.0.0.1:$PLAIN_PORT \
-  taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/plain.out" 2> "$work/plain.err" &
+env "${common[@]}" IBEX_PROXY_LISTEN=127.0.0.1:$PLAIN_PORT IBEX_USAGE_SPOOL_DIR="$work/spool-plain" \
+  taskset -c "$SERVER_CPU" "$PROXY_BIN" > "$work/plain.out" 2> "$work/plain.err" &
 PLAIN_PID=$!
 for f in proxy plain; do
   for _ in $(seq 100); do grep -q IBEX_READY "$work/$f.out" 2>/dev/null && break; sleep 0.1; done

@@ -18,6 +18,8 @@
 #   ONLY_TTFB=1 perf/upstream-compare.sh     # just the streaming part
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# PROXY_BIN=path runs another build of the proxy (e.g. an older commit's) in the same harness.
+PROXY_BIN=${PROXY_BIN:-target/release/ibex-proxy}
 RATES=${RATES:-"1000 5000"}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-32}
@@ -54,9 +56,9 @@ sed "s#__DIR__#$work#g; s#__PORT__#$RP_PORT#g; s#__UPSTREAM__#127.0.0.1:$FAKE_PO
 taskset -c "$SERVER_CPU" nginx -c "$work/rp.conf" -p "$work" &
 RP_PID=$!
 
-IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:0 IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+IBEX_PROXY_LISTEN=127.0.0.1:$PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:0 IBEX_USAGE_SPOOL_DIR=$work/spool IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
 IBEX_UPSTREAM_URL=http://127.0.0.1:$FAKE_PORT/v1 IBEX_UPSTREAM_API_KEY=sk-perf \
-  taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/proxy.out" 2> "$work/proxy.err" &
+  taskset -c "$SERVER_CPU" "$PROXY_BIN" > "$work/proxy.out" 2> "$work/proxy.err" &
 PROXY_PID=$!
 for _ in $(seq 100); do grep -q IBEX_READY "$work/proxy.out" 2>/dev/null && break; sleep 0.1; done
 for port in "$FAKE_PORT" "$RP_PORT"; do
@@ -132,9 +134,9 @@ fi
 taskset -c "$LOAD_CPU" python3 perf/fake_sse_upstream.py "$SSE_PORT" 3 20 &
 SSE_PID=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SSE_PORT") 2>/dev/null && break; sleep 0.1; done
-IBEX_PROXY_LISTEN=127.0.0.1:$SSE_PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:$SSE_ADMIN_PORT IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+IBEX_PROXY_LISTEN=127.0.0.1:$SSE_PROXY_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:$SSE_ADMIN_PORT IBEX_USAGE_SPOOL_DIR=$work/sse-spool IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
 IBEX_UPSTREAM_URL=http://127.0.0.1:$SSE_PORT/v1 IBEX_UPSTREAM_API_KEY=sk-perf \
-  taskset -c "$SERVER_CPU" target/release/ibex-proxy > "$work/sse-proxy.out" 2> "$work/sse-proxy.err" &
+  taskset -c "$SERVER_CPU" "$PROXY_BIN" > "$work/sse-proxy.out" 2> "$work/sse-proxy.err" &
 SSE_PROXY_PID=$!
 for _ in $(seq 100); do grep -q IBEX_READY "$work/sse-proxy.out" 2>/dev/null && break; sleep 0.1; done
 curl -fsS -N -X POST "http://127.0.0.1:$SSE_PROXY_PORT/v1/chat/completions" "${AUTH[@]}" \
