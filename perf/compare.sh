@@ -25,6 +25,10 @@ PROXY_PORT=${PROXY_PORT:-18081}
 [ -f .ibex/dev.env ] || { echo "run 'make dev' first" >&2; exit 1; }
 # shellcheck disable=SC1091
 set -a; . .ibex/env 2>/dev/null || true; . .ibex/dev.env; set +a
+# PERF_AUTHD_GRPC: another authd for the proxy under test (e.g. an older build's own authd).
+export IBEX_AUTHD_GRPC=${PERF_AUTHD_GRPC:-${IBEX_AUTHD_GRPC:-http://127.0.0.1:9091}}
+# A cold validation (the warm-up request) must not be what a run measures.
+export IBEX_AUTH_VALIDATE_TIMEOUT=${IBEX_AUTH_VALIDATE_TIMEOUT:-2s}
 
 cargo build --release -q -p ibex-proxy -p ibex-bench --bin ibex-proxy --bin loadgen
 work=$(mktemp -d)
@@ -94,12 +98,21 @@ wait_floods() { for ip in 127.0.0.2 127.0.0.3 127.0.0.4; do while pgrep -f -- "-
 wait_floods
 
 if command -v wrk >/dev/null; then
+  # Peak: wrk's own count, and the server's CPU per request over the run (the figure to compare).
+  peak() { # name pid url [wrk args...]
+    local name=$1 pid=$2 url=$3; shift 3
+    local before after out reqs
+    before=$(cpu_ticks "$pid")
+    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$@" "$url")
+    after=$(cpu_ticks "$pid")
+    reqs=$(echo "$out" | sed -nE 's/^ *([0-9]+) requests in.*/\1/p')
+    echo "{\"server\":\"$name\",\"case\":\"wrk-peak\",\"rps\":$(echo "$out" | sed -nE 's/^Requests\/sec: *([0-9.]+).*/\1/p'),\"non_2xx\":$(echo "$out" | sed -nE 's/^ *Non-2xx or 3xx responses: *([0-9]+).*/\1/p' | grep . || echo 0),\"cpu_us_per_req\":$(awk -v b="$before" -v a="$after" -v t="$TCK" -v n="${reqs:-0}" 'BEGIN{ if (n>0) printf "%.2f", (a-b)/t*1e6/n; else print "nan" }')}"
+  }
   echo "# peak (wrk -t1 -c$CONNS -d${DURATION}s, pinned to CPU $LOAD_CPU)"
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:$NGINX_PORT/" | grep -E 'Requests/sec'
+  peak nginx "$(nginx_worker)" "http://127.0.0.1:$NGINX_PORT/"
   cat > "$work/auth.lua" <<LUA
 wrk.headers["Authorization"] = "Bearer $IBEX_DEV_TOKEN"
 wrk.headers["X-IBEX-Agent-ID"] = "$IBEX_DEV_AGENT_ID"
 LUA
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$work/auth.lua" \
-    "http://127.0.0.1:$PROXY_PORT/v1/internal/auth-probe" | grep -E 'Requests/sec|Non-2xx'
+  peak ibex-proxy "$PROXY_PID" "http://127.0.0.1:$PROXY_PORT/v1/internal/auth-probe" -s "$work/auth.lua"
 fi

@@ -36,6 +36,10 @@ TTFB_REQUESTS=${TTFB_REQUESTS:-200}
 [ -f .ibex/dev.env ] || { echo "run 'make dev' first" >&2; exit 1; }
 # shellcheck disable=SC1091
 set -a; . .ibex/env 2>/dev/null || true; . .ibex/dev.env; . .ibex/shell.env 2>/dev/null || true; set +a
+# PERF_AUTHD_GRPC: another authd for the proxy under test (e.g. an older build's own authd).
+export IBEX_AUTHD_GRPC=${PERF_AUTHD_GRPC:-${IBEX_AUTHD_GRPC:-http://127.0.0.1:9091}}
+# A cold validation (the warm-up request) must not be what a run measures.
+export IBEX_AUTH_VALIDATE_TIMEOUT=${IBEX_AUTH_VALIDATE_TIMEOUT:-2s}
 # The dev authd is a debug build: give the one cold validation per proxy room.
 export IBEX_AUTH_VALIDATE_TIMEOUT=${IBEX_AUTH_VALIDATE_TIMEOUT:-2s}
 

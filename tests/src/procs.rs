@@ -187,6 +187,54 @@ impl Authd {
     pub async fn ibexctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
         ibexctl(&self.ibexctl_env(), args).await?.json()
     }
+
+    /// A fresh org (named `<prefix>-<uuid>`, `rpm` requests a minute), one agent in it, and one
+    /// token per entry of `permissions` (bound to the agent when `bound`), in that order.
+    pub async fn tenant(
+        &self,
+        prefix: &str,
+        rpm: u32,
+        bound: bool,
+        permissions: &[&str],
+    ) -> Result<Tenant> {
+        let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+        let rpm = rpm.to_string();
+        let org = self
+            .ibexctl_json(&["org", "create", "--name", &name, "--rpm", &rpm])
+            .await?;
+        let org = json_str(&org, "id")?;
+        let agent = self
+            .ibexctl_json(&["agent", "create", "--org", &org, "--name", prefix])
+            .await?;
+        let agent = json_str(&agent, "id")?;
+        let mut pats = Vec::new();
+        for permissions in permissions {
+            let mut args = vec!["token", "create", "--org", &org, "--name", prefix];
+            if bound {
+                args.extend(["--agent", &agent]);
+            }
+            args.extend(["--permissions", permissions]);
+            pats.push(json_str(&self.ibexctl_json(&args).await?, "token")?);
+        }
+        Ok(Tenant { org, agent, pats })
+    }
+}
+
+/// What [`Authd::tenant`] made.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub org: String,
+    pub agent: String,
+    /// One PAT per requested permission set, in order.
+    pub pats: Vec<String>,
+}
+
+/// The string at `key` of an `ibexctl` JSON answer.
+pub fn json_str(v: &serde_json::Value, key: &str) -> Result<String> {
+    v[key]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no {key} in {v}"))
 }
 
 /// `ibex-proxy` on a free loopback port.

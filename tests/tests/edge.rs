@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Context, Result};
 use ibex_e2e::certs::{Leaf, TestCa};
 use ibex_e2e::http::{Conn, Request};
-use ibex_e2e::procs::Authd;
 use ibex_e2e::{Proxy, Signal, Stack};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -155,9 +154,14 @@ async fn per_address_connection_cap(stack: &Stack) -> Result<()> {
 /// token this proxy never verified is refused 429 without an authd call.
 async fn failure_budget_is_per_proxy(stack: &Stack) -> Result<()> {
     let proxy = proxy(stack, &[("IBEX_PROXY_THREADS", "2")]).await?;
-    let t = tenant(&stack.authd).await?;
+    // Two tokens of one org and agent; the second is never sent before the flood.
+    let t = stack
+        .authd
+        .tenant("edge", 1_000_000, false, &["read", "read"])
+        .await?;
+    let (pat, unused_pat) = (t.pats[0].clone(), t.pats[1].clone());
     let (a, b) = (ip(41, 1), ip(41, 2));
-    let verified = Request::get(PROBE).auth(&t.pat, &t.agent);
+    let verified = Request::get(PROBE).auth(&pat, &t.agent);
     let r = verified.send_from(proxy.addr, a).await?;
     ensure!(r.status == 200, "verifying request: {}", r.dump());
 
@@ -165,7 +169,7 @@ async fn failure_budget_is_per_proxy(stack: &Stack) -> Result<()> {
     for _ in 0..30 {
         let random_agent = uuid::Uuid::new_v4().to_string();
         let r = Request::get(PROBE)
-            .auth(&t.pat, &random_agent)
+            .auth(&pat, &random_agent)
             .send_from(proxy.addr, a)
             .await?;
         statuses.push(r.status);
@@ -211,7 +215,7 @@ async fn failure_budget_is_per_proxy(stack: &Stack) -> Result<()> {
         );
     }
     let r = Request::get(PROBE)
-        .auth(&t.unused_pat, &t.agent)
+        .auth(&unused_pat, &t.agent)
         .send_from(proxy.addr, b)
         .await?;
     ensure!(
@@ -354,53 +358,6 @@ async fn tls_on_the_public_listener(stack: &Stack) -> Result<()> {
         "the refusal does not name the variable and file:\n{err}"
     );
     Ok(())
-}
-
-struct Tenant {
-    pat: String,
-    /// Same org and agent, never sent before the flood.
-    unused_pat: String,
-    agent: String,
-}
-
-async fn tenant(authd: &Authd) -> Result<Tenant> {
-    let name = format!("edge-{}", uuid::Uuid::new_v4().simple());
-    let org = authd
-        .ibexctl_json(&["org", "create", "--name", &name, "--rpm", "1000000"])
-        .await?;
-    let org = json_str(&org, "id")?;
-    let agent = authd
-        .ibexctl_json(&["agent", "create", "--org", &org, "--name", "edge"])
-        .await?;
-    let agent = json_str(&agent, "id")?;
-    let mut pats = Vec::new();
-    for _ in 0..2 {
-        let token = authd
-            .ibexctl_json(&[
-                "token",
-                "create",
-                "--org",
-                &org,
-                "--name",
-                "edge",
-                "--permissions",
-                "read",
-            ])
-            .await?;
-        pats.push(json_str(&token, "token")?);
-    }
-    Ok(Tenant {
-        unused_pat: pats.pop().context("token")?,
-        pat: pats.pop().context("token")?,
-        agent,
-    })
-}
-
-fn json_str(v: &serde_json::Value, key: &str) -> Result<String> {
-    v[key]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no {key} in {v}"))
 }
 
 async fn proxy(stack: &Stack, env: &[(&str, &str)]) -> Result<Proxy> {

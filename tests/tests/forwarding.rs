@@ -105,7 +105,13 @@ async fn forwarding_end_to_end() -> Result<()> {
     let slow = Proxy::start(stack.authd.grpc_addr, &stack.redis.url(), &slow_env).await?;
     wait_ready(stack.proxy.addr).await?;
     wait_ready(slow.addr).await?;
-    let (org, agent, chat_pat, read_pat) = tenant(&stack.authd).await?;
+    // A fresh org (a budget no test can spend), an agent, a `read,chat` and a `read` token.
+    let t = stack
+        .authd
+        .tenant("fwd", 1_000_000, true, &["read,chat", "read"])
+        .await?;
+    let (org, agent) = (t.org, t.agent);
+    let [chat_pat, read_pat]: [String; 2] = t.pats.try_into().map_err(|_| anyhow!("two tokens"))?;
     let mut fx = Fx {
         addr: stack.proxy.addr,
         admin: stack.proxy.admin,
@@ -163,47 +169,6 @@ async fn wait_ready(addr: SocketAddr) -> Result<()> {
         Ok((Request::get("/ready").send(addr).await?.status == 200).then_some(()))
     })
     .await
-}
-
-/// A fresh org (a budget no test can spend), an agent, a `read,chat` and a `read` token.
-async fn tenant(authd: &Authd) -> Result<(String, String, String, String)> {
-    let name = format!("fwd-{}", uuid::Uuid::new_v4().simple());
-    let org = authd
-        .ibexctl_json(&["org", "create", "--name", &name, "--rpm", "1000000"])
-        .await?;
-    let org = json_str(&org, "id")?;
-    let agent = authd
-        .ibexctl_json(&["agent", "create", "--org", &org, "--name", "fwd-agent"])
-        .await?;
-    let agent = json_str(&agent, "id")?;
-    let mut pats = Vec::new();
-    for permissions in ["read,chat", "read"] {
-        let token = authd
-            .ibexctl_json(&[
-                "token",
-                "create",
-                "--org",
-                &org,
-                "--name",
-                "fwd",
-                "--agent",
-                &agent,
-                "--permissions",
-                permissions,
-            ])
-            .await?;
-        pats.push(json_str(&token, "token")?);
-    }
-    let read_pat = pats.pop().context("read token")?;
-    let chat_pat = pats.pop().context("chat token")?;
-    Ok((org, agent, chat_pat, read_pat))
-}
-
-fn json_str(v: &serde_json::Value, key: &str) -> Result<String> {
-    v[key]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no {key} in {v}"))
 }
 
 async fn non_streaming_round_trip(fx: &Fx) -> Result<()> {

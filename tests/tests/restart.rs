@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use ibex_e2e::http::{Conn, Request};
-use ibex_e2e::{Authd, Proxy, Signal, Stack};
+use ibex_e2e::{Proxy, Signal, Stack};
 
 const PROBE: &str = "/v1/internal/auth-probe";
 /// Clients sending at once, each on its own keep-alive connection.
@@ -117,7 +117,11 @@ async fn rolling_restarts_lose_nothing() -> Result<()> {
         pg: _pg,
     } = Stack::start().await?;
     let addr = first.addr;
-    let (token, agent) = tenant(&authd).await?;
+    // An org whose limit the test never reaches, an agent and a token.
+    let t = authd
+        .tenant("restart", 100_000_000, false, &["read"])
+        .await?;
+    let (token, agent) = (t.pats[0].clone(), t.agent);
     let req = Request::get(PROBE).auth(&token, &agent);
     let listen = addr.to_string();
     let redis_url = redis.url();
@@ -195,36 +199,4 @@ async fn rolling_restarts_lose_nothing() -> Result<()> {
         errors.iter().take(5).collect::<Vec<_>>()
     );
     Ok(())
-}
-
-/// An org whose limit the test never reaches, an agent and a token: (token, agent id).
-async fn tenant(authd: &Authd) -> Result<(String, String)> {
-    let name = format!("restart-{}", uuid::Uuid::new_v4().simple());
-    let org = authd
-        .ibexctl_json(&["org", "create", "--name", &name, "--rpm", "100000000"])
-        .await?;
-    let org = json_str(&org, "id")?;
-    let agent = authd
-        .ibexctl_json(&["agent", "create", "--org", &org, "--name", "restart"])
-        .await?;
-    let token = authd
-        .ibexctl_json(&[
-            "token",
-            "create",
-            "--org",
-            &org,
-            "--name",
-            "restart",
-            "--permissions",
-            "read",
-        ])
-        .await?;
-    Ok((json_str(&token, "token")?, json_str(&agent, "id")?))
-}
-
-fn json_str(v: &serde_json::Value, key: &str) -> Result<String> {
-    v[key]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no {key} in {v}"))
 }
