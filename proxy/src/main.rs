@@ -48,14 +48,24 @@ fn run(config: Config) -> anyhow::Result<()> {
     check_before_serving(&config)?;
     let bridge = Bridge::start(config.authd_bridge().map_err(anyhow::Error::msg)?)
         .context("IBEX_AUTHD_GRPC")?;
-    let (ledger, meters) = start_ledger(&config)?;
-    let server = Server::bind(config.server())
+    let (ledger, meters, prices) = start_ledger(&config)?;
+    let mut server = Server::bind(config.server())
         .with_context(|| format!("binding {} (admin {})", config.listen, config.admin_listen))?;
     let addr = server.local_addr();
     let admin = server
         .admin_addr()
         .map_or_else(String::new, |a| a.to_string());
     let scheme = if server.is_tls() { "https" } else { "http" };
+    if let Some((path, book)) = prices {
+        // SIGHUP re-reads IBEX_PRICES_FILE (after the TLS pair); a bad file keeps the old prices.
+        server.on_reload(Box::new(move || match book.reload(&path) {
+            Ok(n) => tracing::info!(models = n, "prices reloaded"),
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "prices not reloaded; keeping the old ones"
+            ),
+        }));
+    }
     let wiring = Wiring::new(config, bridge).with_ledger(meters);
     wiring
         .registry()
@@ -81,8 +91,11 @@ fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `SIGHUP` re-reads into the price book, when a prices file is configured.
+type PricesReload = Option<(std::path::PathBuf, Arc<PriceBook>)>;
+
 /// Opens the usage spool, starts its shipper to authd and loads the prices (SPEC §10).
-fn start_ledger(config: &Config) -> anyhow::Result<(Ledger, MeterFactory)> {
+fn start_ledger(config: &Config) -> anyhow::Result<(Ledger, MeterFactory, PricesReload)> {
     let mut ledger = Ledger::open(&config.ledger())?;
     let urls: Vec<String> = config
         .authd_grpc
@@ -113,40 +126,12 @@ fn start_ledger(config: &Config) -> anyhow::Result<(Ledger, MeterFactory)> {
     };
     tracing::info!(models = prices.len(), "prices loaded");
     let book = Arc::new(PriceBook::new(prices));
-    if let Some(path) = config.prices_file.clone() {
-        reload_prices_on_sighup(path, book.clone())?;
-    }
+    let reload = config.prices_file.clone().map(|path| (path, book.clone()));
     let meters = MeterFactory {
         ledger: ledger.shared().clone(),
         prices: book,
     };
-    Ok((ledger, meters))
-}
-
-/// SIGHUP re-reads IBEX_PRICES_FILE; a bad file keeps the old prices and says why.
-fn reload_prices_on_sighup(path: std::path::PathBuf, book: Arc<PriceBook>) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut hup = rt.block_on(async {
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    })?;
-    std::thread::Builder::new()
-        .name("ibex-prices".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                while hup.recv().await.is_some() {
-                    match book.reload(&path) {
-                        Ok(n) => tracing::info!(models = n, "prices reloaded"),
-                        Err(e) => tracing::error!(
-                            error = format!("{e:#}"),
-                            "prices not reloaded; keeping the old ones"
-                        ),
-                    }
-                }
-            })
-        })?;
-    Ok(())
+    Ok((ledger, meters, reload))
 }
 
 /// What would make every worker fail is refused before the ready line.
