@@ -214,6 +214,7 @@ mod tests {
             user_id: None,
             expires_at_ms: None,
             rpm_limit: 1,
+            limits: Default::default(),
         })
     }
 

@@ -36,6 +36,8 @@ pub struct VerifiedToken {
     /// Unix milliseconds; `None` = never.
     pub expires_at_ms: Option<i64>,
     pub rpm_limit: u32,
+    /// The org's token limits (SPEC §11).
+    pub limits: crate::limits::OrgTokenLimits,
 }
 
 impl VerifiedToken {
@@ -167,6 +169,7 @@ mod tests {
             user_id: None,
             expires_at_ms: None,
             rpm_limit: 600,
+            limits: Default::default(),
         }
     }
 

@@ -100,6 +100,7 @@ pub struct TokenRow {
     pub expires_at_ms: Option<i64>,
     pub revoked_at_ms: Option<i64>,
     pub rpm_limit: u32,
+    pub limits: crate::limits::OrgTokenLimits,
 }
 
 pub async fn load_token(pool: &Pool, org: Uuid, id: Uuid) -> Result<Option<TokenRow>, StoreError> {
@@ -107,11 +108,12 @@ pub async fn load_token(pool: &Pool, org: Uuid, id: Uuid) -> Result<Option<Token
     let tx = client.transaction().await?;
     set_org(&tx, org).await?;
     let sql = format!(
-        "SELECT t.secret_hash, t.permissions, t.agent_id, t.user_id, {}, {}, o.rpm_limit \
+        "SELECT t.secret_hash, t.permissions, t.agent_id, t.user_id, {}, {}, o.rpm_limit, {} \
          FROM ibex_core.tokens t JOIN ibex_core.organizations o ON o.id = t.org_id \
          WHERE t.org_id = $1 AND t.id = $2 AND o.id = $1",
         ms("t.expires_at"),
-        ms("t.revoked_at")
+        ms("t.revoked_at"),
+        crate::limits::OrgTokenLimits::COLUMNS
     );
     let stmt = tx.prepare_cached(&sql).await?;
     let row = tx.query_opt(&stmt, &[&org, &id]).await?;
@@ -125,6 +127,7 @@ pub async fn load_token(pool: &Pool, org: Uuid, id: Uuid) -> Result<Option<Token
         expires_at_ms: row.try_get(4)?,
         revoked_at_ms: row.try_get(5)?,
         rpm_limit: u32::try_from(row.try_get::<_, i32>(6)?).unwrap_or(0),
+        limits: crate::limits::OrgTokenLimits::from_row(&row, 7)?,
     }))
 }
 
@@ -268,24 +271,28 @@ pub struct NewToken<'a> {
     pub max_tokens: u32,
 }
 
-/// Stores the token and its audit row; returns (expires_at_ms, org rpm_limit).
+/// Stores the token and its audit row; returns (expires_at_ms, org rpm_limit, org token limits).
 pub async fn create_token(
     pool: &Pool,
     token: &NewToken<'_>,
     actor: &Actor,
-) -> Result<(Option<i64>, u32), StoreError> {
+) -> Result<(Option<i64>, u32, crate::limits::OrgTokenLimits), StoreError> {
     let perms = i64::try_from(token.permissions).map_err(|_| StoreError::Invalid("permissions"))?;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     set_org(&tx, token.org_id).await?;
-    let rpm: i32 = tx
+    let org_row = tx
         .query_opt(
-            "SELECT rpm_limit FROM ibex_core.organizations WHERE id = $1",
+            &format!(
+                "SELECT o.rpm_limit, {} FROM ibex_core.organizations o WHERE o.id = $1",
+                crate::limits::OrgTokenLimits::COLUMNS
+            ),
             &[&token.org_id],
         )
         .await?
-        .ok_or(StoreError::NotFound)?
-        .try_get(0)?;
+        .ok_or(StoreError::NotFound)?;
+    let rpm: i32 = org_row.try_get(0)?;
+    let limits = crate::limits::OrgTokenLimits::from_row(&org_row, 1)?;
     if let Some(user) = token.user_id {
         let found = tx
             .query_opt(
@@ -355,7 +362,7 @@ pub async fn create_token(
     )
     .await?;
     tx.commit().await?;
-    Ok((expires_at_ms, u32::try_from(rpm).unwrap_or(0)))
+    Ok((expires_at_ms, u32::try_from(rpm).unwrap_or(0), limits))
 }
 
 /// Revokes (idempotently); returns when it was revoked.

@@ -203,6 +203,7 @@ impl Validator {
             user_id: row.user_id,
             expires_at_ms: row.expires_at_ms,
             rpm_limit: row.rpm_limit,
+            limits: row.limits,
         };
         match self.answer(token.clone()) {
             Outcome::Valid(_) => (Outcome::Valid(token.clone()), Some(token)),

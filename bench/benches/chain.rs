@@ -96,6 +96,7 @@ impl AuthBackend for WarmupAuthd {
                 expires_at_ms: None,
                 agent: None,
                 rpm: 1_000_000,
+                limits: Default::default(),
             })
         } else {
             TokenAnswer::Invalid
@@ -104,7 +105,7 @@ impl AuthBackend for WarmupAuthd {
     }
 
     fn validate_agent(&self, _org: Uuid, _agent: Uuid) -> Reply<AgentAnswer> {
-        Box::pin(async { Ok(AgentAnswer::Active) })
+        Box::pin(async { Ok(AgentAnswer::Active(Default::default())) })
     }
 }
 
@@ -293,6 +294,7 @@ fn bench_chain(c: &mut Criterion) {
             expires_at_ms: None,
             agent: None,
             rpm: 0,
+            limits: Default::default(),
         },
         t0,
     );

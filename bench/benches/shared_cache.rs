@@ -46,6 +46,7 @@ fn token() -> ValidToken {
         expires_at_ms: None,
         agent: None,
         rpm: 1_000_000,
+        limits: Default::default(),
     }
 }
 

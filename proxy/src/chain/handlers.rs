@@ -9,6 +9,7 @@ use crate::auth::Principal;
 use crate::error::{render, ApiError};
 use crate::http::ascii::push_decimal;
 use crate::http::{Body, HeaderValue, Request, Response};
+use crate::tokens::{Refusal, TokenDecision, TokenLimiter};
 use crate::upstream::{ForwardCtx, Upstream, UpstreamRoute};
 
 fn json(status: u16, body: impl Into<Bytes>) -> Response {
@@ -81,9 +82,13 @@ pub fn org_auth_probe(p: &Principal, org_segment: &[u8]) -> Result<Response, Api
 
 /// `GET /v1/models`, `POST /v1/chat/completions`: to the configured upstream,
 /// which drops the client's `Authorization` and `X-IBEX-*` headers
-/// ([`crate::upstream::request`]).
+/// ([`crate::upstream::request`]). A chat request first reserves its worst
+/// case with the token limiter (SPEC §11), after the spool admitted it and
+/// before any upstream call; the reservation goes with the request's ledger
+/// record, which settles it.
 pub async fn forward(
     upstream: Option<&Upstream>,
+    tokens: Option<&TokenLimiter>,
     req: Request,
     target: UpstreamRoute,
     p: &Principal,
@@ -96,6 +101,14 @@ pub async fn forward(
     if target == UpstreamRoute::ChatCompletions && !upstream.admits() {
         return Err(ApiError::UsageUnavailable);
     }
+    let (mut reservation, mut headers) = (None, None);
+    if let (UpstreamRoute::ChatCompletions, Some(limiter)) = (target, tokens) {
+        match limiter.reserve(p, &req.body).await {
+            TokenDecision::Skip | TokenDecision::FailOpen => {}
+            TokenDecision::Admit(r, h) => (reservation, headers) = (Some(r), h),
+            TokenDecision::Refuse(refusal) => return Ok(token_refusal(&refusal, request_id)),
+        }
+    }
     let (org, agent, token) = (p.org(), p.agent(), p.token_id());
     let ctx = ForwardCtx {
         request_id,
@@ -103,10 +116,34 @@ pub async fn forward(
         agent_id: &agent,
         token_id: &token,
     };
-    upstream
-        .forward(&req, target, ctx)
+    let result = upstream
+        .forward_reserved(&req, target, ctx, reservation)
         .await
-        .map_err(ApiError::from)
+        .map_err(ApiError::from);
+    match (result, headers) {
+        (Ok(mut resp), Some(h)) => {
+            h.push(&mut resp.headers);
+            Ok(resp)
+        }
+        (result, _) => result,
+    }
+}
+
+/// The 429 of a token limit: the envelope naming tokens, the level's
+/// `x-ratelimit-*-tokens`, `Retry-After` (whole seconds) and `retry-after-ms`.
+fn token_refusal(refusal: &Refusal, request_id: &str) -> Response {
+    let mut resp = render(ApiError::TokensLimited(refusal.level.message()), request_id);
+    refusal.headers.push(&mut resp.headers);
+    let ms = refusal.retry_after_ms.max(1);
+    let mut secs = Vec::new();
+    push_decimal(&mut secs, ms.div_ceil(1000));
+    let mut millis = Vec::new();
+    push_decimal(&mut millis, ms);
+    resp.headers
+        .push(("Retry-After", HeaderValue::Owned(secs.into())));
+    resp.headers
+        .push(("retry-after-ms", HeaderValue::Owned(millis.into())));
+    resp
 }
 
 #[cfg(test)]

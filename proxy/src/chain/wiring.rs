@@ -104,9 +104,19 @@ impl Wiring {
             Some(u) => Some(Upstream::new(Rc::new(u), ctx.clock.clone())?),
             None => None,
         };
-        if let (Some(u), Some(m)) = (upstream.as_mut(), self.meters.as_ref()) {
-            u.set_meter(m.meter());
+        let meter = self.meters.as_ref().map(|m| m.meter());
+        if let (Some(u), Some(m)) = (upstream.as_mut(), meter.as_ref()) {
+            u.set_meter(m.clone());
         }
+        // Token limits share the request limiter's Redis connection; month
+        // re-seeds ask authd through the bridge, as a validation miss does.
+        let tokens = crate::tokens::TokenLimiter::new(
+            limiter.runner(),
+            cfg.tokens(),
+            Some(Rc::new(self.bridge.client())),
+            meter,
+            ctx.clock.clone(),
+        );
         self.registry.register_worker(
             ctx.metrics.clone(),
             Some(limiter.stats()),
@@ -120,6 +130,7 @@ impl Wiring {
             upstream,
             self.registry.clone(),
             cfg.default_rpm,
-        ))
+        )
+        .with_tokens(tokens))
     }
 }

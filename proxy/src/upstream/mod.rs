@@ -170,6 +170,19 @@ impl Upstream {
         route: UpstreamRoute,
         ctx: ForwardCtx<'_>,
     ) -> Result<Response, UpstreamError> {
+        self.forward_reserved(req, route, ctx, None).await
+    }
+
+    /// [`Upstream::forward`] with the request's token reservation (SPEC
+    /// §11), handed to its ledger record, which settles it when it is made
+    /// ([`crate::tokens`]'s hook; without a meter it keeps its worst case).
+    pub async fn forward_reserved(
+        &self,
+        req: &Request,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        tokens: Option<crate::tokens::Reservation>,
+    ) -> Result<Response, UpstreamError> {
         let started = self.clock.now();
         let (prefix, mut body) = match route {
             UpstreamRoute::ChatCompletions => (&self.chat, req.body.clone()),
@@ -189,6 +202,9 @@ impl Upstream {
                 body.clone(),
             )
         });
+        if let Some(p) = pending.as_mut() {
+            p.tokens = tokens;
+        }
         // A metered stream always carries the provider's usage (SPEC §10).
         if let Some(p) = pending.as_mut() {
             if route == UpstreamRoute::ChatCompletions {
