@@ -450,9 +450,21 @@ async fn month_budget_survives_a_redis_restart() -> Result<()> {
         Ok(decided.then_some(r))
     })
     .await?;
-    ensure!(is_token_429(&r), "a fresh month after the restart: {}", r.dump());
-    ensure!(r.header("x-ratelimit-limit-tokens") == Some("30"), "{}", r.dump());
-    ensure!(r.header("x-ratelimit-remaining-tokens") == Some("9"), "{}", r.dump());
+    ensure!(
+        is_token_429(&r),
+        "a fresh month after the restart: {}",
+        r.dump()
+    );
+    ensure!(
+        r.header("x-ratelimit-limit-tokens") == Some("30"),
+        "{}",
+        r.dump()
+    );
+    ensure!(
+        r.header("x-ratelimit-remaining-tokens") == Some("9"),
+        "{}",
+        r.dump()
+    );
     let key = format!("ibex:tl:{{{}}}:M:*", t.org);
     let keys = redis.command(&["KEYS", &key]).await?;
     ensure!(keys.contains(":M:"), "month key re-seeded: {keys}");

@@ -166,4 +166,57 @@ mod tests {
     fn not_json_is_bounded_by_its_length() {
         assert_eq!(worst_case(b"nope").prompt, 4 + REPLY_PRIMING);
     }
+
+    /// The bound against real tokenizers (OpenAI's cl100k and o200k, shipped in
+    /// `tiktoken-rs`), counted as OpenAI's cookbook counts a chat: every value's
+    /// tokens, 3 per message, 1 per name, 3 for the reply.
+    #[test]
+    fn never_below_a_real_tokenizer_on_a_corpus() {
+        let long = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+        let corpus = [
+            "hello",
+            long.as_str(),
+            "fn main() { println!(\"{}\", (1..=10).map(|x| x * x).sum::<u32>()); }",
+            "1234567890 3.14159265358979 0xDEADBEEF 2026-12-01T23:41:05Z",
+            "    indented\n\t\ttabs\n\n\nblank lines      and   runs   of   spaces",
+            "Ünïcödé façade — naïve café, “quotes” and ‘apostrophes’…",
+            "日本語のテキストと中文文本以及한국어 텍스트",
+            "emoji 🦀🚀👩‍👩‍👧‍👦🏳️‍🌈 and symbols ∑∫√∞≠≈",
+            "<|endoftext|> <|im_start|> special-looking text",
+            "",
+            "a",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "{\"json\": [1, 2, {\"nested\": true}], \"k\": null}",
+        ];
+        let bpes = [
+            tiktoken_rs::cl100k_base().unwrap(),
+            tiktoken_rs::o200k_base().unwrap(),
+        ];
+        for (i, text) in corpus.iter().enumerate() {
+            let messages = serde_json::json!([
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "name": format!("user{i}"), "content": text},
+                {"role": "assistant", "content": [{"type": "text", "text": text}]},
+            ]);
+            let body = serde_json::json!({"model": "m", "messages": messages, "max_tokens": 5});
+            let bound = worst_case(body.to_string().as_bytes()).prompt;
+            for bpe in &bpes {
+                let mut count = REPLY_PRIMING;
+                for m in messages.as_array().unwrap() {
+                    count += PER_MESSAGE;
+                    for (k, v) in m.as_object().unwrap() {
+                        let text = match v {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other[0]["text"].as_str().unwrap().to_owned(),
+                        };
+                        count += bpe.encode_with_special_tokens(&text).len() as u64;
+                        if k == "name" {
+                            count += PER_NAME;
+                        }
+                    }
+                }
+                assert!(bound >= count, "text {i}: bound {bound} < {count}");
+            }
+        }
+    }
 }
