@@ -570,3 +570,71 @@ async fn redis_down_serves_and_records() -> Result<()> {
 async fn reqwest_metrics(proxy: &Proxy) -> Result<String> {
     Ok(Request::get("/metrics").send(proxy.admin).await?.text())
 }
+
+/// `set-limits` on an org and on an agent reaches a proxy that has the token and the agent
+/// cached (the invalidation feed), without a restart: a limit below one request's worst case
+/// (13) refuses it, naming the level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_changes_reach_a_warm_proxy() -> Result<()> {
+    let (_pg, redis, authd) = stack().await?;
+    let fake = Fake::start(false).await?;
+    let env = [("IBEX_UPSTREAM_URL", fake.url())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let proxy = Proxy::start(authd.grpc_addr, &redis.url(), &env).await?;
+    wait_ready(proxy.addr).await?;
+    let t = Tenant::new(&authd, &[]).await?;
+    let r = t.chat(&body(10)).send(proxy.addr).await?;
+    ensure!(r.status == 200, "{}", r.dump());
+    ensure!(
+        r.header("x-ratelimit-limit-tokens").is_none(),
+        "no limit applies yet"
+    );
+
+    let refused_for = async |level: &str| {
+        poll(&format!("a refusal naming the {level}"), async || {
+            let r = t.chat(&body(10)).send(proxy.addr).await?;
+            let message = r.json().ok().map(|v| v["error"]["message"].to_string());
+            Ok((r.status == 429 && message.is_some_and(|m| m.contains(level))).then_some(()))
+        })
+        .await
+    };
+    authd
+        .ibexctl_json(&[
+            "agent",
+            "set-limits",
+            "--org",
+            &t.org,
+            "--agent",
+            &t.agent,
+            "--tpm",
+            "5",
+        ])
+        .await?;
+    refused_for("agent's").await?;
+    authd
+        .ibexctl_json(&[
+            "agent",
+            "set-limits",
+            "--org",
+            &t.org,
+            "--agent",
+            &t.agent,
+            "--tpm",
+            "0",
+        ])
+        .await?;
+    let v = authd
+        .ibexctl_json(&["org", "set-limits", "--org", &t.org, "--tpm", "5"])
+        .await?;
+    ensure!(v["tpm_limit"] == 5, "{v}");
+    refused_for("org's").await?;
+    // Back to the default (IBEX_DEFAULT_TPM, 0 here: none): served again.
+    authd
+        .ibexctl_json(&["org", "set-limits", "--org", &t.org, "--tpm", "default"])
+        .await?;
+    poll("served again", async || {
+        Ok((t.chat(&body(10)).send(proxy.addr).await?.status == 200).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
