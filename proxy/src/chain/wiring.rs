@@ -117,6 +117,7 @@ impl Wiring {
             meter,
             ctx.clock.clone(),
         );
+        self.registry.register_tokens(tokens.stats());
         self.registry.register_worker(
             ctx.metrics.clone(),
             Some(limiter.stats()),
