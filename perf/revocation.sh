@@ -21,5 +21,5 @@ cargo test --release -q -p ibex-e2e --test multi_authd --no-run
 uptime
 IBEX_REVOCATION_BENCH_N=$N flock /work/perf.lock \
     cargo test --release -q -p ibex-e2e --test multi_authd revocation_latency_benchmark -- --nocapture 2>&1 \
-    | grep -E '^revocation via|test result'
+    | grep -E '^revocation via|^  the invalidation|test result'
 uptime

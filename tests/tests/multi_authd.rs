@@ -16,6 +16,9 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use ibex_e2e::http::{Conn, Request};
 use ibex_e2e::procs::{self, json_str};
 use ibex_e2e::{Authd, Postgres, Proxy, Redis};
+use ibex_proto::pb;
+use ibex_proto::pb::auth_service_client::AuthServiceClient;
+use tonic::transport::Channel;
 
 const PROBE: &str = "/v1/internal/auth-probe";
 /// The proxies' `IBEX_REVOCATION_SLA_MS` (the default).
@@ -403,6 +406,38 @@ async fn refusal_on_all(
 /// Keep-alive connections polled per proxy (two workers each: most likely both).
 const PER_PROXY: usize = 2;
 
+/// When each token's invalidation first arrived on any feed the benchmark holds itself.
+type Seen = Arc<Mutex<std::collections::HashMap<String, Instant>>>;
+
+/// Subscribes to `url`'s `WatchInvalidations` as a proxy does and notes each token event's
+/// first arrival in `seen` (the instrument that splits Postgres → authd → stream from the
+/// proxy's part).
+async fn watch_feed(url: String, seen: Seen) -> Result<()> {
+    let channel = Channel::from_shared(url)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = AuthServiceClient::new(channel);
+    let mut req = tonic::Request::new(pb::WatchInvalidationsRequest {
+        subscriber: "revocation-bench".into(),
+    });
+    req.metadata_mut().insert(
+        "x-ibex-service-key",
+        tonic::metadata::MetadataValue::try_from(procs::service_key())?,
+    );
+    let mut stream = client.watch_invalidations(req).await?.into_inner();
+    while let Some(ev) = stream.message().await? {
+        if let Some(pb::invalidation_event::Kind::Token(t)) = ev.kind {
+            let now = Instant::now();
+            seen.lock()
+                .map_err(|_| anyhow!("poisoned"))?
+                .entry(t.token_id)
+                .or_insert(now);
+        }
+    }
+    Ok(())
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -430,8 +465,15 @@ async fn bench(env: &Env, n: usize) -> Result<()> {
     let addrs = env.addrs();
     let (org, agent) = env.org(0).await?;
     let db = env.pg.admin_client().await?;
+    let seen: Seen = Arc::default();
+    let watchers: Vec<_> = env
+        .authd
+        .iter()
+        .map(|a| tokio::spawn(watch_feed(a.grpc_url(), seen.clone())))
+        .collect();
     for via in [Via::Ibexctl, Via::Sql] {
         let mut samples = Vec::new();
+        let mut on_feed = Vec::new();
         for i in 0..n {
             let (id, pat) = env.token(i % 2, &org).await?;
             let probe = Request::get(PROBE).auth(&pat, &agent);
@@ -451,6 +493,8 @@ async fn bench(env: &Env, n: usize) -> Result<()> {
             }
             // Let the pollers' first paced requests run.
             tokio::time::sleep(Duration::from_millis(20)).await;
+            // The token's creation was an event too (long arrived): only the revocation counts.
+            seen.lock().map_err(|_| anyhow!("poisoned"))?.remove(&id);
             match via {
                 Via::Ibexctl => env.revoke(i % 2, &org, &id).await?,
                 Via::Sql => {
@@ -463,13 +507,28 @@ async fn bench(env: &Env, n: usize) -> Result<()> {
                     ensure!(updated == 1, "updated {updated} rows");
                 }
             }
-            *t0.lock().map_err(|_| anyhow!("poisoned"))? = Some(Instant::now());
+            let returned = Instant::now();
+            *t0.lock().map_err(|_| anyhow!("poisoned"))? = Some(returned);
             let each = pollers.await??;
             let mut worst = Duration::ZERO;
             for d in each {
                 worst = worst.max(d?);
             }
             samples.push(worst.as_secs_f64() * 1000.0);
+            // The event on the benchmark's own feeds, relative to the return (negative: it
+            // arrived before the revoking call returned).
+            let arrived = seen
+                .lock()
+                .map_err(|_| anyhow!("poisoned"))?
+                .get(&id)
+                .copied();
+            if let Some(at) = arrived {
+                on_feed.push(if at >= returned {
+                    (at - returned).as_secs_f64() * 1000.0
+                } else {
+                    -((returned - at).as_secs_f64() * 1000.0)
+                });
+            }
         }
         samples.sort_by(f64::total_cmp);
         say!(
@@ -483,6 +542,19 @@ async fn bench(env: &Env, n: usize) -> Result<()> {
                 .unwrap_or_default()
                 .trim()
         );
+        on_feed.sort_by(f64::total_cmp);
+        say!(
+            "  the invalidation on a feed (earliest of the two authd), {} of {n} seen: \
+             p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            on_feed.len(),
+            percentile(&on_feed, 50.0),
+            percentile(&on_feed, 90.0),
+            percentile(&on_feed, 99.0),
+            percentile(&on_feed, 100.0)
+        );
+    }
+    for w in watchers {
+        w.abort();
     }
     Ok(())
 }
