@@ -80,9 +80,11 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub pin_cpus: bool,
 
-    /// authd gRPC address (token/agent validation and the invalidation feed).
+    /// authd gRPC address(es) (token/agent validation and the invalidation feed): one, or
+    /// several comma-separated (`http://a:9091,http://b:9091`, at most 16): validations go
+    /// to the least busy healthy one, and the proxy holds a feed from each.
     #[arg(long, env = "IBEX_AUTHD_GRPC", default_value = "http://127.0.0.1:9091",
-          value_parser = parse_http_url)]
+          value_parser = parse_authd_urls)]
     pub authd_grpc: String,
 
     /// Key presented to authd on ValidateToken, ValidateAgent and WatchInvalidations
@@ -261,11 +263,12 @@ impl Config {
                 "IBEX_SERVICE_KEY must be at least {MIN_SERVICE_KEY_LEN} characters"
             ));
         }
-        if self.authd_ca_file.is_some() && !self.authd_grpc.starts_with("https://") {
+        let authd_urls = authd_urls(&self.authd_grpc);
+        if self.authd_ca_file.is_some() && !authd_urls.iter().all(|u| u.starts_with("https://")) {
             return Err("IBEX_AUTHD_CA_FILE is set but IBEX_AUTHD_GRPC is not https://".into());
         }
         Ok(BridgeConfig {
-            authd_url: self.authd_grpc.clone(),
+            authd_urls,
             subscriber: format!("ibex-proxy:{}", std::process::id()),
             service_key: key.clone(),
             ca_file: self.authd_ca_file.clone(),
@@ -337,6 +340,34 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Ok(d)
+}
+
+/// Most authd one proxy lists (each costs it a feed stream and a channel).
+const MAX_AUTHD: usize = 16;
+
+/// The addresses of a (validated) `IBEX_AUTHD_GRPC`.
+pub fn authd_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One or more `http(s)://` addresses, comma-separated; kept normalised
+/// (trimmed, no trailing `/`).
+fn parse_authd_urls(s: &str) -> Result<String, String> {
+    let urls = s
+        .split(',')
+        .map(|u| parse_http_url(u.trim()).map_err(|e| format!("{:?} {e}", u.trim())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.len() > MAX_AUTHD {
+        return Err(format!(
+            "lists {} addresses (at most {MAX_AUTHD})",
+            urls.len()
+        ));
+    }
+    Ok(urls.join(","))
 }
 
 fn parse_http_url(s: &str) -> Result<String, String> {
@@ -412,6 +443,33 @@ mod tests {
         assert_eq!(c.upstream_idle_timeout, Duration::from_secs(30));
         assert_eq!(c.environment, Environment::Development);
         assert_eq!(c.log, "info");
+    }
+
+    #[test]
+    fn authd_takes_a_list_of_addresses() {
+        let c = parse(&["--authd-grpc", " http://a:9091/, https://b:9091 "]).unwrap();
+        assert_eq!(c.authd_grpc, "http://a:9091,https://b:9091");
+        assert_eq!(
+            authd_urls(&c.authd_grpc),
+            ["http://a:9091", "https://b:9091"]
+        );
+        for bad in ["http://a:9091,", "http://a:9091,ftp://b", ",http://a:9091"] {
+            assert!(parse(&["--authd-grpc", bad]).is_err(), "{bad}");
+        }
+        let many = vec!["http://a:9091"; MAX_AUTHD + 1].join(",");
+        assert!(parse(&["--authd-grpc", &many]).is_err());
+        // A CA file means TLS to every listed authd.
+        let key = "k".repeat(MIN_SERVICE_KEY_LEN);
+        let mixed = parse(&[
+            "--authd-grpc",
+            "https://a:9091,http://b:9091",
+            "--authd-ca-file",
+            "/ca.pem",
+            "--service-key",
+            &key,
+        ])
+        .unwrap();
+        assert!(mixed.authd_bridge().is_err());
     }
 
     #[test]
