@@ -191,19 +191,22 @@ pub(super) async fn run(
                         agent_id: agent.to_string(),
                         since_unix_ms: since_ms,
                     };
-                    let answer = match client.get_month_usage(key.request(req)).await {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            Ok(crate::tokens::MonthUsage {
-                                org_tokens: r.org_tokens,
-                                org_usd_micros: usd_micros(r.org_usd),
-                                agent_tokens: r.agent_tokens,
-                            })
-                        }
-                        Err(status) => {
+                    let answer = failover(&clients, &balancer, None, &reply, |mut c| {
+                        let req = key.request(req.clone());
+                        async move { c.get_month_usage(req).await }
+                    })
+                    .await;
+                    let answer = match answer {
+                        Some(Ok(r)) => Ok(crate::tokens::MonthUsage {
+                            org_tokens: r.org_tokens,
+                            org_usd_micros: usd_micros(r.org_usd),
+                            agent_tokens: r.agent_tokens,
+                        }),
+                        Some(Err(status)) => {
                             tracing::debug!(code = ?status.code(), "authd GetMonthUsage failed");
                             Err(Unavailable)
                         }
+                        None => Err(Unavailable),
                     };
                     let _ = reply.send(answer);
                 }
