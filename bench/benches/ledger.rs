@@ -38,6 +38,10 @@ use ibex_proxy::ledger::stream_usage::ask_for_usage;
 use ibex_proxy::ledger::{Ledger, LedgerConfig, UsageRecord};
 use uuid::Uuid;
 
+// The proxy's allocator (proxy/src/main.rs), so allocations cost here what they cost there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn body(stream: bool) -> Bytes {
     let content = "x".repeat(900);
     let s = if stream { r#""stream":true,"# } else { "" };
