@@ -21,6 +21,7 @@
 //! | date       | record | meter | ask_for_usage_plain | ask_for_usage_stream |
 //! |------------|--------|-------|---------------------|----------------------|
 //! | 2026-12-01 | 283–381 ns | 0.75–1.37 µs | 142 ns | 775–823 ns |
+//! | 2026-12-02 | 2.6 µs (load 8.5: noise, see perf/RESULTS.md §12) | 1.6–2.2 µs (same) | 145–152 ns | 727–800 ns |
 
 #![expect(
     clippy::expect_used,
