@@ -30,6 +30,13 @@ pub enum Environment {
     Production,
 }
 
+/// `IBEX_USAGE_LEDGER`: whether forwarded requests are recorded (always, outside benchmarks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LedgerSwitch {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "ibex-proxy",
@@ -200,6 +207,11 @@ pub struct Config {
           value_parser = parse_positive_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// The usage ledger (SPEC §10): `on`, or `off` to forward unmetered, only for measuring
+    /// what the ledger costs (refused when IBEX_ENV=production).
+    #[arg(long, env = "IBEX_USAGE_LEDGER", value_enum, default_value_t = LedgerSwitch::On)]
+    pub usage_ledger: LedgerSwitch,
+
     /// Usage spool directory (SPEC §10); required in production. Default: .ibex/spool.
     #[arg(long, env = "IBEX_USAGE_SPOOL_DIR")]
     pub usage_spool_dir: Option<std::path::PathBuf>,
@@ -233,6 +245,9 @@ impl Config {
         check_redis_url(&self.redis_url).map_err(|e| format!("IBEX_REDIS_URL: {e}"))?;
         if self.environment == Environment::Production && self.usage_spool_dir.is_none() {
             return Err("IBEX_USAGE_SPOOL_DIR is required in production".into());
+        }
+        if self.environment == Environment::Production && self.usage_ledger == LedgerSwitch::Off {
+            return Err("IBEX_USAGE_LEDGER=off is refused in production".into());
         }
         if self.usage_spool_max_bytes == 0 {
             return Err("IBEX_USAGE_SPOOL_MAX_BYTES must be > 0".into());
@@ -470,6 +485,28 @@ mod tests {
         ])
         .unwrap();
         assert!(mixed.authd_bridge().is_err());
+    }
+
+    #[test]
+    fn the_ledger_is_on_by_default_and_cannot_be_switched_off_in_production() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.usage_ledger, LedgerSwitch::On);
+        let off = parse(&["--usage-ledger", "off"]).unwrap();
+        assert_eq!(off.usage_ledger, LedgerSwitch::Off);
+        assert!(off.validate().is_ok());
+        let prod = parse(&[
+            "--usage-ledger",
+            "off",
+            "--env",
+            "production",
+            "--usage-spool-dir",
+            "/var/lib/ibex/spool",
+        ])
+        .unwrap();
+        let err = prod.validate().unwrap_err();
+        assert!(err.contains("IBEX_USAGE_LEDGER"), "{err}");
+        let prod_on = parse(&["--env", "production", "--usage-spool-dir", "/s"]).unwrap();
+        assert!(prod_on.validate().is_ok());
     }
 
     #[test]
