@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AUTHD_CPU=${AUTHD_CPU:-1}
-cargo build --release -q -p ibex-proxy -p ibex-authd -p ibex-bench --bin ibex-proxy --bin ibex-authd \
-  --bin ibexctl --bin loadgen
+# The same build as `cargo build --release --workspace --bins` (one feature set: no rebuild).
+cargo build --release -q --workspace --bins
 stack=$(mktemp -d /tmp/ibex-stack-XXXXXX)
 chmod 755 "$stack"
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)

@@ -50,7 +50,7 @@ export IBEX_AUTH_VALIDATE_TIMEOUT=${IBEX_AUTH_VALIDATE_TIMEOUT:-2s}
 # The dev authd is a debug build: give the one cold validation per proxy room.
 export IBEX_AUTH_VALIDATE_TIMEOUT=${IBEX_AUTH_VALIDATE_TIMEOUT:-2s}
 
-cargo build --release -q -p ibex-proxy -p ibex-bench --bin ibex-proxy --bin loadgen
+cargo build --release -q --workspace --bins
 work=$(mktemp -d)
 cleanup() {
   kill "${FAKE_PID:-}" "${RP_PID:-}" "${PROXY_PID:-}" "${NL_PID:-}" "${SSE_PID:-}" "${SSE_PROXY_PID:-}" 2>/dev/null || true
