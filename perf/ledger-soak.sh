@@ -60,7 +60,8 @@ psql_count() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "${cmd[@]}"; else "${cmd[@]}"; fi
 }
 rss_mib() { awk '/^VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
-metric() { curl -fsS "http://$ADMIN/metrics" | awk -v m="$1" '$1 == m {print $2; exit}'; }
+# awk reads to the end (no early exit), so curl never sees a closed pipe ("curl: (23)").
+metric() { curl -fsS "http://$ADMIN/metrics" | awk -v m="$1" '$1 == m && v == "" {v = $2} END {print v}'; }
 uptime
 echo "rate=$RATE req/s duration=${DURATION}s proxy pid $PROXY_PID (CPU $SERVER_CPU), authd pid $AUTHD_PID (CPU $LOAD_CPU)"
 taskset -c "$LOAD_CPU" target/release/loadgen --addr "127.0.0.1:$PROXY_PORT" \
