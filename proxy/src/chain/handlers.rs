@@ -9,7 +9,8 @@ use crate::auth::Principal;
 use crate::error::{render, ApiError};
 use crate::http::ascii::push_decimal;
 use crate::http::{Body, HeaderValue, Request, Response};
-use crate::upstream::{ForwardCtx, Upstream, UpstreamRoute};
+use crate::upstream::router::{AnyModel, Router};
+use crate::upstream::{ForwardCtx, UpstreamRoute};
 
 fn json(status: u16, body: impl Into<Bytes>) -> Response {
     Response {
@@ -79,11 +80,10 @@ pub fn org_auth_probe(p: &Principal, org_segment: &[u8]) -> Result<Response, Api
     }
 }
 
-/// `GET /v1/models`, `POST /v1/chat/completions`: to the configured upstream,
-/// which drops the client's `Authorization` and `X-IBEX-*` headers
-/// ([`crate::upstream::request`]).
+/// `GET /v1/models` and the forwarded `POST` routes (SPEC §12): by the model's route to its
+/// providers, which get none of the client's credentials ([`crate::upstream::request`]).
 pub async fn forward(
-    upstream: Option<&Upstream>,
+    upstream: Option<&Router>,
     req: Request,
     target: UpstreamRoute,
     p: &Principal,
@@ -93,7 +93,7 @@ pub async fn forward(
         return Err(ApiError::ProviderNotConfigured);
     };
     // A request that would go unmetered is refused (SPEC §10); `/v1/models` always answers.
-    if target == UpstreamRoute::ChatCompletions && !upstream.admits() {
+    if target != UpstreamRoute::Models && !upstream.admits() {
         return Err(ApiError::UsageUnavailable);
     }
     let (org, agent, token) = (p.org(), p.agent(), p.token_id());
@@ -103,10 +103,7 @@ pub async fn forward(
         agent_id: &agent,
         token_id: &token,
     };
-    upstream
-        .forward(&req, target, ctx)
-        .await
-        .map_err(ApiError::from)
+    upstream.forward(&req, target, ctx, &AnyModel).await
 }
 
 #[cfg(test)]

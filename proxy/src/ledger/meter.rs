@@ -55,6 +55,8 @@ pub struct Seen {
     /// `data:` events with content streamed to the client.
     pub events: u64,
     pub body_bytes: u64,
+    /// Anthropic's cache read and creation tokens, recorded apart from the prompt's.
+    pub cache: (u64, u64),
 }
 
 impl Meter {
@@ -106,6 +108,8 @@ impl Meter {
             model: None,
             streamed: false,
             strip_usage: false,
+            provider: None,
+            attempts: 0,
         }
     }
 }
@@ -123,6 +127,10 @@ pub struct Pending {
     pub streamed: bool,
     /// The proxy added `include_usage` upstream: the usage-only chunk is not the client's.
     pub strip_usage: bool,
+    /// The provider that answered (or was tried last), SPEC §12.
+    pub provider: Option<Box<str>>,
+    /// Attempts made, fallbacks and retries included.
+    pub attempts: u32,
 }
 
 fn quarter(bytes: u64) -> u64 {
@@ -143,6 +151,9 @@ impl Pending {
             return;
         };
         r.status = self.seen.status;
+        r.provider = self.provider.take().map(String::from).unwrap_or_default();
+        r.attempts = self.attempts;
+        (r.cache_read_tokens, r.cache_creation_tokens) = self.seen.cache;
         r.streamed = self.streamed;
         r.started_at_ms = self.started_at_ms;
         r.duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -60,7 +60,14 @@ impl OperatorHeaders {
 }
 
 /// Request line and fixed headers for one route, rendered once.
-pub struct HeadPrefix(Vec<u8>);
+pub struct HeadPrefix {
+    bytes: Vec<u8>,
+    /// An anthropic provider: the client's `anthropic-version` and `anthropic-beta` pass too.
+    anthropic: bool,
+}
+
+/// Passed to an anthropic provider only (SPEC §12), beside [`FORWARDED`].
+const FORWARDED_ANTHROPIC: &[&str] = &["anthropic-version", "anthropic-beta"];
 
 impl HeadPrefix {
     /// `api_key` must already be checked for header-safe bytes; an empty key
@@ -93,7 +100,28 @@ impl HeadPrefix {
             }
         }
         out.extend_from_slice(b"Accept-Encoding: identity\r\n");
-        Self(out)
+        Self {
+            bytes: out,
+            anthropic: false,
+        }
+    }
+
+    /// The head of a request to an anthropic provider: its key goes as `x-api-key`.
+    pub fn anthropic(method: &str, path: &str, authority: &str, api_key: &str) -> Self {
+        let mut out = Vec::with_capacity(160);
+        for part in [method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n"] {
+            out.extend_from_slice(part.as_bytes());
+        }
+        if !api_key.is_empty() {
+            out.extend_from_slice(b"x-api-key: ");
+            out.extend_from_slice(api_key.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"Accept-Encoding: identity\r\n");
+        Self {
+            bytes: out,
+            anthropic: true,
+        }
     }
 }
 
@@ -129,7 +157,7 @@ pub fn render_head(
     content_length: Option<usize>,
 ) {
     out.clear();
-    out.extend_from_slice(&prefix.0);
+    out.extend_from_slice(&prefix.bytes);
     out.extend_from_slice(b"X-Request-ID: ");
     out.extend_from_slice(request_id.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -143,7 +171,12 @@ pub fn render_head(
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case(b"connection"));
     for Header { name, value } in req.headers.iter() {
-        if !is_forwarded(name) || (has_connection && named_by_connection(name, req)) {
+        let passes = is_forwarded(name)
+            || (prefix.anthropic
+                && FORWARDED_ANTHROPIC
+                    .iter()
+                    .any(|f| name.eq_ignore_ascii_case(f.as_bytes())));
+        if !passes || (has_connection && named_by_connection(name, req)) {
             continue;
         }
         out.extend_from_slice(name);
