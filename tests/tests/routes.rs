@@ -274,6 +274,7 @@ async fn routes_end_to_end() -> Result<()> {
             &["read,chat", "read,chat,embeddings"],
         )
         .await?;
+    let org = t.org.clone();
     let [chat_pat, emb_pat]: [String; 2] = t.pats.try_into().map_err(|_| anyhow!("two tokens"))?;
     let fx = Fx {
         proxy,
@@ -302,6 +303,9 @@ async fn routes_end_to_end() -> Result<()> {
         .context("no fallback mid-stream")?;
     breaker(&fx).await.context("circuit breaker")?;
     reload_under_load(&fx).await.context("SIGHUP reload")?;
+    allow_lists(&fx, &authd, &org)
+        .await
+        .context("model allow-lists")?;
     let logs = fx.proxy.log_contents() + &authd.log_contents();
     for secret in [KEY_OA1, KEY_OA2, KEY_ANT, &fx.chat_pat, &fx.emb_pat] {
         ensure!(!logs.contains(secret), "a key or PAT is in the logs");
@@ -831,4 +835,125 @@ async fn reload_under_load(fx: &Fx) -> Result<()> {
     ensure!(total > 0, "no request served under load");
     eprintln!("routes: {total} requests served across two reloads, none failed");
     Ok(())
+}
+
+/// A token with `--models`, bound to the fixture's agent.
+async fn token_with_models(fx: &Fx, authd: &Authd, org: &str, models: &str) -> Result<String> {
+    let v = authd
+        .ibexctl_json(&[
+            "token",
+            "create",
+            "--org",
+            org,
+            "--agent",
+            &fx.agent,
+            "--permissions",
+            "read,chat",
+            "--models",
+            models,
+        ])
+        .await?;
+    ibex_e2e::procs::json_str(&v, "token")
+}
+
+async fn chat_as(fx: &Fx, pat: &str, model: &str) -> Result<Response> {
+    let body = format!(
+        r#"{{"model":{},"messages":[]}}"#,
+        serde_json::to_string(model)?
+    );
+    fx.post("/v1/chat/completions", pat, &body, &fx.rid("allow"))
+        .send(fx.proxy.addr)
+        .await
+}
+
+fn refused(resp: &Response, what: &str) -> Result<()> {
+    ensure!(
+        resp.status == 403 && resp.error_code().as_deref() == Some("MODEL_NOT_ALLOWED"),
+        "{what}: expected 403 MODEL_NOT_ALLOWED:\n{}",
+        resp.dump()
+    );
+    Ok(())
+}
+
+async fn models_of(fx: &Fx, pat: &str) -> Result<Vec<String>> {
+    let resp = Request::get("/v1/models")
+        .auth(pat, &fx.agent)
+        .send(fx.proxy.addr)
+        .await?;
+    ensure!(resp.status == 200, "{}", resp.dump());
+    Ok(resp.json()?["data"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no data"))?
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect())
+}
+
+async fn allow_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
+    // An allowed alias to an allowed target passes; the provider gets the target.
+    let both = token_with_models(fx, authd, org, "fast, GPT-4o-mini").await?;
+    let resp = chat_as(fx, &both, "fast").await?;
+    expect_ok(&resp, "oa-1")?;
+    let last = fx.oa1.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+    ensure!(
+        String::from_utf8_lossy(&last.body).contains("\"gpt-4o-mini\""),
+        "alias target not sent"
+    );
+    // An allowed alias to a refused target is refused: the alias cannot bypass the list.
+    let alias_only = token_with_models(fx, authd, org, "fast").await?;
+    let before = fx.oa1.seen_count();
+    refused(
+        &chat_as(fx, &alias_only, "fast").await?,
+        "alias to a refused target",
+    )?;
+    // Case and whitespace variants of a refused name, routed or not.
+    for name in [
+        "gpt-4o", "GPT-4o", " gpt-4o", "gpt-4o\t", "Gpt-4O ", "llama-3",
+    ] {
+        refused(&chat_as(fx, &both, name).await?, name)?;
+    }
+    ensure!(
+        fx.oa1.seen_count() == before,
+        "a refused model reached a provider"
+    );
+    // /v1/models lists only what the token may call.
+    let ids = models_of(fx, &both).await?;
+    ensure!(
+        ids == ["fast"],
+        "models of a fast,gpt-4o-mini token: {ids:?}"
+    );
+    // The org's list applies to every token of the org, and its change lands within the
+    // revocation SLA (the org invalidation every proxy receives).
+    let set = authd
+        .ibexctl_json(&[
+            "org",
+            "set-models",
+            "--org",
+            org,
+            "--allow",
+            "gpt-4o-mini, fast",
+        ])
+        .await?;
+    ensure!(
+        set["allowed_models"] == serde_json::json!(["gpt-4o-mini", "fast"]),
+        "{set}"
+    );
+    poll("the org list applied", async || {
+        Ok((chat_as(fx, &fx.chat_pat, "gpt-4o").await?.status == 403).then_some(()))
+    })
+    .await?;
+    refused(
+        &chat_as(fx, &fx.chat_pat, "GPT-4O").await?,
+        "org list, case variant",
+    )?;
+    expect_ok(&chat_as(fx, &fx.chat_pat, "fast").await?, "oa-1")?;
+    let ids = models_of(fx, &fx.chat_pat).await?;
+    ensure!(ids == ["fast"], "models under the org list: {ids:?}");
+    authd
+        .ibexctl_json(&["org", "set-models", "--org", org, "--allow", ""])
+        .await?;
+    poll("the org list lifted", async || {
+        Ok((chat_as(fx, &fx.chat_pat, "gpt-4o").await?.status == 200).then_some(()))
+    })
+    .await
 }

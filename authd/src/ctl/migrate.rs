@@ -22,6 +22,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_usage",
         include_str!("../../../migrations/0003_usage.sql"),
     ),
+    (
+        "0005_models",
+        include_str!("../../../migrations/0005_models.sql"),
+    ),
 ];
 
 pub const APP_ROLE: &str = "ibex_app";

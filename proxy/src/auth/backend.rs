@@ -9,8 +9,22 @@ use uuid::Uuid;
 
 use super::secret::BearerToken;
 
+/// A token's and its org's model allow-lists (SPEC §12), normalised; a model must pass both.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModelLists {
+    pub token: Vec<String>,
+    pub org: Vec<String>,
+}
+
+impl ModelLists {
+    pub fn allows(&self, model: &str) -> bool {
+        ibex_proto::models::allows(&self.token, model)
+            && ibex_proto::models::allows(&self.org, model)
+    }
+}
+
 /// A token authd vouched for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidToken {
     pub org: Uuid,
     pub token_id: Uuid,
@@ -21,9 +35,11 @@ pub struct ValidToken {
     pub agent: Option<Uuid>,
     /// The org's requests per minute; 0 = the proxy's default.
     pub rpm: u32,
+    /// The model allow-lists; `None` when neither the token nor the org has one.
+    pub models: Option<std::sync::Arc<ModelLists>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenAnswer {
     Valid(ValidToken),
     /// Malformed, unknown id or wrong secret (indistinguishable by design).

@@ -211,8 +211,8 @@ impl<B: AuthBackend> Authenticator<B> {
                     core.metrics.authd_token_calls.inc();
                     let (started, epoch) = (core.clock.now(), core.epoch());
                     let answer = timed(&core, started, call).await;
-                    if let Ok(a) = answer {
-                        cache_token(&core, key, a, started, epoch);
+                    if let Ok(a) = &answer {
+                        cache_token(&core, key, a.clone(), started, epoch);
                     }
                     answer
                 }

@@ -9,7 +9,7 @@ use crate::auth::Principal;
 use crate::error::{render, ApiError};
 use crate::http::ascii::push_decimal;
 use crate::http::{Body, HeaderValue, Request, Response};
-use crate::upstream::router::{AnyModel, Router};
+use crate::upstream::router::{ModelPolicy, Router};
 use crate::upstream::{ForwardCtx, UpstreamRoute};
 
 fn json(status: u16, body: impl Into<Bytes>) -> Response {
@@ -103,7 +103,16 @@ pub async fn forward(
         agent_id: &agent,
         token_id: &token,
     };
-    upstream.forward(&req, target, ctx, &AnyModel).await
+    upstream.forward(&req, target, ctx, &Allowed(p)).await
+}
+
+/// The principal's model allow-lists as the router checks them.
+struct Allowed<'a>(&'a Principal);
+
+impl ModelPolicy for Allowed<'_> {
+    fn allows(&self, model: &str) -> bool {
+        self.0.allows_model(model)
+    }
 }
 
 #[cfg(test)]

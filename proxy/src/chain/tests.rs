@@ -52,6 +52,7 @@ fn valid(n: u128, permissions: u64) -> TokenAnswer {
         expires_at_ms: None,
         agent: None,
         rpm: 0,
+        models: None,
     })
 }
 
@@ -107,7 +108,7 @@ impl AuthBackend for Rc<Fake> {
             .tokens
             .borrow()
             .get(&t)
-            .copied()
+            .cloned()
             .unwrap_or(TokenAnswer::Invalid);
         self.answer(Ok(a))
     }

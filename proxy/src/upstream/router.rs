@@ -168,14 +168,20 @@ impl Router {
         }
         let found = request_model(&req.body);
         let model = found.as_ref().map_or("", |(m, _)| m.as_str());
+        // The client's name first: a refused name is 403 whether or not a route serves it, so
+        // the answer says nothing about the routes a caller may not use.
+        if !policy.allows(model) {
+            return Err(ApiError::ModelNotAllowed);
+        }
         let rule = set.table.route(model).ok_or(ApiError::ModelNotFound)?;
+        // Then the name actually sent upstream, so an alias never reaches a model the list
+        // refuses.
+        let target = rule.target(model);
+        if !policy.allows(target) {
+            return Err(ApiError::ModelNotAllowed);
+        }
         if rule.kind != route.kind() {
             return Err(ApiError::ModelRouteMismatch);
-        }
-        let target = rule.target(model);
-        // Both names are checked, so an alias never reaches a model the list refuses.
-        if !policy.allows(model) || !policy.allows(target) {
-            return Err(ApiError::ModelNotAllowed);
         }
         let mut body = req.body.clone();
         if target != model {
