@@ -306,6 +306,7 @@ async fn routes_end_to_end() -> Result<()> {
     allow_lists(&fx, &authd, &org)
         .await
         .context("model allow-lists")?;
+    official_sdks(&fx).await.context("the official SDKs")?;
     let logs = fx.proxy.log_contents() + &authd.log_contents();
     for secret in [KEY_OA1, KEY_OA2, KEY_ANT, &fx.chat_pat, &fx.emb_pat] {
         ensure!(!logs.contains(secret), "a key or PAT is in the logs");
@@ -956,4 +957,73 @@ async fn allow_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
         Ok((chat_as(fx, &fx.chat_pat, "gpt-4o").await?.status == 200).then_some(()))
     })
     .await
+}
+
+/// A virtualenv with the official `openai` and `anthropic` SDKs from PyPI, made once per target
+/// directory. No skipping: without python3 and its venv module the suite fails and says how to
+/// get them (`scripts/ensure-deps.sh`).
+async fn sdk_python() -> Result<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv");
+    let py = dir.join("bin").join("python");
+    let ready = py.exists()
+        && tokio::process::Command::new(&py)
+            .args(["-c", "import openai, anthropic"])
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(py);
+    }
+    let made = tokio::process::Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg("--clear")
+        .arg(&dir)
+        .status()
+        .await
+        .context(
+            "python3 is required (scripts/ensure-deps.sh installs python3 and python3-venv)",
+        )?;
+    ensure!(
+        made.success(),
+        "python3 -m venv failed (install python3-venv: scripts/ensure-deps.sh)"
+    );
+    let pip = tokio::process::Command::new(&py)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "openai",
+            "anthropic",
+        ])
+        .status()
+        .await?;
+    ensure!(pip.success(), "pip install openai anthropic failed");
+    Ok(py)
+}
+
+async fn official_sdks(fx: &Fx) -> Result<()> {
+    let py = sdk_python().await?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/routes/sdk_check.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&py)
+            .arg(script)
+            .env("IBEX_BASE", format!("http://{}", fx.proxy.addr))
+            .env("IBEX_PAT", &fx.emb_pat)
+            .env("IBEX_AGENT", &fx.agent)
+            .output(),
+    )
+    .await
+    .context("the SDK script did not finish")??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprint!("{stdout}");
+    ensure!(
+        out.status.success() && stdout.contains("sdk: all checks passed"),
+        "the SDK checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
