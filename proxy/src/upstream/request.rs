@@ -297,6 +297,60 @@ mod tests {
     }
 
     #[test]
+    fn anthropic_gets_its_key_as_x_api_key_and_the_version_headers() {
+        let prefix = HeadPrefix::anthropic("POST", "/v1/messages", "api.anthropic.com", "sk-ant");
+        let r = req(
+            &[
+                ("x-api-key", "ibex_pat_client"),
+                ("Authorization", "Bearer ibex_pat_client"),
+                ("anthropic-version", "2023-06-01"),
+                ("anthropic-beta", "prompt-caching-2024-07-31"),
+                ("OpenAI-Organization", "org-tenant"),
+                ("Content-Type", "application/json"),
+            ],
+            b"{}",
+        );
+        let mut out = Vec::new();
+        render_head(&mut out, &prefix, &r, "rid", Some(2));
+        let text = String::from_utf8(out).unwrap();
+        for want in [
+            "x-api-key: sk-ant",
+            "anthropic-version: 2023-06-01",
+            "anthropic-beta: prompt-caching-2024-07-31",
+            "Content-Type: application/json",
+        ] {
+            assert!(
+                text.split("\r\n").any(|l| l == want),
+                "missing {want}: {text}"
+            );
+        }
+        assert!(!text.contains("ibex_pat"), "{text}");
+        assert!(
+            !text.to_ascii_lowercase().contains("authorization"),
+            "{text}"
+        );
+        assert!(
+            !text.to_ascii_lowercase().contains("openai-organization"),
+            "{text}"
+        );
+        // An openai provider never gets the anthropic headers.
+        let openai = HeadPrefix::new(
+            "POST",
+            "/v1/chat/completions",
+            "h",
+            "sk",
+            &OperatorHeaders::default(),
+        );
+        let mut out = Vec::new();
+        render_head(&mut out, &openai, &r, "rid", Some(2));
+        let text = String::from_utf8(out).unwrap().to_ascii_lowercase();
+        assert!(
+            !text.contains("anthropic-") && !text.contains("x-api-key"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn empty_key_sends_no_authorization_and_get_has_no_length() {
         let prefix = HeadPrefix::new("GET", "/v1/models", "h", "", &OperatorHeaders::default());
         let mut r = req(&[], b"");
