@@ -339,6 +339,11 @@ impl Proxy {
         self.service.is_running()
     }
 
+    /// The process id while it runs (for the perf tools that read its `/proc/<pid>/stat`).
+    pub fn pid(&self) -> Option<u32> {
+        self.service.running.as_ref().map(|r| r.child.id())
+    }
+
     pub fn log_contents(&self) -> String {
         self.service.log_contents()
     }

@@ -15,7 +15,10 @@
 //! It runs on one thread (current-thread tokio): pin it to a core the server
 //! does not use. `{uuid}` and `{secret}` in a header are replaced by fresh
 //! random values on every request (a flood of distinct well-formed tokens);
-//! `--bind 127.0.0.2` sends from another loopback address.
+//! `--bind 127.0.0.2` sends from another loopback address. `--auth-file FILE` (lines of
+//! `TOKEN AGENT_ID`) sends request `n` with the credentials of line `n mod lines`, so one run
+//! spreads over many tokens (and orgs). A response with `Connection: close` makes its connection
+//! reconnect for the next request (counted in `reconnects`), as a well-behaved client does.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +39,8 @@ struct Args {
     headers: Vec<String>,
     /// Source address to connect from (e.g. 127.0.0.2), to test per-address guards.
     bind: Option<std::net::IpAddr>,
+    /// Lines of `TOKEN AGENT_ID`, used in turn.
+    auth_file: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -49,6 +54,7 @@ fn parse_args() -> anyhow::Result<Args> {
         connections: 16,
         headers: Vec::new(),
         bind: None,
+        auth_file: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,6 +69,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--connections" => a.connections = val()?.parse()?,
             "-H" => a.headers.push(val()?),
             "--bind" => a.bind = Some(val()?.parse()?),
+            "--auth-file" => a.auth_file = Some(val()?),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -72,9 +79,9 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-/// Reads one response and returns its status. Handles Content-Length bodies
-/// only (every server under test answers with one).
-async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
+/// Reads one response and returns its status and whether it said `Connection: close`.
+/// Handles Content-Length bodies only (every server under test answers with one).
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<(u16, bool)> {
     let mut chunk = [0u8; 8192];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -82,9 +89,12 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u
         if let httparse::Status::Complete(head) = resp.parse(buf)? {
             let status = resp.code.unwrap_or(0);
             let mut len = 0usize;
+            let mut close = false;
             for h in resp.headers.iter() {
                 if h.name.eq_ignore_ascii_case("content-length") {
                     len = std::str::from_utf8(h.value)?.trim().parse()?;
+                } else if h.name.eq_ignore_ascii_case("connection") {
+                    close = h.value.eq_ignore_ascii_case(b"close");
                 }
             }
             while buf.len() < head + len {
@@ -95,7 +105,7 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<u
                 buf.extend_from_slice(&chunk[..n]);
             }
             buf.drain(..head + len);
-            return Ok(status);
+            return Ok((status, close));
         }
         let n = s.read(&mut chunk).await?;
         if n == 0 {
@@ -110,6 +120,7 @@ struct ConnResult {
     latencies_us: Vec<u64>,
     statuses: BTreeMap<u16, u64>,
     errors: u64,
+    reconnects: u64,
 }
 
 /// Replaces `{uuid}` / `{secret}` with fresh random values (xorshift; the
@@ -171,7 +182,8 @@ async fn connect(a: &Args) -> std::io::Result<TcpStream> {
 
 async fn run_conn(
     a: Arc<Args>,
-    request: Arc<Vec<u8>>,
+    requests: Arc<Vec<Vec<u8>>>,
+    index: usize,
     start: tokio::time::Instant,
     offset: Duration,
 ) -> ConnResult {
@@ -185,7 +197,9 @@ async fn run_conn(
     // from the slot; otherwise from the actual send (tokio's timer wheel has
     // 1 ms granularity, and that lateness is ours, not the server's).
     let mut prev_done = start;
-    let templated = request.windows(6).any(|w| w == b"{uuid}" || w == b"{secr");
+    let templated = requests[0]
+        .windows(6)
+        .any(|w| w == b"{uuid}" || w == b"{secr");
     let mut seed: u64 = 0x9E37_79B9_7F4A_7C15 ^ (offset.as_nanos() as u64 | 1);
     loop {
         let due = start + offset + interval * k;
@@ -208,19 +222,24 @@ async fn run_conn(
             }
         }
         let Some(s) = stream.as_mut() else { continue };
+        let request = &requests[(index + (k as usize - 1) * a.connections) % requests.len()];
         let sent = tokio::time::Instant::now();
         let reference = if prev_done > due { due } else { sent };
         let result = async {
             if templated {
-                s.write_all(&fill_template(&request, &mut seed)).await?;
+                s.write_all(&fill_template(request, &mut seed)).await?;
             } else {
-                s.write_all(&request).await?;
+                s.write_all(request).await?;
             }
             read_response(s, &mut buf).await
         }
         .await;
         match result {
-            Ok(status) => {
+            Ok((status, close)) => {
+                if close {
+                    stream = None;
+                    out.reconnects += 1;
+                }
                 prev_done = tokio::time::Instant::now();
                 let lat = prev_done.duration_since(reference);
                 out.latencies_us.push(lat.as_micros() as u64);
@@ -245,20 +264,44 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let a = Arc::new(parse_args()?);
-    let mut req = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", a.method, a.path, a.addr);
-    for h in &a.headers {
-        req.push_str(h);
+    let build = |auth: &[String]| {
+        let mut req = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", a.method, a.path, a.addr);
+        for h in a.headers.iter().chain(auth) {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        if !a.body.is_empty() || a.method == "POST" {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                a.body.len()
+            ));
+        }
         req.push_str("\r\n");
-    }
-    if !a.body.is_empty() || a.method == "POST" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            a.body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(&a.body);
-    let request = Arc::new(req.into_bytes());
+        req.push_str(&a.body);
+        req.into_bytes()
+    };
+    let requests = match &a.auth_file {
+        None => vec![build(&[])],
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+            let mut all = Vec::new();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let mut parts = line.split_whitespace();
+                let (Some(token), Some(agent)) = (parts.next(), parts.next()) else {
+                    bail!("{path}: a line is not `TOKEN AGENT_ID`");
+                };
+                all.push(build(&[
+                    format!("Authorization: Bearer {token}"),
+                    format!("X-IBEX-Agent-ID: {agent}"),
+                ]));
+            }
+            if all.is_empty() {
+                bail!("{path} has no credentials");
+            }
+            all
+        }
+    };
+    let requests = Arc::new(requests);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -272,7 +315,8 @@ fn main() -> anyhow::Result<()> {
             let offset = per_conn.mul_f64(i as f64 / a.connections as f64);
             tasks.push(tokio::spawn(run_conn(
                 a.clone(),
-                request.clone(),
+                requests.clone(),
+                i,
                 start,
                 offset,
             )));
@@ -286,10 +330,11 @@ fn main() -> anyhow::Result<()> {
     let elapsed = wall.elapsed().as_secs_f64();
     let mut lat: Vec<u64> = Vec::new();
     let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
-    let mut errors = 0;
+    let (mut errors, mut reconnects) = (0, 0);
     for r in results {
         lat.extend(r.latencies_us);
         errors += r.errors;
+        reconnects += r.reconnects;
         for (s, n) in r.statuses {
             *statuses.entry(s).or_default() += n;
         }
@@ -300,6 +345,7 @@ fn main() -> anyhow::Result<()> {
         "achieved_rps": (lat.len() as f64 / elapsed).round(),
         "requests": lat.len(),
         "errors": errors,
+        "reconnects": reconnects,
         "statuses": statuses,
         "p50_us": pct(&lat, 0.50),
         "p99_us": pct(&lat, 0.99),

@@ -19,83 +19,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use ibex_bench::{clk_tck, env_or, redis_totals, ticks};
 use ibex_e2e::{Redis, RedisCluster};
 use ibex_proxy::ratelimit::{RateLimitConfig, RateLimiter};
 use uuid::Uuid;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// utime + stime in clock ticks from a `stat` file (fields 14 and 15).
-fn ticks(path: &str) -> u64 {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_ascii_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f.iter().sum()
-}
-
-fn clk_tck() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
 
 /// Every node of a backend: (port) for INFO.
 struct Backend {
     name: &'static str,
     url: String,
     ports: Vec<u16>,
-}
-
-async fn info_field(port: u16, section: &str, field: &str) -> u64 {
-    let reply = raw(port, &["INFO", section]).await.unwrap_or_default();
-    reply
-        .split(field)
-        .nth(1)
-        .and_then(|r| {
-            r.split(|c: char| !c.is_ascii_digit())
-                .find(|s| !s.is_empty())
-        })
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn raw(port: u16, args: &[&str]) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let n = s.read(&mut buf).await?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
-
-/// (EVALSHA + EVAL calls, redis CPU ticks) over every node.
-async fn redis_totals(b: &Backend) -> (u64, u64) {
-    let (mut calls, mut cpu) = (0, 0);
-    for &port in &b.ports {
-        calls += info_field(port, "commandstats", "cmdstat_evalsha:calls=").await;
-        calls += info_field(port, "commandstats", "cmdstat_eval:calls=").await;
-        let pid = info_field(port, "server", "process_id:").await;
-        cpu += ticks(&format!("/proc/{pid}/stat"));
-    }
-    (calls, cpu)
 }
 
 struct Row {
@@ -190,11 +123,11 @@ async fn main() -> Result<()> {
     for round in 1..=rounds {
         for orgs in [1usize, 1000] {
             for b in &backends {
-                let (calls0, cpu0) = redis_totals(b).await;
+                let (calls0, cpu0) = redis_totals(&b.ports).await;
                 let url = b.url.clone();
                 let row =
                     tokio::task::spawn_blocking(move || run_worker(url, orgs, rate, secs)).await?;
-                let (calls1, cpu1) = redis_totals(b).await;
+                let (calls1, cpu1) = redis_totals(&b.ports).await;
                 let n = row.checks.max(1) as f64;
                 println!(
                     "| {round} | {} | {orgs} | {} | {:.2} | {:.4} | {:.2} | {} |",
