@@ -920,7 +920,7 @@ async fn allow_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
     // /v1/models lists only what the token may call.
     let ids = models_of(fx, &both).await?;
     ensure!(
-        ids == ["fast"],
+        ids == ["gpt-4o-mini", "fast"],
         "models of a fast,gpt-4o-mini token: {ids:?}"
     );
     // The org's list applies to every token of the org, and its change lands within the
@@ -949,7 +949,10 @@ async fn allow_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
     )?;
     expect_ok(&chat_as(fx, &fx.chat_pat, "fast").await?, "oa-1")?;
     let ids = models_of(fx, &fx.chat_pat).await?;
-    ensure!(ids == ["fast"], "models under the org list: {ids:?}");
+    ensure!(
+        ids == ["gpt-4o-mini", "fast"],
+        "models under the org list: {ids:?}"
+    );
     authd
         .ibexctl_json(&["org", "set-models", "--org", org, "--allow", ""])
         .await?;

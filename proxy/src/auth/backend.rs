@@ -21,6 +21,17 @@ impl ModelLists {
         ibex_proto::models::allows(&self.token, model)
             && ibex_proto::models::allows(&self.org, model)
     }
+
+    /// The exact names (no `*`) either list holds that both allow, for `/v1/models`.
+    pub fn exact_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for e in self.token.iter().chain(self.org.iter()) {
+            if !e.ends_with('*') && self.allows(e) && !out.contains(e) {
+                out.push(e.clone());
+            }
+        }
+        out
+    }
 }
 
 /// A token authd vouched for.

@@ -42,6 +42,14 @@ impl Principal {
         }
     }
 
+    /// The exact model names the allow-lists name (empty without lists).
+    pub fn allowed_model_names(&self) -> Vec<String> {
+        self.models
+            .as_ref()
+            .map(|m| m.exact_names())
+            .unwrap_or_default()
+    }
+
     /// Whether the token's and the org's model allow-lists both allow `model` (SPEC §12).
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|m| m.allows(model))

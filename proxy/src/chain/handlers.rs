@@ -113,6 +113,10 @@ impl ModelPolicy for Allowed<'_> {
     fn allows(&self, model: &str) -> bool {
         self.0.allows_model(model)
     }
+
+    fn exact_names(&self) -> Vec<String> {
+        self.0.allowed_model_names()
+    }
 }
 
 #[cfg(test)]

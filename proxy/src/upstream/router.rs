@@ -55,6 +55,12 @@ pub struct RouterSettings {
 /// combined. `allows` must be true for the client's name and for the target.
 pub trait ModelPolicy {
     fn allows(&self, model: &str) -> bool;
+
+    /// The exact names the lists hold (for `/v1/models`: a `gpt-*` route the lists do not allow
+    /// whole still lists the `gpt-4o` they do).
+    fn exact_names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Every model allowed (no list).
@@ -405,21 +411,33 @@ fn splice_model(body: &Bytes, span: Range<usize>, target: &str) -> Bytes {
 
 /// `GET /v1/models` with a providers file: the routes this caller may use, OpenAI's list shape.
 fn models_list(table: &Table, policy: &dyn ModelPolicy) -> Response {
-    let data: Vec<serde_json::Value> = table
-        .routes
-        .iter()
-        .filter(|r| {
-            let pattern = r.pattern();
-            policy.allows(&pattern) && r.target_model.as_deref().is_none_or(|t| policy.allows(t))
-        })
-        .map(|r| {
-            let owner = r
-                .providers
-                .first()
-                .and_then(|&i| table.providers.get(i))
-                .map_or("", |p| p.name.as_str());
-            serde_json::json!({"id": r.pattern(), "object": "model", "owned_by": owner})
-        })
+    let owner = |r: &crate::providers::Route| {
+        r.providers
+            .first()
+            .and_then(|&i| table.providers.get(i))
+            .map_or(String::new(), |p| p.name.clone())
+    };
+    let names = policy.exact_names();
+    let mut ids: Vec<(String, String)> = Vec::new();
+    for r in &table.routes {
+        let target_ok = |m: &str| policy.allows(r.target(m));
+        let pattern = r.pattern();
+        if policy.allows(&pattern) && target_ok(&pattern) {
+            ids.push((pattern, owner(r)));
+        } else if r.prefix {
+            // The names the lists allow that this route serves (the route that serves them).
+            for n in names
+                .iter()
+                .filter(|n| table.route(n) == Some(r) && target_ok(n))
+            {
+                ids.push((n.clone(), owner(r)));
+            }
+        }
+    }
+    ids.dedup();
+    let data: Vec<serde_json::Value> = ids
+        .into_iter()
+        .map(|(id, owner)| serde_json::json!({"id": id, "object": "model", "owned_by": owner}))
         .collect();
     let body = serde_json::json!({"object": "list", "data": data}).to_string();
     Response {
@@ -447,6 +465,70 @@ mod tests {
         );
         let (m, _) = request_model(br#"{"model":"gpt\u002d4"}"#).unwrap();
         assert_eq!(m, "gpt-4", "escapes are read as the provider reads them");
+    }
+
+    struct List(Vec<String>);
+
+    impl ModelPolicy for List {
+        fn allows(&self, model: &str) -> bool {
+            ibex_proto::models::allows(&self.0, model)
+        }
+        fn exact_names(&self) -> Vec<String> {
+            self.0
+                .iter()
+                .filter(|e| !e.ends_with('*'))
+                .cloned()
+                .collect()
+        }
+    }
+
+    fn ids(resp: Response) -> Vec<String> {
+        let Body::Full(b) = resp.body else { panic!() };
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn models_list_shows_only_what_the_lists_allow() {
+        let file = r#"
+[[provider]]
+name = "p"
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+api_key_env = "K"
+[[route]]
+model = "gpt-*"
+providers = ["p"]
+[[route]]
+model = "fast"
+target_model = "gpt-4o-mini"
+providers = ["p"]
+[[route]]
+model = "cheap"
+target_model = "gpt-3.5"
+providers = ["p"]
+[[route]]
+model = "claude-*"
+providers = ["p"]
+"#;
+        let table = Table::parse(file, Duration::from_secs(1), &|_| Some("k".into())).unwrap();
+        assert_eq!(
+            ids(models_list(&table, &AnyModel)),
+            ["gpt-*", "fast", "cheap", "claude-*"]
+        );
+        let list = List(
+            ibex_proto::models::normalize(&["fast", "GPT-4o-mini", "gpt-4o", "claude-*"]).unwrap(),
+        );
+        // `cheap` aliases a refused target; `gpt-*` is not allowed whole, but two names under it are.
+        assert_eq!(
+            ids(models_list(&table, &list)),
+            ["gpt-4o-mini", "gpt-4o", "fast", "claude-*"]
+        );
     }
 
     #[test]
