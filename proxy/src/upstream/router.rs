@@ -72,6 +72,22 @@ impl ModelPolicy for AnyModel {
     }
 }
 
+/// What [`Router::prepare`] decided.
+pub enum Prepared {
+    /// Answered without a provider (`/v1/models` from the routes).
+    Answer(Response),
+    Forward(Routed),
+}
+
+/// A request ready for its providers: the set it was routed in (kept across a reload), the
+/// providers in order, and the body to send (the alias applied).
+pub struct Routed {
+    set: Rc<Set>,
+    providers: Vec<usize>,
+    route: UpstreamRoute,
+    body: Bytes,
+}
+
 struct Set {
     generation: u64,
     table: Arc<Table>,
@@ -155,7 +171,8 @@ impl Router {
         }
     }
 
-    /// Forwards an authorised request by its model's route (SPEC §12).
+    /// Forwards an authorised request by its model's route (SPEC §12): [`Router::prepare`]
+    /// then [`Router::send`].
     pub async fn forward(
         &self,
         req: &Request,
@@ -163,14 +180,32 @@ impl Router {
         ctx: ForwardCtx<'_>,
         policy: &dyn ModelPolicy,
     ) -> Result<Response, ApiError> {
+        match self.prepare(req, route, policy)? {
+            Prepared::Answer(resp) => Ok(resp),
+            Prepared::Forward(s) => self.send(s, req, ctx).await,
+        }
+    }
+
+    /// Everything decided before any upstream call, once per request: the model's route, the
+    /// allow-lists, the shape, the alias. A refusal here costs nothing upstream (and, for the
+    /// token budgets, is made before anything is reserved).
+    pub fn prepare(
+        &self,
+        req: &Request,
+        route: UpstreamRoute,
+        policy: &dyn ModelPolicy,
+    ) -> Result<Prepared, ApiError> {
         let set = self.current();
         if route == UpstreamRoute::Models {
             if !set.table.legacy {
-                return Ok(models_list(&set.table, policy));
+                return Ok(Prepared::Answer(models_list(&set.table, policy)));
             }
-            return self
-                .forward_to(&set, &[0], req, route, req.body.clone(), ctx)
-                .await;
+            return Ok(Prepared::Forward(Routed {
+                set,
+                providers: vec![0],
+                route,
+                body: req.body.clone(),
+            }));
         }
         let found = request_model(&req.body);
         let model = found.as_ref().map_or("", |(m, _)| m.as_str());
@@ -196,8 +231,24 @@ impl Router {
             };
             body = splice_model(&body, span.clone(), target);
         }
-        let plan = rule.providers.clone();
-        self.forward_to(&set, &plan, req, route, body, ctx).await
+        let providers = rule.providers.clone();
+        Ok(Prepared::Forward(Routed {
+            set: set.clone(),
+            providers,
+            route,
+            body,
+        }))
+    }
+
+    /// Sends a prepared request through its providers with fallback; one usage record.
+    pub async fn send(
+        &self,
+        s: Routed,
+        req: &Request,
+        ctx: ForwardCtx<'_>,
+    ) -> Result<Response, ApiError> {
+        self.forward_to(&s.set, &s.providers, req, s.route, s.body, ctx)
+            .await
     }
 
     async fn forward_to(
