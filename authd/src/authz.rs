@@ -216,6 +216,7 @@ mod tests {
             rpm_limit: 1,
             allowed_models: Vec::new(),
             org_allowed_models: Vec::new(),
+            limits: Default::default(),
         })
     }
 

@@ -40,6 +40,8 @@ pub struct VerifiedToken {
     pub allowed_models: Vec<String>,
     /// The org's model allow-list (normalised; empty = every model).
     pub org_allowed_models: Vec<String>,
+    /// The org's token limits (SPEC §11).
+    pub limits: crate::limits::OrgTokenLimits,
 }
 
 impl VerifiedToken {
@@ -173,6 +175,7 @@ mod tests {
             rpm_limit: 600,
             allowed_models: Vec::new(),
             org_allowed_models: Vec::new(),
+            limits: Default::default(),
         }
     }
 

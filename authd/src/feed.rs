@@ -308,6 +308,7 @@ mod tests {
                 rpm_limit: 1,
                 allowed_models: Vec::new(),
                 org_allowed_models: Vec::new(),
+                limits: Default::default(),
             },
         );
         let payload =

@@ -16,6 +16,7 @@ pub mod feed;
 pub mod hasher;
 pub mod http;
 pub mod ledger;
+pub mod limits;
 pub mod pat;
 pub mod perms;
 pub mod pgtls;

@@ -201,6 +201,9 @@ impl AuthService for Service {
                 org_rpm_limit: t.rpm_limit,
                 token_allowed_models: t.allowed_models,
                 org_allowed_models: t.org_allowed_models,
+                org_tpm_limit: t.limits.tpm,
+                org_monthly_token_budget: t.limits.month_tokens,
+                org_monthly_usd_budget: t.limits.usd(),
             },
             Outcome::Invalid => status(pb::TokenStatus::Invalid),
             Outcome::Revoked => status(pb::TokenStatus::Revoked),
@@ -217,15 +220,18 @@ impl AuthService for Service {
         let not_found = || {
             Response::new(pb::ValidateAgentResponse {
                 status: pb::AgentStatus::NotFound as i32,
+                ..Default::default()
             })
         };
         let (Ok(org), Ok(agent)) = (Uuid::try_parse(&req.org_id), Uuid::try_parse(&req.agent_id))
         else {
             return Ok(not_found());
         };
-        match store::agent_status(&self.validator.pool, org, agent).await {
-            Ok(Some(status)) => Ok(Response::new(pb::ValidateAgentResponse {
+        match crate::limits::agent_status_limits(&self.validator.pool, org, agent).await {
+            Ok(Some((status, limits))) => Ok(Response::new(pb::ValidateAgentResponse {
                 status: agent_status_from_name(&status) as i32,
+                tpm_limit: limits.tpm,
+                monthly_token_budget: limits.month_tokens,
             })),
             Ok(None) => Ok(not_found()),
             Err(err) => Err(store_status(err, "agent not found")),
@@ -384,7 +390,7 @@ impl AuthService for Service {
             max_tokens: self.limits.max_tokens_per_org,
             allowed_models: &allowed_models,
         };
-        let (expires_at_ms, rpm_limit, org_allowed_models) =
+        let (expires_at_ms, rpm_limit, limits, org_allowed_models) =
             store::create_token(&self.validator.pool, &new, &caller.actor())
                 .await
                 .map_err(|e| match e {
@@ -407,6 +413,7 @@ impl AuthService for Service {
                 rpm_limit,
                 allowed_models: allowed_models.clone(),
                 org_allowed_models,
+                limits,
             },
         );
         tracing::info!(%org, token = %issued.id, permissions, "token created");
@@ -512,6 +519,76 @@ impl AuthService for Service {
     }
 
     type ExportUsageStream = ledger::rpc::ExportStream;
+
+    async fn set_org_limits(
+        &self,
+        request: Request<pb::SetOrgLimitsRequest>,
+    ) -> Result<Response<pb::OrgLimits>, Status> {
+        let caller = self.caller(&request).await?;
+        if !caller.is_admin() {
+            return Err(Status::permission_denied(
+                "SetOrgLimits needs the operator key",
+            ));
+        }
+        let req = request.get_ref();
+        let org = uuid_arg("org_id", &req.org_id)?;
+        let change = crate::limits::org_change(req)?;
+        let (rpm, limits) =
+            crate::limits::set_org_limits(&self.validator.pool, org, change, &caller.actor())
+                .await
+                .map_err(|e| store_status(e, "org not found"))?;
+        // The NOTIFY reaches this authd's cache too, but a validation racing it must not
+        // answer the old limits after this call returned.
+        self.validator.cache.invalidate_org(org);
+        tracing::info!(%org, rpm, tpm = ?limits.tpm, month_tokens = limits.month_tokens, "org limits changed");
+        Ok(Response::new(crate::limits::org_pb(org, rpm, limits)))
+    }
+
+    async fn set_agent_limits(
+        &self,
+        request: Request<pb::SetAgentLimitsRequest>,
+    ) -> Result<Response<pb::AgentLimits>, Status> {
+        let caller = self.caller(&request).await?;
+        let req = request.get_ref();
+        let org = uuid_arg("org_id", &req.org_id)?;
+        caller.require(org, perms::AGENTS_MANAGE)?;
+        let agent = uuid_arg("agent_id", &req.agent_id)?;
+        let limits = crate::limits::set_agent_limits(
+            &self.validator.pool,
+            org,
+            agent,
+            req.tpm_limit,
+            req.monthly_token_budget,
+            &caller.actor(),
+        )
+        .await
+        .map_err(|e| scoped_not_found(&caller, e, "agent"))?;
+        tracing::info!(%org, %agent, tpm = limits.tpm, month_tokens = limits.month_tokens, "agent limits changed");
+        Ok(Response::new(pb::AgentLimits {
+            org_id: org.to_string(),
+            agent_id: agent.to_string(),
+            tpm_limit: limits.tpm,
+            monthly_token_budget: limits.month_tokens,
+        }))
+    }
+
+    async fn get_month_usage(
+        &self,
+        request: Request<pb::GetMonthUsageRequest>,
+    ) -> Result<Response<pb::GetMonthUsageResponse>, Status> {
+        // Internal: a proxy re-seeding its month counters (service key, SPEC §6).
+        self.internal(&request)?;
+        let req = request.into_inner();
+        let org = uuid_arg("org_id", &req.org_id)?;
+        let agent = optional_uuid("agent_id", &req.agent_id)?;
+        if req.since_unix_ms < 0 {
+            return Err(Status::invalid_argument("since_unix_ms must be ≥ 0"));
+        }
+        crate::limits::month_usage(&self.validator.pool, org, agent, req.since_unix_ms)
+            .await
+            .map(Response::new)
+            .map_err(|e| store_status(e, "org not found"))
+    }
 
     async fn export_usage(
         &self,

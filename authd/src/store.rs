@@ -102,6 +102,7 @@ pub struct TokenRow {
     pub rpm_limit: u32,
     pub allowed_models: Vec<String>,
     pub org_allowed_models: Vec<String>,
+    pub limits: crate::limits::OrgTokenLimits,
 }
 
 pub async fn load_token(pool: &Pool, org: Uuid, id: Uuid) -> Result<Option<TokenRow>, StoreError> {
@@ -110,11 +111,12 @@ pub async fn load_token(pool: &Pool, org: Uuid, id: Uuid) -> Result<Option<Token
     set_org(&tx, org).await?;
     let sql = format!(
         "SELECT t.secret_hash, t.permissions, t.agent_id, t.user_id, {}, {}, o.rpm_limit, \
-         t.allowed_models, o.allowed_models \
+         t.allowed_models, o.allowed_models, {} \
          FROM ibex_core.tokens t JOIN ibex_core.organizations o ON o.id = t.org_id \
          WHERE t.org_id = $1 AND t.id = $2 AND o.id = $1",
         ms("t.expires_at"),
-        ms("t.revoked_at")
+        ms("t.revoked_at"),
+        crate::limits::OrgTokenLimits::COLUMNS
     );
     let stmt = tx.prepare_cached(&sql).await?;
     let row = tx.query_opt(&stmt, &[&org, &id]).await?;
@@ -130,6 +132,7 @@ pub async fn load_token(pool: &Pool, org: Uuid, id: Uuid) -> Result<Option<Token
         rpm_limit: u32::try_from(row.try_get::<_, i32>(6)?).unwrap_or(0),
         allowed_models: row.try_get(7)?,
         org_allowed_models: row.try_get(8)?,
+        limits: crate::limits::OrgTokenLimits::from_row(&row, 9)?,
     }))
 }
 
@@ -275,25 +278,30 @@ pub struct NewToken<'a> {
     pub allowed_models: &'a [String],
 }
 
-/// Stores the token and its audit row; returns (expires_at_ms, org rpm_limit, org allowed_models).
+/// Stores the token and its audit row; returns (expires_at_ms, org rpm_limit, org token limits,
+/// org allowed_models).
 pub async fn create_token(
     pool: &Pool,
     token: &NewToken<'_>,
     actor: &Actor,
-) -> Result<(Option<i64>, u32, Vec<String>), StoreError> {
+) -> Result<(Option<i64>, u32, crate::limits::OrgTokenLimits, Vec<String>), StoreError> {
     let perms = i64::try_from(token.permissions).map_err(|_| StoreError::Invalid("permissions"))?;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     set_org(&tx, token.org_id).await?;
     let org_row = tx
         .query_opt(
-            "SELECT rpm_limit, allowed_models FROM ibex_core.organizations WHERE id = $1",
+            &format!(
+                "SELECT o.rpm_limit, o.allowed_models, {} FROM ibex_core.organizations o WHERE o.id = $1",
+                crate::limits::OrgTokenLimits::COLUMNS
+            ),
             &[&token.org_id],
         )
         .await?
         .ok_or(StoreError::NotFound)?;
     let rpm: i32 = org_row.try_get(0)?;
     let org_models: Vec<String> = org_row.try_get(1)?;
+    let limits = crate::limits::OrgTokenLimits::from_row(&org_row, 2)?;
     if let Some(user) = token.user_id {
         let found = tx
             .query_opt(
@@ -366,7 +374,12 @@ pub async fn create_token(
     )
     .await?;
     tx.commit().await?;
-    Ok((expires_at_ms, u32::try_from(rpm).unwrap_or(0), org_models))
+    Ok((
+        expires_at_ms,
+        u32::try_from(rpm).unwrap_or(0),
+        limits,
+        org_models,
+    ))
 }
 
 /// Replaces an org's model allow-list (normalised by the caller) and audits it. The UPDATE fires

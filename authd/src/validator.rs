@@ -205,6 +205,7 @@ impl Validator {
             rpm_limit: row.rpm_limit,
             allowed_models: row.allowed_models,
             org_allowed_models: row.org_allowed_models,
+            limits: row.limits,
         };
         match self.answer(token.clone()) {
             Outcome::Valid(_) => (Outcome::Valid(token.clone()), Some(token)),

@@ -97,6 +97,7 @@ impl AuthBackend for WarmupAuthd {
                 agent: None,
                 rpm: 1_000_000,
                 models: None,
+                limits: Default::default(),
             })
         } else {
             TokenAnswer::Invalid
@@ -105,7 +106,7 @@ impl AuthBackend for WarmupAuthd {
     }
 
     fn validate_agent(&self, _org: Uuid, _agent: Uuid) -> Reply<AgentAnswer> {
-        Box::pin(async { Ok(AgentAnswer::Active) })
+        Box::pin(async { Ok(AgentAnswer::Active(Default::default())) })
     }
 }
 
@@ -295,6 +296,7 @@ fn bench_chain(c: &mut Criterion) {
             agent: None,
             rpm: 0,
             models: None,
+            limits: Default::default(),
         },
         t0,
     );

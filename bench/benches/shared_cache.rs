@@ -47,6 +47,7 @@ fn token() -> ValidToken {
         agent: None,
         rpm: 1_000_000,
         models: None,
+        limits: Default::default(),
     }
 }
 

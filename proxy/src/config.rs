@@ -128,6 +128,16 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub default_rpm: u32,
 
+    /// Tokens per minute for an org without its own `tpm_limit` (0 = no limit).
+    #[arg(long, env = "IBEX_DEFAULT_TPM", default_value_t = 0)]
+    pub default_tpm: u64,
+
+    /// Output tokens reserved for a chat request without `max_tokens` /
+    /// `max_completion_tokens` (or what remains of the budget, if smaller).
+    #[arg(long, env = "IBEX_DEFAULT_OUTPUT_RESERVE", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub default_output_reserve: u64,
+
     /// Largest request body accepted (413 above it).
     #[arg(long, env = "IBEX_MAX_BODY_BYTES", default_value_t = Limits::DEFAULT_BODY_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
@@ -307,6 +317,14 @@ impl Config {
     pub fn rate_limit(&self) -> RateLimitConfig {
         RateLimitConfig::new(self.redis_url.clone(), self.redis_timeout)
     }
+
+    /// The token limiter's defaults (SPEC §11).
+    pub fn tokens(&self) -> crate::tokens::TokenConfig {
+        crate::tokens::TokenConfig {
+            default_tpm: self.default_tpm,
+            default_output: self.default_output_reserve,
+        }
+    }
 }
 
 /// Shortest `IBEX_SERVICE_KEY` accepted (authd refuses shorter ones too).
@@ -392,6 +410,7 @@ mod tests {
         assert_eq!(c.auth_validate_timeout, Duration::from_millis(50));
         assert_eq!(c.revocation_sla(), Duration::from_millis(300));
         assert_eq!(c.default_rpm, 600);
+        assert_eq!((c.default_tpm, c.default_output_reserve), (0, 4096));
         assert_eq!(c.max_body_bytes, 4_194_304);
         assert!(c.upstream_url.is_none());
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));

@@ -41,11 +41,14 @@ pub enum ApiError {
     ModelRouteMismatch,
     /// `/ready` when a dependency is down; the message names it.
     NotReady(&'static str),
+    /// A token limit or budget refused the request (SPEC §11): 429
+    /// `RATE_LIMITED`, the message names the level and tokens.
+    TokensLimited(&'static str),
 }
 
 impl ApiError {
-    /// Every variant once (`NotReady` with one of its messages), for tests
-    /// and tables that must cover them all.
+    /// Every code once (`NotReady` with one of its messages; `TokensLimited`
+    /// shares `RateLimited`'s code), for tests and tables that must cover them all.
     pub const ALL: [ApiError; 26] = {
         use ApiError::*;
         [
@@ -92,7 +95,7 @@ impl ApiError {
             MethodNotAllowed => 405,
             RequestTimeout => 408,
             PayloadTooLarge => 413,
-            RateLimited => 429,
+            RateLimited | TokensLimited(_) => 429,
             HeadersTooLarge => 431,
             ProviderNotConfigured => 501,
             UpstreamUnavailable => 502,
@@ -120,7 +123,7 @@ impl ApiError {
             RequestTimeout => "REQUEST_TIMEOUT",
             PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             HeadersTooLarge => "HEADERS_TOO_LARGE",
-            RateLimited => "RATE_LIMITED",
+            RateLimited | TokensLimited(_) => "RATE_LIMITED",
             ProviderNotConfigured => "PROVIDER_NOT_CONFIGURED",
             UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             AuthUnavailable => "AUTH_UNAVAILABLE",
@@ -161,7 +164,7 @@ impl ApiError {
             ModelNotFound => "no route serves this model",
             ModelNotAllowed => "this model is not allowed for this token or org",
             ModelRouteMismatch => "this model is served by a provider of another API shape",
-            NotReady(what) => what,
+            NotReady(what) | TokensLimited(what) => what,
         }
     }
 

@@ -30,4 +30,5 @@ pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod tls;
+pub mod tokens;
 pub mod upstream;

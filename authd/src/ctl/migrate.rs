@@ -23,6 +23,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../../migrations/0003_usage.sql"),
     ),
     (
+        "0004_limits",
+        include_str!("../../../migrations/0004_limits.sql"),
+    ),
+    (
         "0005_models",
         include_str!("../../../migrations/0005_models.sql"),
     ),

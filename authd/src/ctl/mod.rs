@@ -116,6 +116,23 @@ pub enum OrgCommand {
         #[arg(long)]
         rpm: Option<u32>,
     },
+    /// Change an org's limits and budgets (operator key); unset flags stay as they are.
+    SetLimits {
+        #[arg(long)]
+        org: String,
+        /// Requests per minute (> 0).
+        #[arg(long)]
+        rpm: Option<u32>,
+        /// Tokens per minute: a number (0 = no limit) or `default` (the proxy's IBEX_DEFAULT_TPM).
+        #[arg(long)]
+        tpm: Option<String>,
+        /// Tokens per calendar month (UTC); 0 = no budget.
+        #[arg(long = "monthly-tokens")]
+        monthly_tokens: Option<u64>,
+        /// USD per calendar month (UTC); 0 = no budget.
+        #[arg(long = "monthly-usd")]
+        monthly_usd: Option<f64>,
+    },
     /// Set the org's model allow-list (operator key): names or *-prefixes, comma-separated;
     /// an empty --allow "" allows every model.
     SetModels {
@@ -153,6 +170,19 @@ pub enum AgentCommand {
         /// active, paused, archived or suspended.
         #[arg(long)]
         status: String,
+    },
+    /// Change an agent's limits (operator key, or a PAT with agents:manage); unset flags stay.
+    SetLimits {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        agent: String,
+        /// Tokens per minute; 0 = no limit of its own.
+        #[arg(long)]
+        tpm: Option<u64>,
+        /// Tokens per calendar month (UTC); 0 = no budget of its own.
+        #[arg(long = "monthly-tokens")]
+        monthly_tokens: Option<u64>,
     },
 }
 

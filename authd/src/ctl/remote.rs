@@ -110,6 +110,48 @@ pub async fn org(global: &Global, cmd: OrgCommand) -> anyhow::Result<String> {
             })
             .to_string());
         }
+        OrgCommand::SetLimits {
+            org,
+            rpm,
+            tpm,
+            monthly_tokens,
+            monthly_usd,
+        } => {
+            let (tpm_limit, tpm_default) = match tpm.as_deref() {
+                None => (None, false),
+                Some("default") => (None, true),
+                Some(n) => (
+                    Some(n.parse::<u64>().map_err(|_| {
+                        anyhow::anyhow!("--tpm must be a number of tokens or `default`")
+                    })?),
+                    false,
+                ),
+            };
+            let r = client(global)
+                .await?
+                .set_org_limits(request(
+                    global,
+                    pb::SetOrgLimitsRequest {
+                        org_id: org,
+                        rpm_limit: rpm,
+                        tpm_limit,
+                        monthly_token_budget: monthly_tokens,
+                        monthly_usd_budget: monthly_usd,
+                        tpm_default,
+                    },
+                )?)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            return Ok(json!({
+                "id": r.org_id,
+                "rpm_limit": r.rpm_limit,
+                "tpm_limit": r.tpm_limit,
+                "monthly_token_budget": r.monthly_token_budget,
+                "monthly_usd_budget": r.monthly_usd_budget,
+            })
+            .to_string());
+        }
     };
     let response = client(global)
         .await?
@@ -139,6 +181,33 @@ pub async fn agent(global: &Global, cmd: AgentCommand) -> anyhow::Result<String>
                 .map_err(rpc_error)?
                 .into_inner();
             Ok(json!({ "id": response.agent_id, "status": "active" }).to_string())
+        }
+        AgentCommand::SetLimits {
+            org,
+            agent,
+            tpm,
+            monthly_tokens,
+        } => {
+            let r = client
+                .set_agent_limits(request(
+                    global,
+                    pb::SetAgentLimitsRequest {
+                        org_id: org,
+                        agent_id: agent,
+                        tpm_limit: tpm,
+                        monthly_token_budget: monthly_tokens,
+                    },
+                )?)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            Ok(json!({
+                "id": r.agent_id,
+                "org_id": r.org_id,
+                "tpm_limit": r.tpm_limit,
+                "monthly_token_budget": r.monthly_token_budget,
+            })
+            .to_string())
         }
         AgentCommand::SetStatus { org, agent, status } => {
             let wanted = crate::service::agent_status_from_name(&status);

@@ -48,6 +48,26 @@ pub struct ValidToken {
     pub rpm: u32,
     /// The model allow-lists; `None` when neither the token nor the org has one.
     pub models: Option<std::sync::Arc<ModelLists>>,
+    /// The org's token limits (SPEC §11).
+    pub limits: OrgLimits,
+}
+
+/// An org's token limits as authd reported them (SPEC §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OrgLimits {
+    /// Tokens per minute; `None` = the proxy's `IBEX_DEFAULT_TPM`, 0 = no limit.
+    pub tpm: Option<u64>,
+    /// Tokens per calendar month (UTC); 0 = none.
+    pub month_tokens: u64,
+    /// USD per calendar month in millionths; 0 = none.
+    pub month_usd_micros: u64,
+}
+
+/// An agent's own token limits (0 = none); the org's still apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AgentLimits {
+    pub tpm: u64,
+    pub month_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,11 +91,18 @@ pub enum TokenAnswer {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentAnswer {
-    Active,
+    /// Active, with the agent's token limits.
+    Active(AgentLimits),
     /// Paused, archived or suspended.
     Inactive,
     /// Unknown, or of another org (indistinguishable by design).
     NotFound,
+}
+
+impl AgentAnswer {
+    pub fn is_active(&self) -> bool {
+        matches!(self, AgentAnswer::Active(_))
+    }
 }
 
 /// authd could not answer (down, overloaded, timed out, nonsense reply).

@@ -239,7 +239,7 @@ impl AgentCache {
     pub fn insert(&mut self, org: Uuid, agent: Uuid, answer: AgentAnswer, validated_at: Instant) {
         let key = (org, agent);
         let (ttl, into, other) = match answer {
-            AgentAnswer::Active => (
+            AgentAnswer::Active(_) => (
                 self.limits.positive_ttl,
                 &mut self.active,
                 &mut self.inactive,
@@ -294,6 +294,7 @@ mod tests {
             agent: None,
             rpm: 0,
             models: None,
+            limits: Default::default(),
         }
     }
 
@@ -395,11 +396,11 @@ mod tests {
         let t0 = Instant::now();
         let (o, a, b) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
         let mut c = AgentCache::new(small());
-        c.insert(o, a, AgentAnswer::Active, t0);
+        c.insert(o, a, AgentAnswer::Active(Default::default()), t0);
         c.insert(o, b, AgentAnswer::NotFound, t0);
         assert_eq!(
             c.lookup(o, a, t0).map(|e| e.answer),
-            Some(AgentAnswer::Active)
+            Some(AgentAnswer::Active(Default::default()))
         );
         assert_eq!(
             c.lookup(o, b, t0).map(|e| e.answer),
@@ -408,7 +409,7 @@ mod tests {
         let later = t0 + Duration::from_secs(3);
         assert_eq!(
             c.lookup(o, a, later).map(|e| e.answer),
-            Some(AgentAnswer::Active)
+            Some(AgentAnswer::Active(Default::default()))
         );
         assert!(c.lookup(o, b, later).is_none());
         // A status change replaces the other map's entry.

@@ -21,7 +21,9 @@ pub mod recent;
 pub mod secret;
 pub mod step;
 
-pub use backend::{AgentAnswer, AuthBackend, TokenAnswer, Unavailable, ValidToken};
+pub use backend::{
+    AgentAnswer, AgentLimits, AuthBackend, OrgLimits, TokenAnswer, Unavailable, ValidToken,
+};
 pub use core::{AuthCore, AuthSettings, AuthShared, FeedEvent};
 pub use principal::{Principal, TokenGrant};
 pub use step::Authenticator;

@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 
-use super::backend::ValidToken;
+use super::backend::{AgentLimits, OrgLimits, ValidToken};
 use crate::error::ApiError;
 
 /// The token step's result: a verified, unexpired token. Input to the agent step.
@@ -28,10 +28,12 @@ pub struct Principal {
     agent: Uuid,
     rpm: u32,
     models: Option<std::sync::Arc<super::backend::ModelLists>>,
+    org_limits: OrgLimits,
+    agent_limits: AgentLimits,
 }
 
 impl Principal {
-    pub(super) fn new(token: &ValidToken, agent: Uuid) -> Self {
+    pub(super) fn new(token: &ValidToken, agent: Uuid, agent_limits: AgentLimits) -> Self {
         Self {
             org: token.org,
             token_id: token.token_id,
@@ -39,6 +41,8 @@ impl Principal {
             agent,
             rpm: token.rpm,
             models: token.models.clone(),
+            org_limits: token.limits,
+            agent_limits,
         }
     }
 
@@ -74,6 +78,16 @@ impl Principal {
     /// The org's requests per minute as authd reported it (0 = use the default).
     pub fn rpm(&self) -> u32 {
         self.rpm
+    }
+
+    /// The org's token limits (SPEC §11) as authd reported them.
+    pub fn org_limits(&self) -> OrgLimits {
+        self.org_limits
+    }
+
+    /// The agent's own token limits.
+    pub fn agent_limits(&self) -> AgentLimits {
+        self.agent_limits
     }
 
     /// The permission step: every bit of `needed` must be granted.

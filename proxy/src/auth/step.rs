@@ -165,7 +165,7 @@ impl<B: AuthBackend> Authenticator<B> {
         let t = grant.token;
         let cached = core.agents.borrow_mut().lookup(t.org, agent, now);
         let answer = match cached {
-            Some(e) if e.answer != AgentAnswer::Active || core.trusts(e.validated_at, now) => {
+            Some(e) if !e.answer.is_active() || core.trusts(e.validated_at, now) => {
                 core.metrics.agent_cache_hits.inc();
                 e.answer
             }
@@ -181,7 +181,7 @@ impl<B: AuthBackend> Authenticator<B> {
             return Err(core.refuse_agent(peer, now));
         }
         match answer {
-            AgentAnswer::Active => Ok(Principal::new(&t, agent)),
+            AgentAnswer::Active(limits) => Ok(Principal::new(&t, agent, limits)),
             AgentAnswer::Inactive => Err(ApiError::AgentSuspended),
             AgentAnswer::NotFound => Err(core.refuse_agent(peer, now)),
         }
@@ -239,10 +239,10 @@ impl<B: AuthBackend> Authenticator<B> {
                                 .borrow()
                                 .agent_settled(org, agent, core.clock.now())
                         };
-                        if a != AgentAnswer::Active || (core.epoch() == epoch && settled()) {
+                        if !a.is_active() || (core.epoch() == epoch && settled()) {
                             core.agents.borrow_mut().insert(org, agent, a, started);
                         }
-                        if a == AgentAnswer::Active {
+                        if a.is_active() {
                             core.shared.verified.add_agent(org, agent, core.clock.now());
                         }
                     }

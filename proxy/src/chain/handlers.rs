@@ -9,7 +9,8 @@ use crate::auth::Principal;
 use crate::error::{render, ApiError};
 use crate::http::ascii::push_decimal;
 use crate::http::{Body, HeaderValue, Request, Response};
-use crate::upstream::router::{ModelPolicy, Router};
+use crate::tokens::{Refusal, TokenDecision, TokenLimiter};
+use crate::upstream::router::{ModelPolicy, Prepared, Router};
 use crate::upstream::{ForwardCtx, UpstreamRoute};
 
 fn json(status: u16, body: impl Into<Bytes>) -> Response {
@@ -82,8 +83,13 @@ pub fn org_auth_probe(p: &Principal, org_segment: &[u8]) -> Result<Response, Api
 
 /// `GET /v1/models` and the forwarded `POST` routes (SPEC §12): by the model's route to its
 /// providers, which get none of the client's credentials ([`crate::upstream::request`]).
+/// The route, allow-lists and alias are decided first ([`Router::prepare`]); then a forwarded
+/// request reserves its worst case with the token limiter (SPEC §11) once — never per
+/// fallback attempt — and the reservation goes with the request's one ledger record, which
+/// settles it.
 pub async fn forward(
     upstream: Option<&Router>,
+    tokens: Option<&TokenLimiter>,
     req: Request,
     target: UpstreamRoute,
     p: &Principal,
@@ -96,6 +102,18 @@ pub async fn forward(
     if target != UpstreamRoute::Models && !upstream.admits() {
         return Err(ApiError::UsageUnavailable);
     }
+    let routed = match upstream.prepare(&req, target, &Allowed(p))? {
+        Prepared::Answer(resp) => return Ok(resp),
+        Prepared::Forward(routed) => routed,
+    };
+    let (mut reservation, mut headers) = (None, None);
+    if let (true, Some(limiter)) = (target != UpstreamRoute::Models, tokens) {
+        match limiter.reserve(p, &req.body).await {
+            TokenDecision::Skip | TokenDecision::FailOpen => {}
+            TokenDecision::Admit(r, h) => (reservation, headers) = (Some(r), h),
+            TokenDecision::Refuse(refusal) => return Ok(token_refusal(&refusal, request_id)),
+        }
+    }
     let (org, agent, token) = (p.org(), p.agent(), p.token_id());
     let ctx = ForwardCtx {
         request_id,
@@ -103,7 +121,14 @@ pub async fn forward(
         agent_id: &agent,
         token_id: &token,
     };
-    upstream.forward(&req, target, ctx, &Allowed(p)).await
+    let result = upstream.send(routed, &req, ctx, reservation).await;
+    match (result, headers) {
+        (Ok(mut resp), Some(h)) => {
+            h.push(&mut resp.headers);
+            Ok(resp)
+        }
+        (result, _) => result,
+    }
 }
 
 /// The principal's model allow-lists as the router checks them.
@@ -117,6 +142,23 @@ impl ModelPolicy for Allowed<'_> {
     fn exact_names(&self) -> Vec<String> {
         self.0.allowed_model_names()
     }
+}
+
+/// The 429 of a token limit: the envelope naming tokens, the level's
+/// `x-ratelimit-*-tokens`, `Retry-After` (whole seconds) and `retry-after-ms`.
+fn token_refusal(refusal: &Refusal, request_id: &str) -> Response {
+    let mut resp = render(ApiError::TokensLimited(refusal.level.message()), request_id);
+    refusal.headers.push(&mut resp.headers);
+    let ms = refusal.retry_after_ms.max(1);
+    let mut secs = Vec::new();
+    push_decimal(&mut secs, ms.div_ceil(1000));
+    let mut millis = Vec::new();
+    push_decimal(&mut millis, ms);
+    resp.headers
+        .push(("Retry-After", HeaderValue::Owned(secs.into())));
+    resp.headers
+        .push(("retry-after-ms", HeaderValue::Owned(millis.into())));
+    resp
 }
 
 #[cfg(test)]

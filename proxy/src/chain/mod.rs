@@ -50,6 +50,8 @@ pub struct Chain<B, L> {
     registry: Arc<Registry>,
     /// `IBEX_DEFAULT_RPM`, for orgs whose own limit is 0.
     default_rpm: u32,
+    /// Token limits and budgets (SPEC §11), when Redis is configured.
+    tokens: Option<crate::tokens::TokenLimiter>,
 }
 
 impl<B: AuthBackend, L: Limiter> Chain<B, L> {
@@ -68,7 +70,14 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
             upstream,
             registry,
             default_rpm,
+            tokens: None,
         }
+    }
+
+    /// Chat requests reserve and settle tokens with `tokens` (SPEC §11).
+    pub fn with_tokens(mut self, tokens: crate::tokens::TokenLimiter) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// The steps after the request id and the route match, in SPEC order.
@@ -181,7 +190,15 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         p: &Principal,
         rid: &RequestId,
     ) -> Result<Response, ApiError> {
-        handlers::forward(self.upstream.as_ref(), req, target, p, rid.as_str()).await
+        handlers::forward(
+            self.upstream.as_ref(),
+            self.tokens.as_ref(),
+            req,
+            target,
+            p,
+            rid.as_str(),
+        )
+        .await
     }
 
     fn public(&self, route: RouteId, rid: &RequestId) -> Response {

@@ -53,6 +53,7 @@ fn valid(n: u128, permissions: u64) -> TokenAnswer {
         agent: None,
         rpm: 0,
         models: None,
+        limits: Default::default(),
     })
 }
 
@@ -191,7 +192,7 @@ impl H {
             .insert(pat(5), TokenAnswer::Expired);
         fake.agents
             .borrow_mut()
-            .insert((org(), agent()), AgentAnswer::Active);
+            .insert((org(), agent()), AgentAnswer::Active(Default::default()));
         fake.agents
             .borrow_mut()
             .insert((org(), agent2()), AgentAnswer::Inactive);
@@ -599,10 +600,10 @@ fn bound_token_refuses_other_agents_identically() {
         assert_eq!(h.probe(7, agent()).await.status, 200);
         // Another active agent of the org, a suspended one, an unknown one:
         // all the same answer.
-        h.fake
-            .agents
-            .borrow_mut()
-            .insert((org(), Uuid::from_u128(0xc)), AgentAnswer::Active);
+        h.fake.agents.borrow_mut().insert(
+            (org(), Uuid::from_u128(0xc)),
+            AgentAnswer::Active(Default::default()),
+        );
         for other in [Uuid::from_u128(0xc), agent2(), Uuid::from_u128(0xdead)] {
             let r = h.probe(7, other).await;
             assert_eq!((r.status, code(&r).as_str()), (403, "AGENT_NOT_AUTHORIZED"));
@@ -894,7 +895,7 @@ fn invalidation_events_evict_on_this_worker() {
         h.fake
             .agents
             .borrow_mut()
-            .insert((org(), agent()), AgentAnswer::Active);
+            .insert((org(), agent()), AgentAnswer::Active(Default::default()));
         h.core.apply(FeedEvent::Agent {
             org: org(),
             agent: agent(),

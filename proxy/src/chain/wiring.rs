@@ -124,15 +124,26 @@ impl Wiring {
         monoio::spawn(super::access_log::flush_periodically());
 
         let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()), ctx.clock.clone());
+        let meter = self.meters.as_ref().map(|m| m.meter());
         let upstream = match &self.providers {
             Some(book) => Some(Router::new(
                 book.clone(),
                 Self::router_settings(cfg),
                 ctx.clock.clone(),
-                self.meters.as_ref().map(|m| m.meter()),
+                meter.clone(),
             )?),
             None => None,
         };
+        // Token limits share the request limiter's Redis connection; month
+        // re-seeds ask authd through the bridge, as a validation miss does.
+        let tokens = crate::tokens::TokenLimiter::new(
+            limiter.runner(),
+            cfg.tokens(),
+            Some(Rc::new(self.bridge.client())),
+            meter,
+            ctx.clock.clone(),
+        );
+        self.registry.register_tokens(tokens.stats());
         self.registry.register_worker(
             ctx.metrics.clone(),
             Some(limiter.stats()),
@@ -146,6 +157,7 @@ impl Wiring {
             upstream,
             self.registry.clone(),
             cfg.default_rpm,
-        ))
+        )
+        .with_tokens(tokens))
     }
 }

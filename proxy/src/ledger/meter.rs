@@ -78,6 +78,15 @@ impl Meter {
         local.1.cost(model, prompt, completion)
     }
 
+    /// The model's prices in micro-USD per million tokens (input, output),
+    /// rounded up; `None` = not priced. For the token limiter's USD budget.
+    pub fn micro_usd_per_mtok(&self, model: &str) -> Option<(u64, u64)> {
+        let input = self.cost(model, 1_000_000, 0)?;
+        let output = self.cost(model, 0, 1_000_000)?;
+        let micros = |usd: f64| (usd * 1e6).ceil().max(0.0) as u64;
+        Some((micros(input), micros(output)))
+    }
+
     /// Starts the record of one forwarded request.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
@@ -110,6 +119,7 @@ impl Meter {
             strip_usage: false,
             provider: None,
             attempts: 0,
+            tokens: None,
         }
     }
 }
@@ -131,6 +141,9 @@ pub struct Pending {
     pub provider: Option<Box<str>>,
     /// Attempts made, fallbacks and retries included.
     pub attempts: u32,
+    /// The request's token reservation (SPEC §11), settled to this record's
+    /// figures when it is made: the settled figure is the recorded one.
+    pub tokens: Option<crate::tokens::Reservation>,
 }
 
 fn quarter(bytes: u64) -> u64 {
@@ -189,6 +202,9 @@ impl Pending {
             .meter
             .cost(&r.model, r.prompt_tokens, r.completion_tokens);
         self.meter.recorder.record(&r);
+        if let Some(reservation) = self.tokens.take() {
+            reservation.settle(r.total_tokens, r.cost_usd);
+        }
     }
 }
 

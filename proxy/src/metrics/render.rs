@@ -27,6 +27,8 @@ pub struct Registry {
     bridge: Mutex<Option<Arc<BridgeStats>>>,
     ledger: Mutex<Option<Arc<crate::ledger::Shared>>>,
     listeners: Mutex<Option<Arc<ListenerStats>>>,
+    /// Every worker's token limiter (SPEC §11).
+    tokens: Mutex<Vec<Arc<crate::tokens::TokenStats>>>,
 }
 
 impl Registry {
@@ -54,6 +56,12 @@ impl Registry {
     pub fn register_ledger(&self, ledger: Arc<crate::ledger::Shared>) {
         if let Ok(mut l) = self.ledger.lock() {
             *l = Some(ledger);
+        }
+    }
+
+    pub fn register_tokens(&self, stats: Arc<crate::tokens::TokenStats>) {
+        if let Ok(mut t) = self.tokens.lock() {
+            t.push(stats);
         }
     }
 
@@ -90,6 +98,9 @@ impl Registry {
             .collect();
         ratelimit(&mut out, &rl);
         breaker_state(&mut out, &rl);
+        if let Ok(tokens) = self.tokens.lock() {
+            token_counters(&mut out, &tokens);
+        }
         let upstream: Vec<Arc<UpstreamStats>> =
             workers.iter().filter_map(|w| w.upstream.clone()).collect();
         if !upstream.is_empty() {
@@ -243,6 +254,45 @@ fn ratelimit(out: &mut String, rl: &[&Arc<RateLimitStats>]) {
     ] {
         header(out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", rl.iter().map(|s| get(s)).sum::<u64>());
+    }
+}
+
+fn token_counters(out: &mut String, stats: &[Arc<crate::tokens::TokenStats>]) {
+    use crate::tokens::TokenStats;
+    for (name, help, get) in [
+        (
+            "ibex_proxy_tokens_checks_total",
+            "Chat requests checked against a token limit or budget.",
+            (|s: &TokenStats| s.checks.load(Relaxed)) as fn(&TokenStats) -> u64,
+        ),
+        (
+            "ibex_proxy_tokens_limited_total",
+            "Chat requests refused by a token limit or budget.",
+            |s| s.limited.load(Relaxed),
+        ),
+        (
+            "ibex_proxy_tokens_failed_open_total",
+            "Chat requests admitted without a token reservation (Redis or a month seed unavailable).",
+            |s| s.failed_open.load(Relaxed),
+        ),
+        (
+            "ibex_proxy_tokens_month_seeds_total",
+            "Month counters re-seeded from the ledger.",
+            |s| s.seeds.load(Relaxed),
+        ),
+        (
+            "ibex_proxy_tokens_settled_total",
+            "Token reservations settled to the recorded usage.",
+            |s| s.settled.load(Relaxed),
+        ),
+        (
+            "ibex_proxy_tokens_settle_failures_total",
+            "Token reservations whose settle failed every retry (left to their window).",
+            |s| s.settle_failures.load(Relaxed),
+        ),
+    ] {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", stats.iter().map(|s| get(s)).sum::<u64>());
     }
 }
 

@@ -37,6 +37,7 @@ pub mod breaker;
 pub mod cluster;
 pub mod cluster_map;
 pub mod conn;
+pub mod eval;
 pub mod lease;
 pub mod resp;
 pub mod window;

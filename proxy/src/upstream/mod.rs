@@ -205,9 +205,25 @@ impl Upstream {
         route: UpstreamRoute,
         ctx: ForwardCtx<'_>,
     ) -> Result<Response, UpstreamError> {
+        self.forward_reserved(req, route, ctx, None).await
+    }
+
+    /// [`Upstream::forward`] with the request's token reservation (SPEC
+    /// §11), handed to its ledger record, which settles it when it is made
+    /// ([`crate::tokens`]'s hook; without a meter it keeps its worst case).
+    pub async fn forward_reserved(
+        &self,
+        req: &Request,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        tokens: Option<crate::tokens::Reservation>,
+    ) -> Result<Response, UpstreamError> {
         let started = self.clock.now();
         let mut body = req.body.clone();
         let mut pending = self.start_meter(route, ctx, &body);
+        if let Some(p) = pending.as_mut() {
+            p.tokens = tokens;
+        }
         if let Some(p) = pending.as_mut() {
             p.provider = Some(self.name().into());
             p.attempts = 1;

@@ -182,7 +182,7 @@ impl Router {
     ) -> Result<Response, ApiError> {
         match self.prepare(req, route, policy)? {
             Prepared::Answer(resp) => Ok(resp),
-            Prepared::Forward(s) => self.send(s, req, ctx).await,
+            Prepared::Forward(s) => self.send(s, req, ctx, None).await,
         }
     }
 
@@ -240,32 +240,41 @@ impl Router {
         }))
     }
 
-    /// Sends a prepared request through its providers with fallback; one usage record.
+    /// Sends a prepared request through its providers with fallback; one usage record, which
+    /// carries the request's token reservation (settled when the record is made).
     pub async fn send(
         &self,
         s: Routed,
         req: &Request,
         ctx: ForwardCtx<'_>,
+        tokens: Option<crate::tokens::Reservation>,
     ) -> Result<Response, ApiError> {
-        self.forward_to(&s.set, &s.providers, req, s.route, s.body, ctx)
-            .await
+        self.forward_to(s, req, ctx, tokens).await
     }
 
     async fn forward_to(
         &self,
-        set: &Set,
-        providers: &[usize],
+        routed: Routed,
         req: &Request,
-        route: UpstreamRoute,
-        mut body: Bytes,
         ctx: ForwardCtx<'_>,
+        tokens: Option<crate::tokens::Reservation>,
     ) -> Result<Response, ApiError> {
+        let Routed {
+            set,
+            providers,
+            route,
+            mut body,
+        } = routed;
+        let (set, providers) = (&*set, &providers[..]);
         let started = self.clock.now();
         let first = set
             .upstreams
             .get(providers[0])
             .ok_or(ApiError::ProviderNotConfigured)?;
         let mut pending = first.start_meter(route, ctx, &body);
+        if let Some(p) = pending.as_mut() {
+            p.tokens = tokens;
+        }
         // A metered stream always carries the provider's usage (SPEC §10).
         if let Some(p) = pending.as_mut() {
             if route == UpstreamRoute::ChatCompletions {

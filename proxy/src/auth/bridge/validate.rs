@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::ServiceKey;
 use crate::auth::backend::{
-    AgentAnswer, Answer, AuthBackend, TokenAnswer, Unavailable, ValidToken,
+    AgentAnswer, AgentLimits, Answer, AuthBackend, OrgLimits, TokenAnswer, Unavailable, ValidToken,
 };
 use crate::auth::secret::BearerToken;
 use crate::metrics::BridgeStats;
@@ -43,6 +43,13 @@ pub(super) enum Call {
         org: Uuid,
         agent: Uuid,
         reply: oneshot::Sender<Answer<AgentAnswer>>,
+    },
+    /// The month re-seed of the token limiter (SPEC §11): `GetMonthUsage`.
+    Month {
+        org: Uuid,
+        agent: Uuid,
+        since_ms: i64,
+        reply: oneshot::Sender<Answer<crate::tokens::MonthUsage>>,
     },
 }
 
@@ -102,6 +109,25 @@ impl AuthBackend for BridgeClient {
     }
 }
 
+impl crate::tokens::MonthSource for BridgeClient {
+    fn month_usage(
+        &self,
+        org: Uuid,
+        agent: Uuid,
+        since_ms: i64,
+    ) -> LocalBoxFuture<'static, Option<crate::tokens::MonthUsage>> {
+        let (reply, rx) = oneshot::channel();
+        let call = Call::Month {
+            org,
+            agent,
+            since_ms,
+            reply,
+        };
+        let fut = self.submit(call, rx);
+        Box::pin(async move { fut.await.ok() })
+    }
+}
+
 /// The validation channel's endpoint. Workers give up after
 /// `IBEX_AUTH_VALIDATE_TIMEOUT`; [`CALL_TIMEOUT`] only makes sure a call authd
 /// never answers cannot hold its permit forever.
@@ -141,6 +167,33 @@ pub(super) async fn run(channel: Channel, key: ServiceKey, mut calls: mpsc::Rece
                         }
                         Err(status) => {
                             tracing::debug!(code = ?status.code(), "authd ValidateToken failed");
+                            Err(Unavailable)
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+                Call::Month {
+                    org,
+                    agent,
+                    since_ms,
+                    reply,
+                } => {
+                    let req = pb::GetMonthUsageRequest {
+                        org_id: org.to_string(),
+                        agent_id: agent.to_string(),
+                        since_unix_ms: since_ms,
+                    };
+                    let answer = match client.get_month_usage(key.request(req)).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            Ok(crate::tokens::MonthUsage {
+                                org_tokens: r.org_tokens,
+                                org_usd_micros: usd_micros(r.org_usd),
+                                agent_tokens: r.agent_tokens,
+                            })
+                        }
+                        Err(status) => {
+                            tracing::debug!(code = ?status.code(), "authd GetMonthUsage failed");
                             Err(Unavailable)
                         }
                     };
@@ -205,6 +258,11 @@ fn token_answer(r: pb::ValidateTokenResponse) -> Answer<TokenAnswer> {
                 agent,
                 rpm: r.org_rpm_limit,
                 models,
+                limits: OrgLimits {
+                    tpm: r.org_tpm_limit,
+                    month_tokens: r.org_monthly_token_budget,
+                    month_usd_micros: usd_micros(r.org_monthly_usd_budget),
+                },
             }))
         }
         Ok(pb::TokenStatus::Invalid) => Ok(TokenAnswer::Invalid),
@@ -214,9 +272,21 @@ fn token_answer(r: pb::ValidateTokenResponse) -> Answer<TokenAnswer> {
     }
 }
 
+/// A budget in USD as millionths (negative or NaN = none).
+fn usd_micros(usd: f64) -> u64 {
+    if usd.is_finite() && usd > 0.0 {
+        (usd * 1e6).round().min(u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
 fn agent_answer(r: pb::ValidateAgentResponse) -> Answer<AgentAnswer> {
     match pb::AgentStatus::try_from(r.status) {
-        Ok(pb::AgentStatus::Active) => Ok(AgentAnswer::Active),
+        Ok(pb::AgentStatus::Active) => Ok(AgentAnswer::Active(AgentLimits {
+            tpm: r.tpm_limit,
+            month_tokens: r.monthly_token_budget,
+        })),
         Ok(pb::AgentStatus::Paused | pb::AgentStatus::Archived | pb::AgentStatus::Suspended) => {
             Ok(AgentAnswer::Inactive)
         }
@@ -262,8 +332,16 @@ mod tests {
 
     #[test]
     fn agent_statuses() {
-        let a = |s: pb::AgentStatus| agent_answer(pb::ValidateAgentResponse { status: s as i32 });
-        assert_eq!(a(pb::AgentStatus::Active), Ok(AgentAnswer::Active));
+        let a = |s: pb::AgentStatus| {
+            agent_answer(pb::ValidateAgentResponse {
+                status: s as i32,
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            a(pb::AgentStatus::Active),
+            Ok(AgentAnswer::Active(Default::default()))
+        );
         assert_eq!(a(pb::AgentStatus::Paused), Ok(AgentAnswer::Inactive));
         assert_eq!(a(pb::AgentStatus::Archived), Ok(AgentAnswer::Inactive));
         assert_eq!(a(pb::AgentStatus::Suspended), Ok(AgentAnswer::Inactive));
