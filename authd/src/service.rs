@@ -464,8 +464,9 @@ impl AuthService for Service {
         let revoked_at = store::revoke_token(&self.validator.pool, org, id, &caller.actor())
             .await
             .map_err(|e| scoped_not_found(&caller, e, "token"))?;
-        // Our own cache at once; other instances through the NOTIFY feed.
-        self.validator.cache.invalidate_token(id);
+        // Our own cache at once (stale: the next ask re-reads the row, no Argon2); other
+        // instances through the NOTIFY feed.
+        self.validator.cache.mark_stale(id);
         tracing::info!(%org, token = %id, "token revoked");
         Ok(Response::new(pb::RevokeTokenResponse {
             token_id: id.to_string(),

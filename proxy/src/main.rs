@@ -14,7 +14,7 @@ use ibex_proxy::auth::bridge::Bridge;
 use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
 use ibex_proxy::clock::SystemClock;
-use ibex_proxy::config::Config;
+use ibex_proxy::config::{Config, LedgerSwitch};
 use ibex_proxy::ledger::meter::MeterFactory;
 use ibex_proxy::ledger::prices::{PriceBook, Prices};
 use ibex_proxy::ledger::shipper::AuthdSink;
@@ -49,7 +49,17 @@ fn run(config: Config) -> anyhow::Result<()> {
     let providers = check_before_serving(&config)?;
     let bridge = Bridge::start(config.authd_bridge().map_err(anyhow::Error::msg)?)
         .context("IBEX_AUTHD_GRPC")?;
-    let (ledger, meters, prices) = start_ledger(&config)?;
+    let (ledger, meters, prices) = match config.usage_ledger {
+        LedgerSwitch::On => {
+            let (ledger, meters, prices) = start_ledger(&config)?;
+            (Some(ledger), Some(meters), prices)
+        }
+        LedgerSwitch::Off => {
+            // Refused in production by `validate`; only for measuring what the ledger costs.
+            tracing::warn!("IBEX_USAGE_LEDGER=off: forwarded requests are NOT recorded");
+            (None, None, None)
+        }
+    };
     let mut server = Server::bind(config.server())
         .with_context(|| format!("binding {} (admin {})", config.listen, config.admin_listen))?;
     let addr = server.local_addr();
@@ -82,9 +92,10 @@ fn run(config: Config) -> anyhow::Result<()> {
             ),
         }));
     }
-    let wiring = Wiring::new(config, bridge)
-        .with_ledger(meters)
-        .with_providers(providers);
+    let mut wiring = Wiring::new(config, bridge).with_providers(providers);
+    if let Some(meters) = meters {
+        wiring = wiring.with_ledger(meters);
+    }
     wiring
         .registry()
         .register_listeners(server.listener_stats());
@@ -104,7 +115,9 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
     })?;
     // Whatever the workers recorded is written and fsynced; the rest ships on the next start.
-    ledger.shutdown();
+    if let Some(ledger) = ledger {
+        ledger.shutdown();
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }

@@ -225,7 +225,7 @@ impl Upstream {
             p.tokens = tokens;
         }
         if let Some(p) = pending.as_mut() {
-            p.provider = Some(self.name().into());
+            p.provider = self.name().to_owned();
             p.attempts = 1;
             if route == UpstreamRoute::ChatCompletions {
                 if let Some(asked) = crate::ledger::stream_usage::ask_for_usage(&body) {

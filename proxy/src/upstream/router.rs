@@ -307,7 +307,7 @@ impl Router {
                         continue;
                     }
                     if let Some(p) = pending.as_mut() {
-                        p.provider = Some(up.name().into());
+                        p.provider = up.name().to_owned();
                         p.attempts = attempts;
                     }
                     let mut resp = up
@@ -329,7 +329,7 @@ impl Router {
         }
         let (up, _, err) = last.ok_or(ApiError::UpstreamUnavailable)?;
         if let Some(p) = pending.as_mut() {
-            p.provider = Some(up.name().into());
+            p.provider = up.name().to_owned();
             p.attempts = attempts;
         }
         Err(ApiError::from(
