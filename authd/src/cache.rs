@@ -43,6 +43,10 @@ pub struct VerifiedToken {
     /// Unix milliseconds; `None` = never.
     pub expires_at_ms: Option<i64>,
     pub rpm_limit: u32,
+    /// The token's model allow-list (normalised; empty = every model), SPEC §12.
+    pub allowed_models: Vec<String>,
+    /// The org's model allow-list (normalised; empty = every model).
+    pub org_allowed_models: Vec<String>,
     /// The org's token limits (SPEC §11).
     pub limits: crate::limits::OrgTokenLimits,
 }
@@ -206,6 +210,8 @@ mod tests {
             user_id: None,
             expires_at_ms: None,
             rpm_limit: 600,
+            allowed_models: Vec::new(),
+            org_allowed_models: Vec::new(),
             limits: Default::default(),
         }
     }

@@ -206,6 +206,8 @@ impl Validator {
             user_id: row.user_id,
             expires_at_ms: row.expires_at_ms,
             rpm_limit: row.rpm_limit,
+            allowed_models: row.allowed_models,
+            org_allowed_models: row.org_allowed_models,
             limits: row.limits,
         };
         if row.revoked_at_ms.is_some() {

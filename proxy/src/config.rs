@@ -197,6 +197,11 @@ pub struct Config {
     #[arg(long, env = "IBEX_UPSTREAM_PROJECT")]
     pub upstream_project: Option<String>,
 
+    /// TOML providers and routes (SPEC §12); re-read on SIGHUP. Unset: IBEX_UPSTREAM_URL is one
+    /// openai provider serving every model.
+    #[arg(long, env = "IBEX_PROVIDERS_FILE")]
+    pub providers_file: Option<PathBuf>,
+
     /// Deadline until the upstream's response headers (504 past it).
     #[arg(long, env = "IBEX_UPSTREAM_TIMEOUT", default_value = "60s",
           value_parser = parse_positive_duration)]

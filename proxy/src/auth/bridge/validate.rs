@@ -294,6 +294,17 @@ fn token_answer(r: pb::ValidateTokenResponse) -> Answer<TokenAnswer> {
                 "" => None,
                 a => Some(Uuid::parse_str(a).map_err(|_| Unavailable)?),
             };
+            // Normalised again here: a list the proxy cannot read refuses the token (fail closed).
+            let token_models =
+                ibex_proto::models::normalize(&r.token_allowed_models).map_err(|_| Unavailable)?;
+            let org_models =
+                ibex_proto::models::normalize(&r.org_allowed_models).map_err(|_| Unavailable)?;
+            let models = (!token_models.is_empty() || !org_models.is_empty()).then(|| {
+                std::sync::Arc::new(crate::auth::backend::ModelLists {
+                    token: token_models,
+                    org: org_models,
+                })
+            });
             Ok(TokenAnswer::Valid(ValidToken {
                 org,
                 token_id,
@@ -301,6 +312,7 @@ fn token_answer(r: pb::ValidateTokenResponse) -> Answer<TokenAnswer> {
                 expires_at_ms: (r.expires_at_unix_ms != 0).then_some(r.expires_at_unix_ms),
                 agent,
                 rpm: r.org_rpm_limit,
+                models,
                 limits: OrgLimits {
                     tpm: r.org_tpm_limit,
                     month_tokens: r.org_monthly_token_budget,
