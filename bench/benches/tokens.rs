@@ -11,7 +11,7 @@
 //! Cases:
 //! - `tokens/estimate_{small,typical,large}`: [`estimate::worst_case`] (the prompt's upper
 //!   bound and the output asked for) on a one-message body, a typical agent turn (system prompt,
-//!   six turns, a tool, `max_tokens`; ~2.4 KiB) and a 32 KiB conversation.
+//!   six turns, a tool, `max_tokens`; 1.6 KiB) and a 32 KiB conversation.
 //! - `tokens/reserve_call`: building the reserve script's call the way
 //!   `TokenLimiter::reserve` does (six hash-tagged keys, thirteen decimal arguments) and
 //!   encoding it as one RESP `EVALSHA` ([`resp::push_command`]).
