@@ -3,6 +3,8 @@
 #   direct      loadgen → fake upstream (nginx, fixed JSON with usage)
 #   nginx-rp    loadgen → nginx reverse proxy (keep-alive upstream) → fake
 #   ibex-proxy  loadgen → ibex-proxy (whole security chain) → fake
+#   ibex-noledger  the same binary with IBEX_USAGE_LEDGER=off (no usage record; only with
+#               NOLEDGER=1): what the usage ledger costs per request is the difference
 # at fixed rates (latency-corrected p50/p99/p99.9), plus CPU µs per request
 # of the proxying server (utime+stime from /proc before and after), then
 # peak req/s with wrk; last, time to first streamed byte (SSE) direct vs
@@ -32,10 +34,15 @@ SSE_PORT=${SSE_PORT:-18093}
 SSE_PROXY_PORT=${SSE_PROXY_PORT:-18094}
 SSE_ADMIN_PORT=${SSE_ADMIN_PORT:-18095}
 TTFB_REQUESTS=${TTFB_REQUESTS:-200}
+NOLEDGER=${NOLEDGER:-}
+NOLEDGER_PORT=${NOLEDGER_PORT:-18096}
 
-[ -f .ibex/dev.env ] || { echo "run 'make dev' first" >&2; exit 1; }
-# shellcheck disable=SC1091
-set -a; . .ibex/env 2>/dev/null || true; . .ibex/dev.env; . .ibex/shell.env 2>/dev/null || true; set +a
+# Inside perf/ledger-stack.sh (PERF_STACK set) the stack's variables are already exported.
+if [ -z "${PERF_STACK:-}" ]; then
+  [ -f .ibex/dev.env ] || { echo "run 'make dev' first (or run me under perf/ledger-stack.sh)" >&2; exit 1; }
+  # shellcheck disable=SC1091
+  set -a; . .ibex/env 2>/dev/null || true; . .ibex/dev.env; . .ibex/shell.env 2>/dev/null || true; set +a
+fi
 # PERF_AUTHD_GRPC: another authd for the proxy under test (e.g. an older build's own authd).
 export IBEX_AUTHD_GRPC=${PERF_AUTHD_GRPC:-${IBEX_AUTHD_GRPC:-http://127.0.0.1:9091}}
 # A cold validation (the warm-up request) must not be what a run measures.
@@ -46,7 +53,7 @@ export IBEX_AUTH_VALIDATE_TIMEOUT=${IBEX_AUTH_VALIDATE_TIMEOUT:-2s}
 cargo build --release -q -p ibex-proxy -p ibex-bench --bin ibex-proxy --bin loadgen
 work=$(mktemp -d)
 cleanup() {
-  kill "${FAKE_PID:-}" "${RP_PID:-}" "${PROXY_PID:-}" "${SSE_PID:-}" "${SSE_PROXY_PID:-}" 2>/dev/null || true
+  kill "${FAKE_PID:-}" "${RP_PID:-}" "${PROXY_PID:-}" "${NL_PID:-}" "${SSE_PID:-}" "${SSE_PROXY_PID:-}" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -65,6 +72,13 @@ IBEX_UPSTREAM_URL=http://127.0.0.1:$FAKE_PORT/v1 IBEX_UPSTREAM_API_KEY=sk-perf \
   taskset -c "$SERVER_CPU" "$PROXY_BIN" > "$work/proxy.out" 2> "$work/proxy.err" &
 PROXY_PID=$!
 for _ in $(seq 100); do grep -q IBEX_READY "$work/proxy.out" 2>/dev/null && break; sleep 0.1; done
+if [ -n "$NOLEDGER" ]; then
+  IBEX_USAGE_LEDGER=off IBEX_PROXY_LISTEN=127.0.0.1:$NOLEDGER_PORT IBEX_PROXY_ADMIN_LISTEN=127.0.0.1:0 IBEX_PROXY_THREADS=1 IBEX_LOG=warn \
+  IBEX_UPSTREAM_URL=http://127.0.0.1:$FAKE_PORT/v1 IBEX_UPSTREAM_API_KEY=sk-perf \
+    taskset -c "$SERVER_CPU" "$PROXY_BIN" > "$work/nl.out" 2> "$work/nl.err" &
+  NL_PID=$!
+  for _ in $(seq 100); do grep -q IBEX_READY "$work/nl.out" 2>/dev/null && break; sleep 0.1; done
+fi
 for port in "$FAKE_PORT" "$RP_PORT"; do
   for _ in $(seq 100); do curl -fs -X POST "http://127.0.0.1:$port/v1/chat/completions" >/dev/null 2>&1 && break; sleep 0.1; done
 done
@@ -79,6 +93,8 @@ BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]
 AUTH=(-H "Authorization: Bearer $TOKEN" -H "X-IBEX-Agent-ID: $AGENT")
 # Warm the proxy's caches and its upstream connection.
 curl -fsS -X POST "http://127.0.0.1:$PROXY_PORT/v1/chat/completions" "${AUTH[@]}" \
+  -H "Content-Type: application/json" -d "$BODY" >/dev/null
+[ -n "$NOLEDGER" ] && curl -fsS -X POST "http://127.0.0.1:$NOLEDGER_PORT/v1/chat/completions" "${AUTH[@]}" \
   -H "Content-Type: application/json" -d "$BODY" >/dev/null
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -106,6 +122,7 @@ for rate in $RATES; do
   run direct "$FAKE_W" "$rate" "$FAKE_PORT"
   run nginx-rp "$RP_W" "$rate" "$RP_PORT"
   run ibex-proxy "$PROXY_PID" "$rate" "$PROXY_PORT" "${AUTH[@]}"
+  [ -n "$NOLEDGER" ] && run ibex-noledger "$NL_PID" "$rate" "$NOLEDGER_PORT" "${AUTH[@]}"
 done
 
 if [ -z "${ONLY_TTFB:-}" ] && command -v wrk >/dev/null; then
@@ -121,7 +138,9 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $TOKEN"
 wrk.headers["X-IBEX-Agent-ID"] = "$AGENT"
 LUA
-  for v in "nginx-rp $RP_PID $RP_PORT post.lua" "ibex-proxy $PROXY_PID $PROXY_PORT post-auth.lua"; do
+  variants=("nginx-rp $RP_PID $RP_PORT post.lua" "ibex-proxy $PROXY_PID $PROXY_PORT post-auth.lua")
+  [ -n "$NOLEDGER" ] && variants+=("ibex-noledger $NL_PID $NOLEDGER_PORT post-auth.lua")
+  for v in "${variants[@]}"; do
     set -- $v
     pid=$2; [ "$1" = nginx-rp ] && pid=$RP_W
     before=$(cpu_ticks "$pid")

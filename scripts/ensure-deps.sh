@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `make dev` and `make test` need and is missing: a Postgres server, redis-server,
-# curl and a C compiler (mimalloc's build). As root it runs apt-get; otherwise it prints the one
+# curl, a C compiler (mimalloc's build) and python3 with venv (the routes suite's SDK checks).
+# As root it runs apt-get; otherwise it prints the one
 # command to run and exits non-zero. The Rust toolchain itself comes from rustup, not apt.
 # No system protoc is needed: the proto is compiled with protox.
 set -euo pipefail
@@ -24,6 +25,9 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+# The routes suite runs the official openai and anthropic Python SDKs in a venv it makes.
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -214,6 +214,8 @@ mod tests {
             user_id: None,
             expires_at_ms: None,
             rpm_limit: 1,
+            allowed_models: Vec::new(),
+            org_allowed_models: Vec::new(),
             limits: Default::default(),
         })
     }

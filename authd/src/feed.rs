@@ -155,9 +155,10 @@ impl Feed {
         };
         let kind = match notice.kind.as_str() {
             "token" => {
-                // A new token cannot make a cached entry stale; everything else can.
+                // A new token cannot make a cached entry stale; everything else can. Stale, not
+                // removed: the next validation re-reads the row instead of re-hashing (cache.rs).
                 if notice.op != "INSERT" {
-                    cache.invalidate_token(notice.id);
+                    cache.mark_stale(notice.id);
                 }
                 Kind::Token(pb::TokenInvalidated {
                     org_id: notice.org_id.to_string(),
@@ -306,6 +307,8 @@ mod tests {
                 user_id: None,
                 expires_at_ms: None,
                 rpm_limit: 1,
+                allowed_models: Vec::new(),
+                org_allowed_models: Vec::new(),
                 limits: Default::default(),
             },
         );
@@ -314,7 +317,7 @@ mod tests {
         feed.dispatch(&payload("INSERT"), &cache);
         assert_eq!(cache.len(), 1, "an insert does not flush");
         feed.dispatch(&payload("UPDATE"), &cache);
-        assert!(cache.is_empty());
+        assert!(cache.get(token, &[1; 32]).expect("kept").stale);
         let first = rx.try_recv().expect("event");
         let second = rx.try_recv().expect("event");
         assert!(second.seq > first.seq);

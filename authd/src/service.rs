@@ -199,6 +199,8 @@ impl AuthService for Service {
                 agent_id: opt_id(t.agent_id),
                 user_id: opt_id(t.user_id),
                 org_rpm_limit: t.rpm_limit,
+                token_allowed_models: t.allowed_models,
+                org_allowed_models: t.org_allowed_models,
                 org_tpm_limit: t.limits.tpm,
                 org_monthly_token_budget: t.limits.month_tokens,
                 org_monthly_usd_budget: t.limits.usd(),
@@ -342,6 +344,19 @@ impl AuthService for Service {
                 ));
             }
         }
+        let mut allowed_models = ibex_proto::models::normalize(&req.allowed_models)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Caller::Pat(manager) = &caller {
+            // A token made with a PAT never reaches a model that PAT could not: no list means
+            // the PAT's own; a list must stay inside it.
+            if allowed_models.is_empty() {
+                allowed_models = manager.allowed_models.clone();
+            } else if !ibex_proto::models::covers(&manager.allowed_models, &allowed_models) {
+                return Err(Status::permission_denied(
+                    "a token cannot allow models its creator's token does not",
+                ));
+            }
+        }
         if req.expires_in_ms < 0 {
             return Err(Status::invalid_argument("expires_in_ms must be ≥ 0"));
         }
@@ -373,8 +388,9 @@ impl AuthService for Service {
             expires_at_most_ms,
             secret_hash: &phc,
             max_tokens: self.limits.max_tokens_per_org,
+            allowed_models: &allowed_models,
         };
-        let (expires_at_ms, rpm_limit, limits) =
+        let (expires_at_ms, rpm_limit, limits, org_allowed_models) =
             store::create_token(&self.validator.pool, &new, &caller.actor())
                 .await
                 .map_err(|e| match e {
@@ -395,6 +411,8 @@ impl AuthService for Service {
                 user_id,
                 expires_at_ms,
                 rpm_limit,
+                allowed_models: allowed_models.clone(),
+                org_allowed_models,
                 limits,
             },
         );
@@ -404,6 +422,33 @@ impl AuthService for Service {
             token: issued.token.expose_secret().to_owned(),
             permissions,
             expires_at_unix_ms: opt_ms(expires_at_ms),
+        }))
+    }
+
+    async fn set_org_models(
+        &self,
+        request: Request<pb::SetOrgModelsRequest>,
+    ) -> Result<Response<pb::SetOrgModelsResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        // The operator's control over a tenant: a tenant's own token cannot lift it.
+        if !caller.is_admin() {
+            return Err(Status::permission_denied(
+                "SetOrgModels needs the operator key",
+            ));
+        }
+        let req = request.get_ref();
+        let org = uuid_arg("org_id", &req.org_id)?;
+        let models = ibex_proto::models::normalize(&req.allowed_models)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        store::set_org_models(&self.validator.pool, org, &models, &caller.actor())
+            .await
+            .map_err(|e| store_status(e, "org not found"))?;
+        // Our own cache at once; the proxies and other instances through the NOTIFY feed.
+        self.validator.cache.invalidate_org(org);
+        tracing::info!(%org, models = models.len(), "org model allow-list set");
+        Ok(Response::new(pb::SetOrgModelsResponse {
+            org_id: org.to_string(),
+            allowed_models: models,
         }))
     }
 
@@ -419,8 +464,9 @@ impl AuthService for Service {
         let revoked_at = store::revoke_token(&self.validator.pool, org, id, &caller.actor())
             .await
             .map_err(|e| scoped_not_found(&caller, e, "token"))?;
-        // Our own cache at once; other instances through the NOTIFY feed.
-        self.validator.cache.invalidate_token(id);
+        // Our own cache at once (stale: the next ask re-reads the row, no Argon2); other
+        // instances through the NOTIFY feed.
+        self.validator.cache.mark_stale(id);
         tracing::info!(%org, token = %id, "token revoked");
         Ok(Response::new(pb::RevokeTokenResponse {
             token_id: id.to_string(),

@@ -100,6 +100,8 @@ pub struct TokenRow {
     pub expires_at_ms: Option<i64>,
     pub revoked_at_ms: Option<i64>,
     pub rpm_limit: u32,
+    pub allowed_models: Vec<String>,
+    pub org_allowed_models: Vec<String>,
     pub limits: crate::limits::OrgTokenLimits,
 }
 
@@ -108,7 +110,8 @@ pub async fn load_token(pool: &Pool, org: Uuid, id: Uuid) -> Result<Option<Token
     let tx = client.transaction().await?;
     set_org(&tx, org).await?;
     let sql = format!(
-        "SELECT t.secret_hash, t.permissions, t.agent_id, t.user_id, {}, {}, o.rpm_limit, {} \
+        "SELECT t.secret_hash, t.permissions, t.agent_id, t.user_id, {}, {}, o.rpm_limit, \
+         t.allowed_models, o.allowed_models, {} \
          FROM ibex_core.tokens t JOIN ibex_core.organizations o ON o.id = t.org_id \
          WHERE t.org_id = $1 AND t.id = $2 AND o.id = $1",
         ms("t.expires_at"),
@@ -127,7 +130,9 @@ pub async fn load_token(pool: &Pool, org: Uuid, id: Uuid) -> Result<Option<Token
         expires_at_ms: row.try_get(4)?,
         revoked_at_ms: row.try_get(5)?,
         rpm_limit: u32::try_from(row.try_get::<_, i32>(6)?).unwrap_or(0),
-        limits: crate::limits::OrgTokenLimits::from_row(&row, 7)?,
+        allowed_models: row.try_get(7)?,
+        org_allowed_models: row.try_get(8)?,
+        limits: crate::limits::OrgTokenLimits::from_row(&row, 9)?,
     }))
 }
 
@@ -269,14 +274,17 @@ pub struct NewToken<'a> {
     pub secret_hash: &'a str,
     /// Most unrevoked tokens the org may hold.
     pub max_tokens: u32,
+    /// Normalised model allow-list (SPEC §12); empty = every model.
+    pub allowed_models: &'a [String],
 }
 
-/// Stores the token and its audit row; returns (expires_at_ms, org rpm_limit, org token limits).
+/// Stores the token and its audit row; returns (expires_at_ms, org rpm_limit, org token limits,
+/// org allowed_models).
 pub async fn create_token(
     pool: &Pool,
     token: &NewToken<'_>,
     actor: &Actor,
-) -> Result<(Option<i64>, u32, crate::limits::OrgTokenLimits), StoreError> {
+) -> Result<(Option<i64>, u32, crate::limits::OrgTokenLimits, Vec<String>), StoreError> {
     let perms = i64::try_from(token.permissions).map_err(|_| StoreError::Invalid("permissions"))?;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -284,7 +292,7 @@ pub async fn create_token(
     let org_row = tx
         .query_opt(
             &format!(
-                "SELECT o.rpm_limit, {} FROM ibex_core.organizations o WHERE o.id = $1",
+                "SELECT o.rpm_limit, o.allowed_models, {} FROM ibex_core.organizations o WHERE o.id = $1",
                 crate::limits::OrgTokenLimits::COLUMNS
             ),
             &[&token.org_id],
@@ -292,7 +300,8 @@ pub async fn create_token(
         .await?
         .ok_or(StoreError::NotFound)?;
     let rpm: i32 = org_row.try_get(0)?;
-    let limits = crate::limits::OrgTokenLimits::from_row(&org_row, 1)?;
+    let org_models: Vec<String> = org_row.try_get(1)?;
+    let limits = crate::limits::OrgTokenLimits::from_row(&org_row, 2)?;
     if let Some(user) = token.user_id {
         let found = tx
             .query_opt(
@@ -320,10 +329,11 @@ pub async fn create_token(
     // LEAST ignores NULLs: no expiry asked and no cap → never; otherwise the earlier of the two.
     let sql = format!(
         "INSERT INTO ibex_core.tokens \
-         (id, org_id, name, agent_id, user_id, permissions, secret_hash, expires_at) \
+         (id, org_id, name, agent_id, user_id, permissions, secret_hash, expires_at, \
+          allowed_models) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, \
                  LEAST(now() + $8::bigint * interval '1 millisecond', \
-                       to_timestamp($9::bigint / 1000.0))) \
+                       to_timestamp($9::bigint / 1000.0)), $10) \
          RETURNING {}",
         ms("expires_at")
     );
@@ -340,6 +350,7 @@ pub async fn create_token(
                 &token.secret_hash,
                 &token.expires_in_ms,
                 &token.expires_at_most_ms,
+                &token.allowed_models,
             ],
         )
         .await
@@ -351,6 +362,7 @@ pub async fn create_token(
         "agent_id": token.agent_id,
         "user_id": token.user_id,
         "expires_at_ms": expires_at_ms,
+        "allowed_models": token.allowed_models,
     });
     audit::append(
         &tx,
@@ -362,7 +374,38 @@ pub async fn create_token(
     )
     .await?;
     tx.commit().await?;
-    Ok((expires_at_ms, u32::try_from(rpm).unwrap_or(0), limits))
+    Ok((
+        expires_at_ms,
+        u32::try_from(rpm).unwrap_or(0),
+        limits,
+        org_models,
+    ))
+}
+
+/// Replaces an org's model allow-list (normalised by the caller) and audits it. The UPDATE fires
+/// the org's invalidation (NOTIFY), so every proxy re-validates that org's tokens.
+pub async fn set_org_models(
+    pool: &Pool,
+    org: Uuid,
+    models: &[String],
+    actor: &Actor,
+) -> Result<(), StoreError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    set_org(&tx, org).await?;
+    let n = tx
+        .execute(
+            "UPDATE ibex_core.organizations SET allowed_models = $2 WHERE id = $1",
+            &[&org, &models],
+        )
+        .await?;
+    if n == 0 {
+        return Err(StoreError::NotFound);
+    }
+    let details = serde_json::json!({ "allowed_models": models });
+    audit::append(&tx, org, actor, "org.set_models", &org.to_string(), details).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Revokes (idempotently); returns when it was revoked.

@@ -102,7 +102,7 @@ impl Validator {
         };
         let digest = pat::digest(token);
         if let Some(hit) = self.cache.get(parsed.id, &digest) {
-            if self.feed.is_healthy() {
+            if self.feed.is_healthy() && !hit.stale {
                 return Ok(self.answer(hit.token));
             }
             if let Some(outcome) = self.recheck(parsed.id, digest, &hit).await? {
@@ -120,8 +120,11 @@ impl Validator {
         Outcome::Valid(token)
     }
 
-    /// A cache hit while the feed is down: re-read the row (no Argon2). `None` = the stored
-    /// hash is no longer the one that verified: verify again from scratch.
+    /// A cache hit while the feed is down, or a stale one (its row changed since it verified):
+    /// re-read the row (no Argon2). The presented token's digest is the one that verified, and
+    /// the stored hash is still the one it verified against, so the row's state may be told
+    /// (REVOKED included). `None` = the stored hash changed (rotated) or the row is gone: verify
+    /// again from scratch.
     async fn recheck(
         &self,
         id: Uuid,
@@ -131,14 +134,15 @@ impl Validator {
         let epoch = self.cache.epoch();
         match store::load_token(&self.pool, hit.token.org_id, id).await? {
             Some(row) if fingerprint(&row.secret_hash) == hit.hash_fp => {
-                let (outcome, fresh) = self.decide(id, hit.token.org_id, row);
-                match fresh {
+                let (outcome, token) = self.decide(id, hit.token.org_id, row);
+                if matches!(outcome, Outcome::Valid(_)) {
                     // Refreshed from the row, in case an event was missed.
-                    Some(fresh) => {
-                        self.cache
-                            .insert_if_current(epoch, digest, hit.hash_fp, fresh);
-                    }
-                    None => self.cache.invalidate_token(id),
+                    self.cache
+                        .insert_if_current(epoch, digest, hit.hash_fp, token);
+                } else if !hit.stale {
+                    // Revoked or expired: the entry stays, stale, so the next ask is one more
+                    // row read, not an Argon2 verify.
+                    self.cache.mark_stale(id);
                 }
                 Ok(Some(outcome))
             }
@@ -183,18 +187,17 @@ impl Validator {
             // Rotated between the lookup and now: what verified is no longer the secret.
             return Ok(Outcome::Invalid);
         }
-        let (outcome, fresh) = self.decide(id, org, row);
-        if let Some(fresh) = fresh {
-            self.cache.insert_if_current(epoch, digest, hash_fp, fresh);
-        }
+        let (outcome, token) = self.decide(id, org, row);
+        let stale = !matches!(outcome, Outcome::Valid(_));
+        // Revoked or expired is cached too, stale: the next ask re-reads the row, no Argon2.
+        self.cache
+            .insert_checked(epoch, digest, hash_fp, token, stale);
         Ok(outcome)
     }
 
-    /// Status from a row whose secret verified; the token to cache when it is valid.
-    fn decide(&self, id: Uuid, org: Uuid, row: TokenRow) -> (Outcome, Option<VerifiedToken>) {
-        if row.revoked_at_ms.is_some() {
-            return (Outcome::Revoked, None);
-        }
+    /// Status from a row whose secret verified, and the token the row describes (cached fresh
+    /// when valid, stale otherwise).
+    fn decide(&self, id: Uuid, org: Uuid, row: TokenRow) -> (Outcome, VerifiedToken) {
         let token = VerifiedToken {
             token_id: id,
             org_id: org,
@@ -203,12 +206,14 @@ impl Validator {
             user_id: row.user_id,
             expires_at_ms: row.expires_at_ms,
             rpm_limit: row.rpm_limit,
+            allowed_models: row.allowed_models,
+            org_allowed_models: row.org_allowed_models,
             limits: row.limits,
         };
-        match self.answer(token.clone()) {
-            Outcome::Valid(_) => (Outcome::Valid(token.clone()), Some(token)),
-            other => (other, None),
+        if row.revoked_at_ms.is_some() {
+            return (Outcome::Revoked, token);
         }
+        (self.answer(token.clone()), token)
     }
 
     /// Warms the cache with a token just created (its digest is known without Argon2).

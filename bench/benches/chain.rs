@@ -96,6 +96,7 @@ impl AuthBackend for WarmupAuthd {
                 expires_at_ms: None,
                 agent: None,
                 rpm: 1_000_000,
+                models: None,
                 limits: Default::default(),
             })
         } else {
@@ -294,6 +295,7 @@ fn bench_chain(c: &mut Criterion) {
             expires_at_ms: None,
             agent: None,
             rpm: 0,
+            models: None,
             limits: Default::default(),
         },
         t0,

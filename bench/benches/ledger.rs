@@ -21,6 +21,7 @@
 //! | date       | record | meter | ask_for_usage_plain | ask_for_usage_stream |
 //! |------------|--------|-------|---------------------|----------------------|
 //! | 2026-12-01 | 283–381 ns | 0.75–1.37 µs | 142 ns | 775–823 ns |
+//! | 2026-12-02 | 2.6 µs (load 8.5: noise, see perf/RESULTS.md §12) | 1.6–2.2 µs (same) | 145–152 ns | 727–800 ns |
 
 #![expect(
     clippy::expect_used,
@@ -37,6 +38,10 @@ use ibex_proxy::ledger::prices::{PriceBook, Prices};
 use ibex_proxy::ledger::stream_usage::ask_for_usage;
 use ibex_proxy::ledger::{Ledger, LedgerConfig, UsageRecord};
 use uuid::Uuid;
+
+// The proxy's allocator (proxy/src/main.rs), so allocations cost here what they cost there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn body(stream: bool) -> Bytes {
     let content = "x".repeat(900);

@@ -46,6 +46,7 @@ fn token() -> ValidToken {
         expires_at_ms: None,
         agent: None,
         rpm: 1_000_000,
+        models: None,
         limits: Default::default(),
     }
 }
@@ -69,7 +70,7 @@ fn hit_per_core(cache: &mut TokenCache, now: Instant) -> bool {
 }
 
 /// What a shared map would hold: the same fields as the per-core entry.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct CachedToken {
     token: ValidToken,
     validated_at: Instant,

@@ -2,6 +2,7 @@
 //! client/server stubs for `ibex.auth.v1` (SPEC §6), and the permission bits
 //! of a PAT ([`perms`], SPEC §2) that authd grants and the proxy checks.
 
+pub mod models;
 pub mod perms;
 
 #[allow(

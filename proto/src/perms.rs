@@ -13,14 +13,18 @@ pub const CHAT: u64 = 2;
 pub const TOKENS_MANAGE: u64 = 4;
 /// Create agents and change their status in the token's own org.
 pub const AGENTS_MANAGE: u64 = 8;
+/// `POST /v1/embeddings` (SPEC §12). Tokens made before this bit existed keep their bits: an old
+/// `all` token does not gain it.
+pub const EMBEDDINGS: u64 = 16;
 /// Every defined bit.
-pub const ALL: u64 = READ | CHAT | TOKENS_MANAGE | AGENTS_MANAGE;
+pub const ALL: u64 = READ | CHAT | TOKENS_MANAGE | AGENTS_MANAGE | EMBEDDINGS;
 
-const NAMES: [(&str, u64); 4] = [
+const NAMES: [(&str, u64); 5] = [
     ("read", READ),
     ("chat", CHAT),
     ("tokens:manage", TOKENS_MANAGE),
     ("agents:manage", AGENTS_MANAGE),
+    ("embeddings", EMBEDDINGS),
 ];
 
 /// Why a permission request was refused.
@@ -28,7 +32,7 @@ const NAMES: [(&str, u64); 4] = [
 pub enum PermError {
     #[error("unknown permission bits {0:#x}")]
     UnknownBits(u64),
-    #[error("unknown permission name {0:?} (expected read, chat, tokens:manage, agents:manage, all, none or an integer)")]
+    #[error("unknown permission name {0:?} (expected read, chat, tokens:manage, agents:manage, embeddings, all, none or an integer)")]
     UnknownName(String),
 }
 
@@ -96,10 +100,11 @@ mod tests {
     fn parses_names_keywords_and_integers() {
         assert_eq!(parse("read,chat"), Ok(3));
         assert_eq!(parse("tokens:manage, agents:manage"), Ok(12));
-        assert_eq!(parse("all"), Ok(15));
+        assert_eq!(parse("all"), Ok(31));
+        assert_eq!(parse("read,embeddings"), Ok(17));
         assert_eq!(parse("none"), Ok(0));
         assert_eq!(parse("5"), Ok(5));
-        assert_eq!(parse("16"), Err(PermError::UnknownBits(16)));
+        assert_eq!(parse("32"), Err(PermError::UnknownBits(32)));
         assert!(matches!(
             parse("read,admin"),
             Err(PermError::UnknownName(_))
@@ -122,7 +127,7 @@ mod tests {
     fn names_render() {
         assert_eq!(
             Names(ALL).to_string(),
-            "read,chat,tokens:manage,agents:manage"
+            "read,chat,tokens:manage,agents:manage,embeddings"
         );
         assert_eq!(Names(0).to_string(), "none");
     }

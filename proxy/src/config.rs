@@ -30,6 +30,13 @@ pub enum Environment {
     Production,
 }
 
+/// `IBEX_USAGE_LEDGER`: whether forwarded requests are recorded (always, outside benchmarks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LedgerSwitch {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "ibex-proxy",
@@ -80,9 +87,11 @@ pub struct Config {
           value_parser = clap::builder::BoolishValueParser::new())]
     pub pin_cpus: bool,
 
-    /// authd gRPC address (token/agent validation and the invalidation feed).
+    /// authd gRPC address(es) (token/agent validation and the invalidation feed): one, or
+    /// several comma-separated (`http://a:9091,http://b:9091`, at most 16): validations go
+    /// to the least busy healthy one, and the proxy holds a feed from each.
     #[arg(long, env = "IBEX_AUTHD_GRPC", default_value = "http://127.0.0.1:9091",
-          value_parser = parse_http_url)]
+          value_parser = parse_authd_urls)]
     pub authd_grpc: String,
 
     /// Key presented to authd on ValidateToken, ValidateAgent and WatchInvalidations
@@ -188,6 +197,11 @@ pub struct Config {
     #[arg(long, env = "IBEX_UPSTREAM_PROJECT")]
     pub upstream_project: Option<String>,
 
+    /// TOML providers and routes (SPEC §12); re-read on SIGHUP. Unset: IBEX_UPSTREAM_URL is one
+    /// openai provider serving every model.
+    #[arg(long, env = "IBEX_PROVIDERS_FILE")]
+    pub providers_file: Option<PathBuf>,
+
     /// Deadline until the upstream's response headers (504 past it).
     #[arg(long, env = "IBEX_UPSTREAM_TIMEOUT", default_value = "60s",
           value_parser = parse_positive_duration)]
@@ -197,6 +211,11 @@ pub struct Config {
     #[arg(long, env = "IBEX_UPSTREAM_IDLE_TIMEOUT", default_value = "30s",
           value_parser = parse_positive_duration)]
     pub upstream_idle_timeout: Duration,
+
+    /// The usage ledger (SPEC §10): `on`, or `off` to forward unmetered, only for measuring
+    /// what the ledger costs (refused when IBEX_ENV=production).
+    #[arg(long, env = "IBEX_USAGE_LEDGER", value_enum, default_value_t = LedgerSwitch::On)]
+    pub usage_ledger: LedgerSwitch,
 
     /// Usage spool directory (SPEC §10); required in production. Default: .ibex/spool.
     #[arg(long, env = "IBEX_USAGE_SPOOL_DIR")]
@@ -232,6 +251,9 @@ impl Config {
         if self.environment == Environment::Production && self.usage_spool_dir.is_none() {
             return Err("IBEX_USAGE_SPOOL_DIR is required in production".into());
         }
+        if self.environment == Environment::Production && self.usage_ledger == LedgerSwitch::Off {
+            return Err("IBEX_USAGE_LEDGER=off is refused in production".into());
+        }
         if self.usage_spool_max_bytes == 0 {
             return Err("IBEX_USAGE_SPOOL_MAX_BYTES must be > 0".into());
         }
@@ -261,11 +283,12 @@ impl Config {
                 "IBEX_SERVICE_KEY must be at least {MIN_SERVICE_KEY_LEN} characters"
             ));
         }
-        if self.authd_ca_file.is_some() && !self.authd_grpc.starts_with("https://") {
+        let authd_urls = authd_urls(&self.authd_grpc);
+        if self.authd_ca_file.is_some() && !authd_urls.iter().all(|u| u.starts_with("https://")) {
             return Err("IBEX_AUTHD_CA_FILE is set but IBEX_AUTHD_GRPC is not https://".into());
         }
         Ok(BridgeConfig {
-            authd_url: self.authd_grpc.clone(),
+            authd_urls,
             subscriber: format!("ibex-proxy:{}", std::process::id()),
             service_key: key.clone(),
             ca_file: self.authd_ca_file.clone(),
@@ -337,6 +360,34 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Ok(d)
+}
+
+/// Most authd one proxy lists (each costs it a feed stream and a channel).
+const MAX_AUTHD: usize = 16;
+
+/// The addresses of a (validated) `IBEX_AUTHD_GRPC`.
+pub fn authd_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One or more `http(s)://` addresses, comma-separated; kept normalised
+/// (trimmed, no trailing `/`).
+fn parse_authd_urls(s: &str) -> Result<String, String> {
+    let urls = s
+        .split(',')
+        .map(|u| parse_http_url(u.trim()).map_err(|e| format!("{:?} {e}", u.trim())))
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.len() > MAX_AUTHD {
+        return Err(format!(
+            "lists {} addresses (at most {MAX_AUTHD})",
+            urls.len()
+        ));
+    }
+    Ok(urls.join(","))
 }
 
 fn parse_http_url(s: &str) -> Result<String, String> {
@@ -412,6 +463,55 @@ mod tests {
         assert_eq!(c.upstream_idle_timeout, Duration::from_secs(30));
         assert_eq!(c.environment, Environment::Development);
         assert_eq!(c.log, "info");
+    }
+
+    #[test]
+    fn authd_takes_a_list_of_addresses() {
+        let c = parse(&["--authd-grpc", " http://a:9091/, https://b:9091 "]).unwrap();
+        assert_eq!(c.authd_grpc, "http://a:9091,https://b:9091");
+        assert_eq!(
+            authd_urls(&c.authd_grpc),
+            ["http://a:9091", "https://b:9091"]
+        );
+        for bad in ["http://a:9091,", "http://a:9091,ftp://b", ",http://a:9091"] {
+            assert!(parse(&["--authd-grpc", bad]).is_err(), "{bad}");
+        }
+        let many = vec!["http://a:9091"; MAX_AUTHD + 1].join(",");
+        assert!(parse(&["--authd-grpc", &many]).is_err());
+        // A CA file means TLS to every listed authd.
+        let key = "k".repeat(MIN_SERVICE_KEY_LEN);
+        let mixed = parse(&[
+            "--authd-grpc",
+            "https://a:9091,http://b:9091",
+            "--authd-ca-file",
+            "/ca.pem",
+            "--service-key",
+            &key,
+        ])
+        .unwrap();
+        assert!(mixed.authd_bridge().is_err());
+    }
+
+    #[test]
+    fn the_ledger_is_on_by_default_and_cannot_be_switched_off_in_production() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.usage_ledger, LedgerSwitch::On);
+        let off = parse(&["--usage-ledger", "off"]).unwrap();
+        assert_eq!(off.usage_ledger, LedgerSwitch::Off);
+        assert!(off.validate().is_ok());
+        let prod = parse(&[
+            "--usage-ledger",
+            "off",
+            "--env",
+            "production",
+            "--usage-spool-dir",
+            "/var/lib/ibex/spool",
+        ])
+        .unwrap();
+        let err = prod.validate().unwrap_err();
+        assert!(err.contains("IBEX_USAGE_LEDGER"), "{err}");
+        let prod_on = parse(&["--env", "production", "--usage-spool-dir", "/s"]).unwrap();
+        assert!(prod_on.validate().is_ok());
     }
 
     #[test]

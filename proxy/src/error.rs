@@ -33,6 +33,12 @@ pub enum ApiError {
     /// The usage spool is full (SPEC §10): a request that would go unmetered is refused.
     UsageUnavailable,
     UpstreamTimeout,
+    /// No route serves the model (SPEC §12).
+    ModelNotFound,
+    /// The token's or the org's model allow-list refuses it (SPEC §12).
+    ModelNotAllowed,
+    /// The model is routed to a provider of the other API shape (SPEC §12).
+    ModelRouteMismatch,
     /// `/ready` when a dependency is down; the message names it.
     NotReady(&'static str),
     /// A token limit or budget refused the request (SPEC §11): 429
@@ -43,7 +49,7 @@ pub enum ApiError {
 impl ApiError {
     /// Every code once (`NotReady` with one of its messages; `TokensLimited`
     /// shares `RateLimited`'s code), for tests and tables that must cover them all.
-    pub const ALL: [ApiError; 23] = {
+    pub const ALL: [ApiError; 26] = {
         use ApiError::*;
         [
             MissingAgentId,
@@ -68,6 +74,9 @@ impl ApiError {
             AuthUnavailable,
             UsageUnavailable,
             UpstreamTimeout,
+            ModelNotFound,
+            ModelNotAllowed,
+            ModelRouteMismatch,
             NotReady("not ready: authd is unavailable"),
         ]
     };
@@ -75,10 +84,14 @@ impl ApiError {
     pub fn status(self) -> u16 {
         use ApiError::*;
         match self {
-            MissingAgentId | InvalidAgentId | BadRequest => 400,
+            MissingAgentId | InvalidAgentId | BadRequest | ModelRouteMismatch => 400,
             MissingToken | InvalidToken | TokenRevoked | TokenExpired => 401,
-            AgentNotAuthorized | AgentSuspended | InsufficientPermissions | PermissionDenied => 403,
-            NotFound => 404,
+            AgentNotAuthorized
+            | AgentSuspended
+            | InsufficientPermissions
+            | PermissionDenied
+            | ModelNotAllowed => 403,
+            NotFound | ModelNotFound => 404,
             MethodNotAllowed => 405,
             RequestTimeout => 408,
             PayloadTooLarge => 413,
@@ -116,6 +129,9 @@ impl ApiError {
             AuthUnavailable => "AUTH_UNAVAILABLE",
             UsageUnavailable => "USAGE_UNAVAILABLE",
             UpstreamTimeout => "UPSTREAM_TIMEOUT",
+            ModelNotFound => "MODEL_NOT_FOUND",
+            ModelNotAllowed => "MODEL_NOT_ALLOWED",
+            ModelRouteMismatch => "MODEL_ROUTE_MISMATCH",
             NotReady(_) => "NOT_READY",
         }
     }
@@ -145,6 +161,9 @@ impl ApiError {
             AuthUnavailable => "authentication service is unavailable",
             UsageUnavailable => "usage ledger is full; retry later",
             UpstreamTimeout => "upstream provider timed out",
+            ModelNotFound => "no route serves this model",
+            ModelNotAllowed => "this model is not allowed for this token or org",
+            ModelRouteMismatch => "this model is served by a provider of another API shape",
             NotReady(what) | TokensLimited(what) => what,
         }
     }

@@ -24,6 +24,7 @@ pub mod error;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
+pub mod providers;
 pub mod ratelimit;
 pub mod request_id;
 pub mod routes;

@@ -14,13 +14,14 @@ use ibex_proxy::auth::bridge::Bridge;
 use ibex_proxy::chain::access_log;
 use ibex_proxy::chain::wiring::Wiring;
 use ibex_proxy::clock::SystemClock;
-use ibex_proxy::config::Config;
+use ibex_proxy::config::{Config, LedgerSwitch};
 use ibex_proxy::ledger::meter::MeterFactory;
 use ibex_proxy::ledger::prices::{PriceBook, Prices};
 use ibex_proxy::ledger::shipper::AuthdSink;
 use ibex_proxy::ledger::Ledger;
+use ibex_proxy::providers::ProviderBook;
 use ibex_proxy::server::Server;
-use ibex_proxy::upstream::Upstream;
+use ibex_proxy::upstream::router::Router;
 use secrecy::ExposeSecret;
 
 #[global_allocator]
@@ -45,10 +46,20 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    check_before_serving(&config)?;
+    let providers = check_before_serving(&config)?;
     let bridge = Bridge::start(config.authd_bridge().map_err(anyhow::Error::msg)?)
         .context("IBEX_AUTHD_GRPC")?;
-    let (ledger, meters, prices) = start_ledger(&config)?;
+    let (ledger, meters, prices) = match config.usage_ledger {
+        LedgerSwitch::On => {
+            let (ledger, meters, prices) = start_ledger(&config)?;
+            (Some(ledger), Some(meters), prices)
+        }
+        LedgerSwitch::Off => {
+            // Refused in production by `validate`; only for measuring what the ledger costs.
+            tracing::warn!("IBEX_USAGE_LEDGER=off: forwarded requests are NOT recorded");
+            (None, None, None)
+        }
+    };
     let mut server = Server::bind(config.server())
         .with_context(|| format!("binding {} (admin {})", config.listen, config.admin_listen))?;
     let addr = server.local_addr();
@@ -66,7 +77,25 @@ fn run(config: Config) -> anyhow::Result<()> {
             ),
         }));
     }
-    let wiring = Wiring::new(config, bridge).with_ledger(meters);
+    if let Some(book) = providers
+        .clone()
+        .filter(|_| config.providers_file.is_some())
+    {
+        // SIGHUP re-reads IBEX_PROVIDERS_FILE; a bad file keeps the old providers and routes.
+        // Workers pick the new table up on their next request; requests in flight finish on
+        // the connections they hold.
+        server.on_reload(Box::new(move || match book.reload() {
+            Ok(n) => tracing::info!(routes = n, "providers reloaded"),
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "providers not reloaded; keeping the old ones"
+            ),
+        }));
+    }
+    let mut wiring = Wiring::new(config, bridge).with_providers(providers);
+    if let Some(meters) = meters {
+        wiring = wiring.with_ledger(meters);
+    }
     wiring
         .registry()
         .register_listeners(server.listener_stats());
@@ -86,7 +115,9 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
     })?;
     // Whatever the workers recorded is written and fsynced; the rest ships on the next start.
-    ledger.shutdown();
+    if let Some(ledger) = ledger {
+        ledger.shutdown();
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }
@@ -134,17 +165,34 @@ fn start_ledger(config: &Config) -> anyhow::Result<(Ledger, MeterFactory, Prices
     Ok((ledger, meters, reload))
 }
 
-/// What would make every worker fail is refused before the ready line.
-fn check_before_serving(config: &Config) -> anyhow::Result<()> {
+/// What would make every worker fail is refused before the ready line. Returns the providers
+/// and routes every worker forwards by, if any are configured.
+fn check_before_serving(config: &Config) -> anyhow::Result<Option<Arc<ProviderBook>>> {
     config.validate().map_err(anyhow::Error::msg)?;
     config.authd_bridge().map_err(anyhow::Error::msg)?;
-    if let Some(upstream) = Wiring::upstream_config(config) {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .build()?
-            .block_on(async {
-                Upstream::new(Rc::new(upstream), Rc::new(SystemClock::new())).map(drop)
-            })
-            .context("IBEX_UPSTREAM_*")?;
-    }
-    Ok(())
+    let Some(table) = Wiring::provider_table(config)? else {
+        return Ok(None);
+    };
+    let routes = table.routes.len();
+    let providers = table.providers.len();
+    let book = Arc::new(ProviderBook::new(
+        table,
+        config.providers_file.clone(),
+        config.upstream_timeout,
+    ));
+    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()?
+        .block_on(async {
+            Router::new(
+                book.clone(),
+                Wiring::router_settings(config),
+                Rc::new(SystemClock::new()),
+                None,
+            )
+            .map(drop)
+        })
+        .context("IBEX_UPSTREAM_* / IBEX_PROVIDERS_FILE")?;
+    tracing::info!(providers, routes, "providers loaded");
+    Ok(Some(book))
 }

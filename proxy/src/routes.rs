@@ -23,11 +23,15 @@ pub enum RouteId {
     OrgProbe,
     Models,
     Chat,
+    Completions,
+    Responses,
+    Embeddings,
+    Messages,
     Unmatched,
 }
 
 impl RouteId {
-    pub const COUNT: usize = 8;
+    pub const COUNT: usize = 12;
     pub const ALL: [RouteId; Self::COUNT] = [
         RouteId::Health,
         RouteId::Ready,
@@ -36,6 +40,10 @@ impl RouteId {
         RouteId::OrgProbe,
         RouteId::Models,
         RouteId::Chat,
+        RouteId::Completions,
+        RouteId::Responses,
+        RouteId::Embeddings,
+        RouteId::Messages,
         RouteId::Unmatched,
     ];
 
@@ -48,13 +56,21 @@ impl RouteId {
             RouteId::OrgProbe => "/v1/orgs/{org_id}/auth-probe",
             RouteId::Models => "/v1/models",
             RouteId::Chat => "/v1/chat/completions",
+            RouteId::Completions => "/v1/completions",
+            RouteId::Responses => "/v1/responses",
+            RouteId::Embeddings => "/v1/embeddings",
+            RouteId::Messages => "/v1/messages",
             RouteId::Unmatched => "unmatched",
         }
     }
 
     fn method(self) -> Method {
         match self {
-            RouteId::Chat => Method::Post,
+            RouteId::Chat
+            | RouteId::Completions
+            | RouteId::Responses
+            | RouteId::Embeddings
+            | RouteId::Messages => Method::Post,
             _ => Method::Get,
         }
     }
@@ -62,7 +78,10 @@ impl RouteId {
     /// The permission bit a protected route needs (SPEC §2).
     pub fn permission(self) -> u64 {
         match self {
-            RouteId::Chat => perms::CHAT,
+            RouteId::Chat | RouteId::Completions | RouteId::Responses | RouteId::Messages => {
+                perms::CHAT
+            }
+            RouteId::Embeddings => perms::EMBEDDINGS,
             _ => perms::READ,
         }
     }
@@ -138,6 +157,10 @@ fn path_route(path: &[u8]) -> Option<RouteId> {
         b"/v1/internal/auth-probe" => RouteId::InternalProbe,
         b"/v1/models" => RouteId::Models,
         b"/v1/chat/completions" => RouteId::Chat,
+        b"/v1/completions" => RouteId::Completions,
+        b"/v1/responses" => RouteId::Responses,
+        b"/v1/embeddings" => RouteId::Embeddings,
+        b"/v1/messages" => RouteId::Messages,
         _ => {
             let org = path
                 .strip_prefix(b"/v1/orgs/")?
@@ -258,6 +281,19 @@ mod tests {
             Matched::Protected(Err((RouteId::Models, RouteError::MethodNotAllowed)))
         );
         assert_eq!(RouteId::Chat.permission(), perms::CHAT);
+        assert_eq!(RouteId::Embeddings.permission(), perms::EMBEDDINGS);
+        for (path, route) in [
+            (&b"/v1/completions"[..], RouteId::Completions),
+            (b"/v1/responses", RouteId::Responses),
+            (b"/v1/embeddings", RouteId::Embeddings),
+            (b"/v1/messages", RouteId::Messages),
+        ] {
+            assert_eq!(
+                match_route(Listener::Public, Method::Post, path),
+                Matched::Protected(Ok(route))
+            );
+            assert_ne!(route.permission(), perms::READ);
+        }
         assert_eq!(RouteId::Models.permission(), perms::READ);
         assert_eq!(org_segment(b"/v1/orgs/abc/auth-probe"), b"abc");
         assert_eq!(org_segment(b"/v1/orgs//auth-probe"), b"");

@@ -190,6 +190,9 @@ fn run<F: Future>(f: F) -> F::Output {
 
 fn config(url: &str) -> UpstreamConfig {
     UpstreamConfig {
+        name: "test".to_owned(),
+        kind: ibex_proxy::providers::Kind::Openai,
+        retries: 0,
         url: url.to_owned(),
         api_key: KEY.to_owned().into(),
         ca_file: None,

@@ -35,8 +35,14 @@ pub fn free_port() -> Result<u16> {
 
 /// Path of a workspace binary built in the same target dir as the running test
 /// (current_exe is `target/<profile>/deps/xxx` → `target/<profile>/<name>`). Error if missing,
-/// telling the user to run `cargo build --bins`.
+/// telling the user to run `cargo build --bins`. `IBEX_E2E_BIN_<NAME>` (the name upper-cased,
+/// `-` as `_`: `IBEX_E2E_BIN_IBEX_AUTHD`) points at another build instead (a benchmark's
+/// "before" binary).
 pub fn bin_path(name: &str) -> Result<PathBuf> {
+    let var = format!("IBEX_E2E_BIN_{}", name.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&var) {
+        return Ok(PathBuf::from(path));
+    }
     let exe = std::env::current_exe().context("current_exe")?;
     let mut dir = exe
         .parent()

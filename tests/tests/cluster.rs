@@ -143,6 +143,7 @@ impl Env {
                     user_id: String::new(),
                     permissions: READ,
                     expires_in_ms: 0,
+                    ..Default::default()
                 })?)
                 .await?
                 .into_inner()

@@ -26,6 +26,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_limits",
         include_str!("../../../migrations/0004_limits.sql"),
     ),
+    (
+        "0005_models",
+        include_str!("../../../migrations/0005_models.sql"),
+    ),
 ];
 
 pub const APP_ROLE: &str = "ibex_app";

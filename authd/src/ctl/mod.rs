@@ -133,6 +133,23 @@ pub enum OrgCommand {
         #[arg(long = "monthly-usd")]
         monthly_usd: Option<f64>,
     },
+    /// Set the org's model allow-list (operator key): names or *-prefixes, comma-separated;
+    /// an empty --allow "" allows every model.
+    SetModels {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        allow: String,
+    },
+}
+
+/// `a, b*` → `["a", "b*"]`; empty entries dropped.
+pub fn model_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 #[derive(Subcommand)]
@@ -180,12 +197,16 @@ pub enum TokenCommand {
         /// Bind the token to this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// read,chat,tokens:manage,agents:manage | all | none | <int>
+        /// read,chat,tokens:manage,agents:manage,embeddings | all | none | <int>
         #[arg(long, default_value = "read,chat")]
         permissions: String,
         /// e.g. 90d, 1h, 2s (default: never expires).
         #[arg(long)]
         expires_in: Option<String>,
+        /// Model allow-list: names or *-prefixes, comma-separated (default: every model, or the
+        /// creating PAT's list).
+        #[arg(long, default_value = "")]
+        models: String,
     },
     /// Revoke a token.
     Revoke {

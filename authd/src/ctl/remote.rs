@@ -91,6 +91,25 @@ pub(super) fn rpc_error(status: tonic::Status) -> anyhow::Error {
 pub async fn org(global: &Global, cmd: OrgCommand) -> anyhow::Result<String> {
     let (name, rpm) = match cmd {
         OrgCommand::Create { name, rpm } => (name, rpm),
+        OrgCommand::SetModels { org, allow } => {
+            let response = client(global)
+                .await?
+                .set_org_models(request(
+                    global,
+                    pb::SetOrgModelsRequest {
+                        org_id: org,
+                        allowed_models: super::model_list(&allow),
+                    },
+                )?)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            return Ok(json!({
+                "id": response.org_id,
+                "allowed_models": response.allowed_models,
+            })
+            .to_string());
+        }
         OrgCommand::SetLimits {
             org,
             rpm,
@@ -229,6 +248,7 @@ pub async fn token(global: &Global, cmd: TokenCommand) -> anyhow::Result<String>
             agent,
             permissions,
             expires_in,
+            models,
         } => {
             let permissions = perms::parse(&permissions).context("--permissions")?;
             let expires_in_ms = expires_in.as_deref().map(parse_expires_in).transpose()?;
@@ -243,6 +263,7 @@ pub async fn token(global: &Global, cmd: TokenCommand) -> anyhow::Result<String>
                         user_id: String::new(),
                         permissions,
                         expires_in_ms: expires_in_ms.unwrap_or(0),
+                        allowed_models: super::model_list(&models),
                     },
                 )?)
                 .await

@@ -3,10 +3,11 @@
 //! `ibexctl usage verify` recomputes ([`check`]).
 //!
 //! A batch is stored in ONE transaction: per org (in org order, so two authd never deadlock) it
-//! locks the org's chain head, inserts every record with one multi-row `INSERT … SELECT FROM
-//! unnest(…) ON CONFLICT (org_id, request_id) DO NOTHING`, and appends one `usage_batches` row over
-//! the records that were new. [`record`] returns only after `COMMIT`. Not here: the proxy's spool
-//! and shipper (`proxy/src/ledger`), and who may call (`service.rs`).
+//! locks the org's chain head, binary-`COPY`s the records into the session's temp stage, moves
+//! them with one `INSERT … SELECT` (redone `ON CONFLICT (org_id, request_id) DO NOTHING` when the
+//! batch holds a record stored before), and appends one
+//! `usage_batches` row over the records that were new. [`record`] returns only after `COMMIT`.
+//! Not here: the proxy's spool and shipper (`proxy/src/ledger`), and who may call (`service.rs`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,6 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use deadpool_postgres::Pool;
 use ibex_proto::pb;
 use sha2::{Digest, Sha256};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use uuid::Uuid;
 
 use crate::store::{set_org, StoreError};
@@ -210,37 +214,90 @@ fn at(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs())
 }
 
-const INSERT: &str = "INSERT INTO ibex_core.usage_records (org_id, request_id, agent_id, \
-    token_id, model, route, status, prompt_tokens, completion_tokens, total_tokens, \
-    cache_read_tokens, cache_creation_tokens, usage_source, streamed, started_at, duration_ms, \
-    cost_usd, provider, attempts, batch_seq, row_hash) \
-    SELECT $1::uuid, r.request_id, r.agent_id, r.token_id, r.model, r.route, r.status, r.pt, \
-           r.ct, r.tt, r.crt, r.cct, r.src, r.streamed, r.started_at, r.dur, r.cost::numeric, \
-           r.provider, r.attempts, $2::bigint, r.row_hash \
-    FROM unnest($3::text[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::int4[], \
-                $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::text[], \
-                $15::bool[], $16::timestamptz[], $17::int8[], $18::text[], $19::text[], \
-                $20::int4[], $21::bytea[]) \
-         AS r(request_id, agent_id, token_id, model, route, status, pt, ct, tt, crt, cct, src, \
-              streamed, started_at, dur, cost, provider, attempts, row_hash) \
-    ON CONFLICT (org_id, request_id) DO NOTHING \
-    RETURNING request_id, row_hash";
+/// The session's staging table for one batch: a temp table (no WAL, no RLS, visible only to this
+/// connection; `ON COMMIT DELETE ROWS` empties it at every commit, so no batch ever sees another
+/// one's rows). Created once per pooled connection (`IF NOT EXISTS`); `ibex_app` needs only the
+/// database's default `TEMPORARY` privilege.
+const STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS usage_stage (org_id uuid, request_id text, \
+    agent_id uuid, token_id uuid, model text, route text, status int4, pt int8, ct int8, \
+    tt int8, crt int8, cct int8, src text, streamed bool, started_at timestamptz, dur int8, \
+    cost text, provider text, attempts int4, row_hash bytea) ON COMMIT DELETE ROWS";
+
+const COPY: &str = "COPY pg_temp.usage_stage (org_id, request_id, agent_id, token_id, model, \
+    route, status, pt, ct, tt, crt, cct, src, streamed, started_at, dur, cost, provider, \
+    attempts, row_hash) FROM STDIN (FORMAT binary)";
+
+/// The column types of [`COPY`], in its order.
+const STAGE_TYPES: [Type; 20] = [
+    Type::UUID,
+    Type::TEXT,
+    Type::UUID,
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::BOOL,
+    Type::TIMESTAMPTZ,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::BYTEA,
+];
+
+/// From the stage into the ledger, under RLS (`WITH CHECK` holds each row to the org set for the
+/// transaction). First tried as a plain insert (no speculative insertion: one index descent and
+/// one WAL record less per row) inside a savepoint; only a batch holding a record stored before
+/// fails it (unique violation) and is redone with [`INSERT_NEW`].
+macro_rules! insert_from_stage {
+    ($tail:literal) => {
+        concat!(
+            "INSERT INTO ibex_core.usage_records (org_id, request_id, agent_id, token_id, model, \
+             route, status, prompt_tokens, completion_tokens, total_tokens, cache_read_tokens, \
+             cache_creation_tokens, usage_source, streamed, started_at, duration_ms, cost_usd, \
+             provider, attempts, batch_seq, row_hash) \
+             SELECT org_id, request_id, agent_id, token_id, model, route, status, pt, ct, tt, \
+             crt, cct, src, streamed, started_at, dur, cost::numeric, provider, attempts, \
+             $2::bigint, row_hash FROM pg_temp.usage_stage WHERE org_id = $1",
+            $tail
+        )
+    };
+}
+const INSERT_ALL: &str = insert_from_stage!("");
+/// The slow path: only the records not stored before; the row count says how many were new.
+const INSERT_NEW: &str = insert_from_stage!(" ON CONFLICT (org_id, request_id) DO NOTHING");
+
+/// The rows a batch stored (only asked when some of its records were duplicates).
+const NEW_ROWS: &str = "SELECT request_id, row_hash FROM ibex_core.usage_records \
+    WHERE org_id = $1 AND batch_seq = $2";
 
 /// Stores a batch in one transaction; returns (stored, duplicates) after COMMIT.
+///
+/// Per org: lock its chain head, hash the records with the batch's seq, binary-`COPY` them into
+/// the session's stage, `INSERT … SELECT` them into the ledger (in a savepoint; redone `ON CONFLICT
+/// DO NOTHING` if some were stored before), and append the
+/// batch row over the records that were new (all of them unless the batch was sent before).
 pub async fn record(pool: &Pool, records: Vec<Record>) -> Result<(u32, u32), StoreError> {
     let total = records.len();
     // Per org, each request id once (the first wins), in a fixed order.
     let mut by_org: BTreeMap<Uuid, BTreeMap<String, Record>> = BTreeMap::new();
     for r in records {
-        by_org
-            .entry(r.org_id)
-            .or_default()
-            .entry(r.request_id.clone())
-            .or_insert(r);
+        let org = by_org.entry(r.org_id).or_default();
+        if !org.contains_key(&r.request_id) {
+            org.insert(r.request_id.clone(), r);
+        }
     }
     let mut client = pool.get().await?;
+    client.batch_execute(STAGE).await?;
     let tx = client.transaction().await?;
-    let insert = tx.prepare_cached(INSERT).await?;
+    let insert_all = tx.prepare_cached(INSERT_ALL).await?;
+    let copy = tx.prepare_cached(COPY).await?;
     let mut stored = 0usize;
     for (org, recs) in by_org {
         set_org(&tx, org).await?;
@@ -259,59 +316,58 @@ pub async fn record(pool: &Pool, records: Vec<Record>) -> Result<(u32, u32), Sto
             .await?;
         let (last_seq, last_hash): (i64, Vec<u8>) = (head.try_get(0)?, head.try_get(1)?);
         let seq = last_seq + 1;
-        let recs: Vec<Record> = recs.into_values().collect();
-        let hashes: Vec<Vec<u8>> = recs.iter().map(|r| row_hash(r, seq).to_vec()).collect();
-        macro_rules! col {
-            ($f:expr) => {
-                recs.iter().map($f).collect::<Vec<_>>()
-            };
-        }
-        let rows = tx
-            .query(
-                &insert,
-                &[
-                    &org,
-                    &seq,
-                    &col!(|r| r.request_id.as_str()),
-                    &col!(|r| r.agent_id),
-                    &col!(|r| r.token_id),
-                    &col!(|r| r.model.as_str()),
-                    &col!(|r| r.route.as_str()),
-                    &col!(|r| r.status),
-                    &col!(|r| r.prompt_tokens),
-                    &col!(|r| r.completion_tokens),
-                    &col!(|r| r.total_tokens),
-                    &col!(|r| r.cache_read_tokens),
-                    &col!(|r| r.cache_creation_tokens),
-                    &col!(|r| r.usage_source),
-                    &col!(|r| r.streamed),
-                    &col!(|r| at(r.started_at_ms)),
-                    &col!(|r| r.duration_ms),
-                    &col!(|r| r.cost_usd.as_deref()),
-                    &col!(|r| r.provider.as_deref()),
-                    &col!(|r| r.attempts),
-                    &hashes.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-                ],
-            )
-            .await?;
-        if rows.is_empty() {
+        // In request-id byte order (the map's), as `content_hash` wants them.
+        let hashed: Vec<(Record, [u8; 32])> = recs
+            .into_values()
+            .map(|r| {
+                let h = row_hash(&r, seq);
+                (r, h)
+            })
+            .collect();
+        stage(&tx, &copy, &hashed).await?;
+        tx.batch_execute("SAVEPOINT usage_insert").await?;
+        let inserted = match tx.execute(&insert_all, &[&org, &seq]).await {
+            Ok(n) => {
+                tx.batch_execute("RELEASE SAVEPOINT usage_insert").await?;
+                n
+            }
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT usage_insert")
+                    .await?;
+                tx.execute(INSERT_NEW, &[&org, &seq]).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if inserted == 0 {
             continue;
         }
-        let mut new: Vec<(String, Vec<u8>)> = rows
-            .iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .collect::<Result<_, tokio_postgres::Error>>()?;
-        new.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let count = i32::try_from(new.len()).unwrap_or(i32::MAX);
-        let content = content_hash(new.iter().map(|(_, h)| h.as_slice()));
-        let hash = batch_hash(org, seq, count, &content, &last_hash);
+        let (count, content) = if usize::try_from(inserted).ok() == Some(hashed.len()) {
+            (
+                hashed.len(),
+                content_hash(hashed.iter().map(|(_, h)| h.as_slice())),
+            )
+        } else {
+            // Some were stored before: the new rows are exactly those carrying this seq.
+            let rows = tx.query(NEW_ROWS, &[&org, &seq]).await?;
+            let mut new: Vec<(String, Vec<u8>)> = rows
+                .iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                .collect::<Result<_, tokio_postgres::Error>>()?;
+            new.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            (
+                new.len(),
+                content_hash(new.iter().map(|(_, h)| h.as_slice())),
+            )
+        };
+        let n = i32::try_from(count).unwrap_or(i32::MAX);
+        let hash = batch_hash(org, seq, n, &content, &last_hash);
         tx.execute(
             "INSERT INTO ibex_core.usage_batches (org_id, seq, records, content_hash, \
              prev_hash, batch_hash) VALUES ($1, $2, $3, $4, $5, $6)",
             &[
                 &org,
                 &seq,
-                &count,
+                &n,
                 &content.as_slice(),
                 &last_hash,
                 &hash.as_slice(),
@@ -324,7 +380,7 @@ pub async fn record(pool: &Pool, records: Vec<Record>) -> Result<(u32, u32), Sto
             &[&org, &seq, &hash.as_slice()],
         )
         .await?;
-        stored += new.len();
+        stored += count;
     }
     tx.commit().await?;
     let dup = total - stored;
@@ -332,6 +388,46 @@ pub async fn record(pool: &Pool, records: Vec<Record>) -> Result<(u32, u32), Sto
         u32::try_from(stored).unwrap_or(u32::MAX),
         u32::try_from(dup).unwrap_or(u32::MAX),
     ))
+}
+
+/// One org's hashed records into the stage, in binary COPY format (no text parsing, no arrays).
+async fn stage(
+    tx: &deadpool_postgres::Transaction<'_>,
+    copy: &tokio_postgres::Statement,
+    hashed: &[(Record, [u8; 32])],
+) -> Result<(), StoreError> {
+    let sink = tx.copy_in(copy).await?;
+    let writer = BinaryCopyInWriter::new(sink, &STAGE_TYPES);
+    futures::pin_mut!(writer);
+    for (r, h) in hashed {
+        writer
+            .as_mut()
+            .write(&[
+                &r.org_id,
+                &r.request_id,
+                &r.agent_id,
+                &r.token_id,
+                &r.model,
+                &r.route,
+                &r.status,
+                &r.prompt_tokens,
+                &r.completion_tokens,
+                &r.total_tokens,
+                &r.cache_read_tokens,
+                &r.cache_creation_tokens,
+                &r.usage_source,
+                &r.streamed,
+                &at(r.started_at_ms),
+                &r.duration_ms,
+                &r.cost_usd,
+                &r.provider,
+                &r.attempts,
+                &h.as_slice(),
+            ])
+            .await?;
+    }
+    writer.finish().await?;
+    Ok(())
 }
 
 /// The columns of [`Record`] in its field order, for SELECTs.

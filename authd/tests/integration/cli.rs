@@ -93,7 +93,11 @@ async fn ibexctl_commands_against_the_authd_binary() {
             .expect("grpc");
     let valid = validate(&mut grpc, &dev_token).await;
     assert_eq!(status(&valid), pb::TokenStatus::Valid);
-    assert_eq!(valid.permissions, 15);
+    assert_eq!(
+        valid.permissions,
+        ibex_proto::perms::ALL,
+        "the dev token holds every bit"
+    );
     assert!(valid.agent_id.is_empty());
 
     // Seeding again is idempotent and rotates the secret: the old token stops working.

@@ -9,8 +9,33 @@ use uuid::Uuid;
 
 use super::secret::BearerToken;
 
+/// A token's and its org's model allow-lists (SPEC §12), normalised; a model must pass both.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModelLists {
+    pub token: Vec<String>,
+    pub org: Vec<String>,
+}
+
+impl ModelLists {
+    pub fn allows(&self, model: &str) -> bool {
+        ibex_proto::models::allows(&self.token, model)
+            && ibex_proto::models::allows(&self.org, model)
+    }
+
+    /// The exact names (no `*`) either list holds that both allow, for `/v1/models`.
+    pub fn exact_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for e in self.token.iter().chain(self.org.iter()) {
+            if !e.ends_with('*') && self.allows(e) && !out.contains(e) {
+                out.push(e.clone());
+            }
+        }
+        out
+    }
+}
+
 /// A token authd vouched for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidToken {
     pub org: Uuid,
     pub token_id: Uuid,
@@ -21,6 +46,8 @@ pub struct ValidToken {
     pub agent: Option<Uuid>,
     /// The org's requests per minute; 0 = the proxy's default.
     pub rpm: u32,
+    /// The model allow-lists; `None` when neither the token nor the org has one.
+    pub models: Option<std::sync::Arc<ModelLists>>,
     /// The org's token limits (SPEC §11).
     pub limits: OrgLimits,
 }
@@ -43,7 +70,7 @@ pub struct AgentLimits {
     pub month_tokens: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenAnswer {
     Valid(ValidToken),
     /// Malformed, unknown id or wrong secret (indistinguishable by design).

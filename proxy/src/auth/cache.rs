@@ -40,7 +40,7 @@ impl CacheLimits {
 }
 
 /// A token authd vouched for, and when.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct CachedToken {
     pub token: ValidToken,
     /// When the validation that produced it *started* (conservative).
@@ -66,7 +66,7 @@ impl Expiring for Refusal {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum TokenLookup {
     Positive(CachedToken),
     /// A refusal answered recently: INVALID_TOKEN, TOKEN_REVOKED or TOKEN_EXPIRED.
@@ -95,7 +95,8 @@ impl TokenCache {
     pub fn lookup(&mut self, key: &TokenDigest, now: Instant) -> TokenLookup {
         if let Some(e) = self.positive.get(key) {
             if now < e.ttl_end {
-                return TokenLookup::Positive(*e);
+                // A clone: an `Arc` increment at most (tokens without model lists carry none).
+                return TokenLookup::Positive(e.clone());
             }
             self.remove_positive(key);
         }
@@ -110,6 +111,7 @@ impl TokenCache {
 
     pub fn insert_valid(&mut self, key: TokenDigest, token: ValidToken, validated_at: Instant) {
         self.negative.remove(&key);
+        let token_id = token.token_id;
         let entry = CachedToken {
             token,
             validated_at,
@@ -117,14 +119,14 @@ impl TokenCache {
         };
         if let Some(old) = self.positive.get(&key) {
             let old_id = old.token.token_id;
-            if old_id != token.token_id {
+            if old_id != token_id {
                 self.unindex(old_id, &key);
             }
         }
         if let Some((gone_key, gone)) = self.positive.insert(key, entry) {
             self.unindex(gone.token.token_id, &gone_key);
         }
-        let digests = self.by_id.entry(token.token_id).or_default();
+        let digests = self.by_id.entry(token_id).or_default();
         if !digests.contains(&key) {
             digests.push(key);
         }
@@ -291,6 +293,7 @@ mod tests {
             expires_at_ms: None,
             agent: None,
             rpm: 0,
+            models: None,
             limits: Default::default(),
         }
     }

@@ -9,7 +9,12 @@
 //! it was learned (its validation started) after the last reset (feed reconnect/overflow), and either
 //! the feed is fresh (a heartbeat *sent* within `IBEX_REVOCATION_SLA_MS`,
 //! dated by the earlier of its receipt and authd's own timestamp) or the
-//! entry itself is younger than the SLA. An untrusted entry is re-validated
+//! entry itself is younger than the SLA. With several authd (SPEC §6) each
+//! feed sends its own heartbeats and the newest one counts: *at least one*
+//! feed fresh is enough, because every authd LISTENs to the same NOTIFY, so
+//! any one feed that is complete up to a heartbeat carries every revocation
+//! committed before it. A feed that reconnects resets (a gap in that stream
+//! must not be vouched for by its next heartbeat). An untrusted entry is re-validated
 //! with authd; if authd cannot answer the request fails closed with 503.
 //! Refusals are always trusted: they only ever fail closed.
 
@@ -363,6 +368,36 @@ mod tests {
         assert!(core.trusts(validated, clock.now()));
         clock.advance(Duration::from_millis(1));
         assert!(!core.feed_fresh(clock.now()));
+        assert!(!core.trusts(validated, clock.now()));
+    }
+
+    #[test]
+    fn one_live_feed_of_two_keeps_trust() {
+        let (core, clock) = core();
+        let validated = clock.now();
+        // Two feeds heartbeat every 100 ms; then feed B's authd dies and
+        // only A's heartbeats arrive. Trust never lapses.
+        for _ in 0..3 {
+            core.apply(hb(&clock)); // A
+            core.apply(hb(&clock)); // B
+            clock.advance(Duration::from_millis(100));
+        }
+        for _ in 0..10 {
+            core.apply(hb(&clock)); // A only
+            clock.advance(Duration::from_millis(100));
+            assert!(core.feed_fresh(clock.now()));
+            assert!(core.trusts(validated, clock.now()));
+        }
+        // Both silent: trust lapses after the SLA, as with one feed.
+        clock.advance(SLA);
+        assert!(!core.trusts(validated, clock.now()));
+        // B reconnecting resets: what was learned before is re-validated
+        // even though A's heartbeats are fresh again.
+        core.apply(hb(&clock));
+        assert!(core.trusts(validated, clock.now()));
+        clock.advance(Duration::from_millis(1));
+        core.apply(FeedEvent::Reset);
+        core.apply(hb(&clock));
         assert!(!core.trusts(validated, clock.now()));
     }
 

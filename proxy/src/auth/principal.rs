@@ -8,7 +8,7 @@ use super::backend::{AgentLimits, OrgLimits, ValidToken};
 use crate::error::ApiError;
 
 /// The token step's result: a verified, unexpired token. Input to the agent step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TokenGrant {
     pub(super) token: ValidToken,
 }
@@ -20,13 +20,14 @@ impl TokenGrant {
 }
 
 /// An authenticated caller: token verified, agent active and allowed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Principal {
     org: Uuid,
     token_id: Uuid,
     permissions: u64,
     agent: Uuid,
     rpm: u32,
+    models: Option<std::sync::Arc<super::backend::ModelLists>>,
     org_limits: OrgLimits,
     agent_limits: AgentLimits,
 }
@@ -39,9 +40,23 @@ impl Principal {
             permissions: token.permissions,
             agent,
             rpm: token.rpm,
+            models: token.models.clone(),
             org_limits: token.limits,
             agent_limits,
         }
+    }
+
+    /// The exact model names the allow-lists name (empty without lists).
+    pub fn allowed_model_names(&self) -> Vec<String> {
+        self.models
+            .as_ref()
+            .map(|m| m.exact_names())
+            .unwrap_or_default()
+    }
+
+    /// Whether the token's and the org's model allow-lists both allow `model` (SPEC §12).
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|m| m.allows(model))
     }
 
     pub fn org(&self) -> Uuid {

@@ -45,6 +45,22 @@ pub fn bearer(headers: &Headers) -> Option<BearerToken> {
     Some(BearerToken::new(v.slice(start..end)))
 }
 
+/// `x-api-key: <value>` (trimmed), accepted on `/v1/messages` only (SPEC §12).
+pub fn api_key(headers: &Headers) -> Option<BearerToken> {
+    let v = headers.get("x-api-key")?;
+    let start = v.iter().take_while(|&&c| c == b' ' || c == b'\t').count();
+    let end = v.len()
+        - v[start..]
+            .iter()
+            .rev()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count();
+    if start >= end {
+        return None;
+    }
+    Some(BearerToken::new(v.slice(start..end)))
+}
+
 /// The agent header step: present and non-empty, then a UUID.
 pub fn agent_header(headers: &Headers) -> Result<Uuid, ApiError> {
     let v = headers
@@ -81,11 +97,14 @@ impl<B: AuthBackend> Authenticator<B> {
     pub async fn token(
         &self,
         headers: &Headers,
+        x_api_key: bool,
         peer: IpAddr,
         now: Instant,
     ) -> Result<TokenGrant, ApiError> {
         let core = &*self.core;
-        let bearer = bearer(headers).ok_or(ApiError::MissingToken)?;
+        let bearer = bearer(headers)
+            .or_else(|| x_api_key.then(|| api_key(headers)).flatten())
+            .ok_or(ApiError::MissingToken)?;
         if bearer.len() > MAX_FORWARDED_LEN {
             // No valid PAT is this long, so a fast local answer tells the
             // caller nothing it did not know; authd never hashes the junk.
@@ -192,8 +211,8 @@ impl<B: AuthBackend> Authenticator<B> {
                     core.metrics.authd_token_calls.inc();
                     let (started, epoch) = (core.clock.now(), core.epoch());
                     let answer = timed(&core, started, call).await;
-                    if let Ok(a) = answer {
-                        cache_token(&core, key, a, started, epoch);
+                    if let Ok(a) = &answer {
+                        cache_token(&core, key, a.clone(), started, epoch);
                     }
                     answer
                 }

@@ -10,7 +10,8 @@ use crate::error::{render, ApiError};
 use crate::http::ascii::push_decimal;
 use crate::http::{Body, HeaderValue, Request, Response};
 use crate::tokens::{Refusal, TokenDecision, TokenLimiter};
-use crate::upstream::{ForwardCtx, Upstream, UpstreamRoute};
+use crate::upstream::router::{ModelPolicy, Prepared, Router};
+use crate::upstream::{ForwardCtx, UpstreamRoute};
 
 fn json(status: u16, body: impl Into<Bytes>) -> Response {
     Response {
@@ -80,14 +81,14 @@ pub fn org_auth_probe(p: &Principal, org_segment: &[u8]) -> Result<Response, Api
     }
 }
 
-/// `GET /v1/models`, `POST /v1/chat/completions`: to the configured upstream,
-/// which drops the client's `Authorization` and `X-IBEX-*` headers
-/// ([`crate::upstream::request`]). A chat request first reserves its worst
-/// case with the token limiter (SPEC §11), after the spool admitted it and
-/// before any upstream call; the reservation goes with the request's ledger
-/// record, which settles it.
+/// `GET /v1/models` and the forwarded `POST` routes (SPEC §12): by the model's route to its
+/// providers, which get none of the client's credentials ([`crate::upstream::request`]).
+/// The route, allow-lists and alias are decided first ([`Router::prepare`]); then a forwarded
+/// request reserves its worst case with the token limiter (SPEC §11) once — never per
+/// fallback attempt — and the reservation goes with the request's one ledger record, which
+/// settles it.
 pub async fn forward(
-    upstream: Option<&Upstream>,
+    upstream: Option<&Router>,
     tokens: Option<&TokenLimiter>,
     req: Request,
     target: UpstreamRoute,
@@ -98,11 +99,15 @@ pub async fn forward(
         return Err(ApiError::ProviderNotConfigured);
     };
     // A request that would go unmetered is refused (SPEC §10); `/v1/models` always answers.
-    if target == UpstreamRoute::ChatCompletions && !upstream.admits() {
+    if target != UpstreamRoute::Models && !upstream.admits() {
         return Err(ApiError::UsageUnavailable);
     }
+    let routed = match upstream.prepare(&req, target, &Allowed(p))? {
+        Prepared::Answer(resp) => return Ok(resp),
+        Prepared::Forward(routed) => routed,
+    };
     let (mut reservation, mut headers) = (None, None);
-    if let (UpstreamRoute::ChatCompletions, Some(limiter)) = (target, tokens) {
+    if let (true, Some(limiter)) = (target != UpstreamRoute::Models, tokens) {
         match limiter.reserve(p, &req.body).await {
             TokenDecision::Skip | TokenDecision::FailOpen => {}
             TokenDecision::Admit(r, h) => (reservation, headers) = (Some(r), h),
@@ -116,16 +121,26 @@ pub async fn forward(
         agent_id: &agent,
         token_id: &token,
     };
-    let result = upstream
-        .forward_reserved(&req, target, ctx, reservation)
-        .await
-        .map_err(ApiError::from);
+    let result = upstream.send(routed, &req, ctx, reservation).await;
     match (result, headers) {
         (Ok(mut resp), Some(h)) => {
             h.push(&mut resp.headers);
             Ok(resp)
         }
         (result, _) => result,
+    }
+}
+
+/// The principal's model allow-lists as the router checks them.
+struct Allowed<'a>(&'a Principal);
+
+impl ModelPolicy for Allowed<'_> {
+    fn allows(&self, model: &str) -> bool {
+        self.0.allows_model(model)
+    }
+
+    fn exact_names(&self) -> Vec<String> {
+        self.0.allowed_model_names()
     }
 }
 

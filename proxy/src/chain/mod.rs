@@ -35,7 +35,8 @@ use crate::metrics::Registry;
 use crate::ratelimit::RateDecision;
 use crate::request_id::{self, RequestId};
 use crate::routes::{self, Matched, RouteError, RouteId};
-use crate::upstream::{Upstream, UpstreamRoute};
+use crate::upstream::router::Router;
+use crate::upstream::UpstreamRoute;
 
 /// One worker's chain. Everything in it is per worker; the only shared
 /// pieces are the metrics registry (read on scrape) and the bridge queue
@@ -45,7 +46,7 @@ pub struct Chain<B, L> {
     ctx: WorkerCtx,
     auth: Authenticator<B>,
     limiter: L,
-    upstream: Option<Upstream>,
+    upstream: Option<Router>,
     registry: Arc<Registry>,
     /// `IBEX_DEFAULT_RPM`, for orgs whose own limit is 0.
     default_rpm: u32,
@@ -58,7 +59,7 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         ctx: WorkerCtx,
         auth: Authenticator<B>,
         limiter: L,
-        upstream: Option<Upstream>,
+        upstream: Option<Router>,
         registry: Arc<Registry>,
         default_rpm: u32,
     ) -> Self {
@@ -93,9 +94,11 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
         // Token first: nothing about a protected path — not even whether it
         // exists — is told to a caller who has not proved who they are.
         // Refused guesses are counted per address by the flood guard.
+        // On `/v1/messages` only, the PAT may come as `x-api-key` (the Anthropic SDKs', SPEC §12).
+        let x_api_key = route == Ok(RouteId::Messages);
         let grant = self
             .auth
-            .token(&req.headers, conn.peer.ip(), started)
+            .token(&req.headers, x_api_key, conn.peer.ip(), started)
             .await?;
         *org = Some(grant.org());
 
@@ -163,6 +166,16 @@ impl<B: AuthBackend, L: Limiter> Chain<B, L> {
             RouteId::Chat => {
                 Box::pin(self.forward(req, UpstreamRoute::ChatCompletions, p, rid)).await
             }
+            RouteId::Completions => {
+                Box::pin(self.forward(req, UpstreamRoute::Completions, p, rid)).await
+            }
+            RouteId::Responses => {
+                Box::pin(self.forward(req, UpstreamRoute::Responses, p, rid)).await
+            }
+            RouteId::Embeddings => {
+                Box::pin(self.forward(req, UpstreamRoute::Embeddings, p, rid)).await
+            }
+            RouteId::Messages => Box::pin(self.forward(req, UpstreamRoute::Messages, p, rid)).await,
             // Public routes never get here; answer as if unknown.
             RouteId::Health | RouteId::Ready | RouteId::Metrics | RouteId::Unmatched => {
                 Err(ApiError::NotFound)

@@ -52,6 +52,7 @@ fn valid(n: u128, permissions: u64) -> TokenAnswer {
         expires_at_ms: None,
         agent: None,
         rpm: 0,
+        models: None,
         limits: Default::default(),
     })
 }
@@ -108,7 +109,7 @@ impl AuthBackend for Rc<Fake> {
             .tokens
             .borrow()
             .get(&t)
-            .copied()
+            .cloned()
             .unwrap_or(TokenAnswer::Invalid);
         self.answer(Ok(a))
     }

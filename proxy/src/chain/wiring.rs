@@ -15,9 +15,10 @@ use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::ctx::WorkerCtx;
 use crate::metrics::Registry;
+use crate::providers::{Kind, ProviderBook, ProviderSpec, Table};
 use crate::ratelimit::RateLimiter;
 use crate::upstream::request::OperatorHeaders;
-use crate::upstream::{Upstream, UpstreamConfig};
+use crate::upstream::router::{Router, RouterSettings};
 
 pub type WorkerChain = Chain<BridgeClient, RateLimiter>;
 
@@ -28,6 +29,7 @@ pub struct Wiring {
     registry: Arc<Registry>,
     auth_shared: AuthShared,
     meters: Option<crate::ledger::meter::MeterFactory>,
+    providers: Option<Arc<ProviderBook>>,
 }
 
 impl Wiring {
@@ -44,6 +46,7 @@ impl Wiring {
             registry,
             auth_shared,
             meters: None,
+            providers: None,
         }
     }
 
@@ -64,23 +67,44 @@ impl Wiring {
         self.config.threads
     }
 
-    /// The upstream settings, if one is configured.
-    pub fn upstream_config(config: &Config) -> Option<UpstreamConfig> {
-        let url = config.upstream_url.clone()?;
-        Some(UpstreamConfig {
-            url,
+    /// Every worker forwards by these providers and routes (SPEC §12).
+    pub fn with_providers(mut self, book: Option<Arc<ProviderBook>>) -> Self {
+        self.providers = book;
+        self
+    }
+
+    /// The providers and routes: `IBEX_PROVIDERS_FILE`, else the one openai provider of
+    /// `IBEX_UPSTREAM_URL` serving every model, else none.
+    pub fn provider_table(config: &Config) -> anyhow::Result<Option<Table>> {
+        if let Some(path) = &config.providers_file {
+            return Table::load(path, config.upstream_timeout).map(Some);
+        }
+        let Some(url) = config.upstream_url.clone() else {
+            return Ok(None);
+        };
+        Ok(Some(Table::legacy(ProviderSpec {
+            name: "default".to_owned(),
+            kind: Kind::Openai,
+            base_url: url,
             api_key: config
                 .upstream_api_key
                 .clone()
                 .unwrap_or_else(|| SecretString::from(String::new())),
-            ca_file: config.upstream_ca_file.clone(),
             timeout: config.upstream_timeout,
-            idle_timeout: config.upstream_idle_timeout,
+            retries: 0,
             operator: OperatorHeaders {
                 organization: config.upstream_organization.clone(),
                 project: config.upstream_project.clone(),
             },
-        })
+        })))
+    }
+
+    /// What every worker's router shares beside the table.
+    pub fn router_settings(config: &Config) -> RouterSettings {
+        RouterSettings {
+            ca_file: config.upstream_ca_file.clone(),
+            idle_timeout: config.upstream_idle_timeout,
+        }
     }
 
     /// One worker's chain. Must run on that worker's thread, in its runtime.
@@ -100,14 +124,16 @@ impl Wiring {
         monoio::spawn(super::access_log::flush_periodically());
 
         let limiter = RateLimiter::new(Rc::new(cfg.rate_limit()), ctx.clock.clone());
-        let mut upstream = match Self::upstream_config(cfg) {
-            Some(u) => Some(Upstream::new(Rc::new(u), ctx.clock.clone())?),
+        let meter = self.meters.as_ref().map(|m| m.meter());
+        let upstream = match &self.providers {
+            Some(book) => Some(Router::new(
+                book.clone(),
+                Self::router_settings(cfg),
+                ctx.clock.clone(),
+                meter.clone(),
+            )?),
             None => None,
         };
-        let meter = self.meters.as_ref().map(|m| m.meter());
-        if let (Some(u), Some(m)) = (upstream.as_mut(), meter.as_ref()) {
-            u.set_meter(m.clone());
-        }
         // Token limits share the request limiter's Redis connection; month
         // re-seeds ask authd through the bridge, as a validation miss does.
         let tokens = crate::tokens::TokenLimiter::new(
@@ -121,7 +147,7 @@ impl Wiring {
         self.registry.register_worker(
             ctx.metrics.clone(),
             Some(limiter.stats()),
-            upstream.as_ref().map(Upstream::stats),
+            upstream.as_ref().map(Router::stats),
         );
         tracing::debug!(worker, "worker chain built");
         Ok(Chain::new(

@@ -18,8 +18,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::prices::{PriceBook, Prices};
-use super::{Recorder, UsageRecord};
+use super::prices::{Price, PriceBook, Prices};
+use super::record::{clip, RecordRef, MAX_REQUEST_ID};
+use super::Recorder;
 
 /// The process-wide parts a worker's [`Meter`] is made from (`Send + Sync`).
 #[derive(Clone)]
@@ -34,7 +35,7 @@ impl MeterFactory {
         Rc::new(Meter {
             recorder: super::Ledger::recorder_for(&self.ledger),
             prices: self.prices.clone(),
-            local: RefCell::new((0, Arc::new(Prices::default()))),
+            local: RefCell::new(LocalPrices::default()),
         })
     }
 }
@@ -42,7 +43,15 @@ impl MeterFactory {
 pub struct Meter {
     recorder: Recorder,
     prices: Arc<PriceBook>,
-    local: RefCell<(u64, Arc<Prices>)>,
+    local: RefCell<LocalPrices>,
+}
+
+/// A worker's view of the prices: its copy of the book and the last model it priced.
+#[derive(Default)]
+struct LocalPrices {
+    book: (u64, Arc<Prices>),
+    last_model: String,
+    last_price: Option<Price>,
 }
 
 /// What the forwarding code saw when a request ended.
@@ -55,6 +64,9 @@ pub struct Seen {
     /// `data:` events with content streamed to the client.
     pub events: u64,
     pub body_bytes: u64,
+    /// Prompt tokens the provider read from / wrote to its cache, when it said.
+    pub cache_read_tokens: u64,
+    pub cache_creation_tokens: u64,
 }
 
 impl Meter {
@@ -70,10 +82,19 @@ impl Meter {
         ok
     }
 
+    /// The price of the worker's last model is kept: most requests of a worker name the same
+    /// model as the one before, so a price costs a string compare, not a hash look-up.
     fn cost(&self, model: &str, prompt: u64, completion: u64) -> Option<f64> {
         let mut local = self.local.borrow_mut();
-        self.prices.current(&mut local);
-        local.1.cost(model, prompt, completion)
+        let local = &mut *local;
+        let seen = local.book.0;
+        self.prices.current(&mut local.book);
+        if local.book.0 != seen || local.last_model != model {
+            local.last_price = local.book.1.get(model);
+            local.last_model.clear();
+            local.last_model.push_str(model);
+        }
+        Some(local.last_price?.cost(prompt, completion))
     }
 
     /// The model's prices in micro-USD per million tokens (input, output),
@@ -85,7 +106,8 @@ impl Meter {
         Some((micros(input), micros(output)))
     }
 
-    /// Starts the record of one forwarded request.
+    /// Starts the record of one forwarded request (no allocation: the ids are copied inline,
+    /// the body is kept by reference).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         self: &Rc<Self>,
@@ -102,21 +124,44 @@ impl Meter {
             started_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-            record: Some(UsageRecord {
-                request_id: request_id.to_owned(),
-                org_id: org,
-                agent_id: agent,
-                token_id: token,
-                route: route.to_owned(),
-                ..Default::default()
-            }),
+            done: false,
+            request_id: InlineId::new(request_id),
+            org,
+            agent,
+            token,
+            route,
             request_body,
             seen: Seen::default(),
             model: None,
             streamed: false,
             strip_usage: false,
             tokens: None,
+            provider: String::new(),
+            attempts: 0,
         }
+    }
+}
+
+/// A request id (≤ [`MAX_REQUEST_ID`] bytes) held without a heap allocation.
+struct InlineId {
+    len: u8,
+    bytes: [u8; MAX_REQUEST_ID],
+}
+
+impl InlineId {
+    fn new(id: &str) -> Self {
+        let id = clip(id, MAX_REQUEST_ID);
+        let mut bytes = [0; MAX_REQUEST_ID];
+        bytes[..id.len()].copy_from_slice(id.as_bytes());
+        InlineId {
+            len: u8::try_from(id.len()).unwrap_or(0),
+            bytes,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Copied whole from a `&str` cut on a char boundary, so always UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
     }
 }
 
@@ -125,7 +170,12 @@ pub struct Pending {
     meter: Rc<Meter>,
     started: Instant,
     started_at_ms: i64,
-    record: Option<UsageRecord>,
+    done: bool,
+    request_id: InlineId,
+    org: Uuid,
+    agent: Uuid,
+    token: Uuid,
+    route: &'static str,
     request_body: Bytes,
     pub seen: Seen,
     /// The model the response named, if any.
@@ -136,6 +186,10 @@ pub struct Pending {
     /// The request's token reservation (SPEC §11), settled to this record's
     /// figures when it is made: the settled figure is the recorded one.
     pub tokens: Option<crate::tokens::Reservation>,
+    /// The provider that answered ("" = not known).
+    pub provider: String,
+    /// Attempts it took (0 = not known).
+    pub attempts: u32,
 }
 
 fn quarter(bytes: u64) -> u64 {
@@ -150,20 +204,37 @@ fn request_model(body: &[u8]) -> Option<String> {
 }
 
 impl Pending {
-    /// Records what was seen; later calls (and the drop) do nothing.
+    /// Records what was seen; later calls (and the drop) do nothing. The one place a request's
+    /// record is completed: anything that must happen once per metered request hooks in here.
     pub fn finish(&mut self) {
-        let Some(mut r) = self.record.take() else {
+        if std::mem::replace(&mut self.done, true) {
             return;
+        }
+        let fallback;
+        let model = match self.model.as_deref() {
+            Some(m) => m,
+            None => {
+                fallback = request_model(&self.request_body).unwrap_or_default();
+                fallback.as_str()
+            }
         };
-        r.status = self.seen.status;
-        r.streamed = self.streamed;
-        r.started_at_ms = self.started_at_ms;
-        r.duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        r.model = self
-            .model
-            .take()
-            .or_else(|| request_model(&self.request_body))
-            .unwrap_or_default();
+        let mut r = RecordRef {
+            request_id: self.request_id.as_str(),
+            org_id: self.org,
+            agent_id: self.agent,
+            token_id: self.token,
+            model,
+            route: self.route,
+            status: self.seen.status,
+            streamed: self.streamed,
+            started_at_ms: self.started_at_ms,
+            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            provider: &self.provider,
+            attempts: self.attempts,
+            cache_read_tokens: self.seen.cache_read_tokens,
+            cache_creation_tokens: self.seen.cache_creation_tokens,
+            ..RecordRef::default()
+        };
         match self.seen.usage {
             Some((prompt, completion, total)) => {
                 r.prompt_tokens = prompt;
@@ -189,8 +260,8 @@ impl Pending {
         }
         r.cost_usd = self
             .meter
-            .cost(&r.model, r.prompt_tokens, r.completion_tokens);
-        self.meter.recorder.record(&r);
+            .cost(r.model, r.prompt_tokens, r.completion_tokens);
+        self.meter.recorder.record_ref(&r);
         if let Some(reservation) = self.tokens.take() {
             reservation.settle(r.total_tokens, r.cost_usd);
         }

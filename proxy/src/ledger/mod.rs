@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub use record::UsageRecord;
+pub use record::{RecordRef, UsageRecord};
 pub use stats::Stats;
 
 /// Default `IBEX_USAGE_SPOOL_MAX_BYTES`: 1 GiB.
@@ -122,15 +122,19 @@ impl Recorder {
     /// Appends one record (at the end of its request). Never blocks on I/O; the lock is the
     /// worker's own, shared only with the writer's swap once per tick.
     pub fn record(&self, record: &UsageRecord) {
-        {
-            let mut buf = lock(&self.buf.buf);
-            let at = buf.len();
-            buf.extend_from_slice(&[0; 4]);
-            record.encode(&mut buf);
-            let len = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
-            buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
-            self.buf.len.store(buf.len(), Ordering::Relaxed);
-        }
+        self.record_ref(&record.borrowed());
+    }
+
+    /// [`Recorder::record`] from borrowed parts: the request path's form (no allocation unless
+    /// the worker's buffer grows).
+    pub fn record_ref(&self, record: &record::RecordRef<'_>) {
+        let mut buf = lock(&self.buf.buf);
+        let at = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        record.encode(&mut buf);
+        let len = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
+        buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        self.buf.len.store(buf.len(), Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> &Stats {

@@ -17,6 +17,13 @@ pub struct Price {
     pub output_per_mtok: f64,
 }
 
+impl Price {
+    /// USD for the tokens.
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.input_per_mtok + completion as f64 * self.output_per_mtok) / 1e6
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Prices(HashMap<String, Price>);
 
@@ -44,8 +51,12 @@ impl Prices {
 
     /// USD for the tokens, `None` when the model is not priced.
     pub fn cost(&self, model: &str, prompt: u64, completion: u64) -> Option<f64> {
-        let p = self.0.get(model)?;
-        Some((prompt as f64 * p.input_per_mtok + completion as f64 * p.output_per_mtok) / 1e6)
+        Some(self.get(model)?.cost(prompt, completion))
+    }
+
+    /// The model's price, `None` when it is not priced.
+    pub fn get(&self, model: &str) -> Option<Price> {
+        self.0.get(model).copied()
     }
 
     pub fn len(&self) -> usize {

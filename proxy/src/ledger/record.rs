@@ -48,7 +48,7 @@ pub struct UsageRecord {
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
-fn clip(s: &str, max: usize) -> &str {
+pub(crate) fn clip(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -104,7 +104,31 @@ fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
     out.extend_from_slice(s.as_bytes());
 }
 
-impl UsageRecord {
+/// A record made of borrowed parts: what the request path encodes, with no allocation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecordRef<'a> {
+    pub request_id: &'a str,
+    pub org_id: Uuid,
+    pub agent_id: Uuid,
+    pub token_id: Uuid,
+    pub model: &'a str,
+    pub route: &'a str,
+    pub status: u16,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_creation_tokens: u64,
+    pub estimated: bool,
+    pub streamed: bool,
+    pub started_at_ms: i64,
+    pub duration_ms: u64,
+    pub cost_usd: Option<f64>,
+    pub provider: &'a str,
+    pub attempts: u32,
+}
+
+impl RecordRef<'_> {
     /// Appends the encoding to `out` (strings clipped to their maxima).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let cost = self.cost_usd.filter(|c| c.is_finite() && *c >= 0.0);
@@ -118,6 +142,14 @@ impl UsageRecord {
         if cost.is_some() {
             flags |= HAS_COST;
         }
+        out.reserve(
+            FIXED
+                + 8
+                + self.request_id.len()
+                + self.model.len()
+                + self.route.len()
+                + self.provider.len(),
+        );
         out.push(VERSION);
         out.push(flags);
         out.extend_from_slice(self.org_id.as_bytes());
@@ -139,10 +171,45 @@ impl UsageRecord {
             out.extend_from_slice(&cost.to_le_bytes());
         }
         out.extend_from_slice(&self.attempts.to_le_bytes());
-        put_str(out, &self.request_id, MAX_REQUEST_ID);
-        put_str(out, &self.model, MAX_MODEL);
-        put_str(out, &self.route, MAX_ROUTE);
-        put_str(out, &self.provider, MAX_PROVIDER);
+        put_str(out, self.request_id, MAX_REQUEST_ID);
+        put_str(out, self.model, MAX_MODEL);
+        put_str(out, self.route, MAX_ROUTE);
+        put_str(out, self.provider, MAX_PROVIDER);
+    }
+}
+
+/// Bytes of the fixed part: version, flags, ids, status, counts, times, cost, attempts.
+const FIXED: usize = 2 + 48 + 2 + 40 + 16 + 8 + 4;
+
+impl UsageRecord {
+    /// The record's fields, borrowed.
+    pub fn borrowed(&self) -> RecordRef<'_> {
+        RecordRef {
+            request_id: &self.request_id,
+            org_id: self.org_id,
+            agent_id: self.agent_id,
+            token_id: self.token_id,
+            model: &self.model,
+            route: &self.route,
+            status: self.status,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cache_read_tokens: self.cache_read_tokens,
+            cache_creation_tokens: self.cache_creation_tokens,
+            estimated: self.estimated,
+            streamed: self.streamed,
+            started_at_ms: self.started_at_ms,
+            duration_ms: self.duration_ms,
+            cost_usd: self.cost_usd,
+            provider: &self.provider,
+            attempts: self.attempts,
+        }
+    }
+
+    /// Appends the encoding to `out` (strings clipped to their maxima).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        self.borrowed().encode(out);
     }
 
     /// The record encoded in exactly `bytes`, or `None`.

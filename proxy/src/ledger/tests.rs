@@ -180,3 +180,99 @@ fn a_restart_ships_what_is_left_and_skips_a_torn_tail() {
     ledger.shutdown();
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
+
+/// The request path's record (`Meter::start` + `Pending::finish`, encoded from borrowed parts)
+/// says what was seen; the worker's last-model price follows a model change and a reload.
+#[test]
+fn a_metered_request_is_recorded_once_with_its_price_across_model_changes_and_reloads() {
+    use super::meter::MeterFactory;
+    use super::prices::{PriceBook, Prices};
+
+    let d = dir();
+    let mut ledger = Ledger::open(&LedgerConfig {
+        dir: d.clone(),
+        max_bytes: 1 << 20,
+    })
+    .expect("open");
+    let sink = Memory::default();
+    ledger.ship(sink.clone()).expect("ship");
+    let price = |a: f64, b: f64| {
+        Prices::parse(&format!(
+            r#"{{"m1": {{"input_per_mtok": {a}, "output_per_mtok": {b}}}}}"#
+        ))
+        .expect("prices")
+    };
+    let book = Arc::new(PriceBook::new(price(1.0, 2.0)));
+    let meter = MeterFactory {
+        ledger: ledger.shared().clone(),
+        prices: book.clone(),
+    }
+    .meter();
+    let (org, agent, token) = (Uuid::from_u128(7), Uuid::from_u128(8), Uuid::from_u128(9));
+    let long_id = "é".repeat(100); // 200 bytes: clipped to 128 on a char boundary
+    let send = |id: &str, model: Option<&str>, usage: Option<(u64, u64, u64)>| {
+        let mut p = meter.start(
+            id,
+            org,
+            agent,
+            token,
+            "/v1/chat/completions",
+            bytes::Bytes::from_static(br#"{"model":"from-body","messages":[]}"#),
+        );
+        p.seen.status = 200;
+        p.seen.usage = usage;
+        p.seen.body_bytes = 40;
+        p.model = model.map(str::to_owned);
+        p.finish();
+        p.finish(); // a second finish (and the drop) records nothing more
+    };
+    send("a", Some("m1"), Some((1_000_000, 500_000, 0)));
+    send("b", Some("m2"), Some((10, 20, 30)));
+    send("c", Some("m1"), Some((1_000_000, 0, 1_000_000)));
+    book.replace(price(3.0, 0.0));
+    send("d", Some("m1"), Some((1_000_000, 0, 0)));
+    send(&long_id, None, None);
+    poll("five shipped", || sink.counts().len() == 5);
+    let got: HashMap<String, pb::UsageRecord> = sink
+        .got
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|r| (r.request_id.clone(), r.clone()))
+        .collect();
+    assert!(sink.counts().values().all(|&c| c == 1));
+    let a = &got["a"];
+    assert_eq!(
+        (a.prompt_tokens, a.completion_tokens, a.total_tokens),
+        (1_000_000, 500_000, 1_500_000)
+    );
+    assert_eq!(a.cost_usd, Some(2.0));
+    assert_eq!(
+        (a.org_id.as_str(), a.agent_id.as_str(), a.token_id.as_str()),
+        (
+            org.to_string().as_str(),
+            agent.to_string().as_str(),
+            token.to_string().as_str()
+        )
+    );
+    assert_eq!(
+        (a.route.as_str(), a.status, a.model.as_str()),
+        ("/v1/chat/completions", 200, "m1")
+    );
+    assert_eq!(a.usage_source, pb::UsageSource::Provider as i32);
+    assert_eq!(got["b"].cost_usd, None, "m2 is not priced");
+    assert_eq!(got["b"].total_tokens, 30);
+    assert_eq!(got["c"].cost_usd, Some(1.0), "back to m1 after m2");
+    assert_eq!(got["d"].cost_usd, Some(3.0), "the reloaded price");
+    let clipped = "é".repeat(64);
+    let e = &got[&clipped];
+    assert_eq!(e.model, "from-body");
+    assert_eq!(e.usage_source, pb::UsageSource::Estimated as i32);
+    // Estimated: request body bytes / 4 (35 → 9), body bytes / 4 (40 → 10).
+    assert_eq!(
+        (e.prompt_tokens, e.completion_tokens, e.total_tokens),
+        (9, 10, 19)
+    );
+    ledger.shutdown();
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}

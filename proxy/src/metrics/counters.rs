@@ -94,6 +94,8 @@ impl WorkerMetrics {
 #[derive(Debug, Default)]
 pub struct BridgeStats {
     pub feed_connected: AtomicBool,
+    /// Feed streams open (one per listed authd at most).
+    pub feeds_connected: AtomicU64,
     pub feed_reconnects: AtomicU64,
     pub queue_full: AtomicU64,
 }

@@ -319,12 +319,23 @@ fn bridge_stats(out: &mut String, b: &BridgeStats) {
         out,
         "ibex_proxy_authd_feed_connected",
         "gauge",
-        "1 while the invalidation feed stream is open.",
+        "1 while at least one invalidation feed stream is open.",
     );
     let _ = writeln!(
         out,
         "ibex_proxy_authd_feed_connected {}",
         u8::from(b.feed_connected.load(Relaxed))
+    );
+    header(
+        out,
+        "ibex_proxy_authd_feeds_connected",
+        "gauge",
+        "Invalidation feed streams open (one per IBEX_AUTHD_GRPC address at most).",
+    );
+    let _ = writeln!(
+        out,
+        "ibex_proxy_authd_feeds_connected {}",
+        b.feeds_connected.load(Relaxed)
     );
     header(
         out,

@@ -85,6 +85,9 @@ impl Drop for Record {
             p.seen.usage = found
                 .usage
                 .map(|u| (u.prompt_tokens, u.completion_tokens, u.total_tokens));
+            (p.seen.cache_read_tokens, p.seen.cache_creation_tokens) = found
+                .usage
+                .map_or((0, 0), |u| (u.cache_read_tokens, u.cache_creation_tokens));
             p.seen.events = events;
             p.seen.body_bytes = self.bytes;
             p.model = found.model.clone();

@@ -20,6 +20,7 @@ mod conn;
 mod dns;
 pub mod request;
 pub mod response;
+pub mod router;
 mod stats;
 mod target;
 pub mod usage;
@@ -48,9 +49,17 @@ pub const MAX_FULL_BODY: usize = 32 * 1024 * 1024;
 /// Bodies up to this size are sent in the same write as the head.
 const COALESCE_BODY: usize = 16 * 1024;
 
+/// Checks a provider's base URL the way [`Upstream::new`] will read it.
+pub fn check_base_url(url: &str) -> anyhow::Result<()> {
+    target::Target::parse(url).map(drop)
+}
+
 #[derive(Clone)]
 pub struct UpstreamConfig {
-    /// `IBEX_UPSTREAM_URL`: base with version path, e.g. `https://api.openai.com/v1`.
+    /// The provider's name (`x-ibex-provider`, the usage record); `default` for `IBEX_UPSTREAM_URL`.
+    pub name: String,
+    pub kind: crate::providers::Kind,
+    /// `IBEX_UPSTREAM_URL` or the provider's `base_url`: base with version path, e.g. `https://api.openai.com/v1`.
     pub url: String,
     /// `IBEX_UPSTREAM_API_KEY`; never logged, never echoed.
     pub api_key: secrecy::SecretString,
@@ -60,6 +69,8 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// `IBEX_UPSTREAM_IDLE_TIMEOUT`: between body chunks.
     pub idle_timeout: Duration,
+    /// Extra attempts on this provider before the next one (SPEC §12).
+    pub retries: u32,
     /// `IBEX_UPSTREAM_ORGANIZATION` / `IBEX_UPSTREAM_PROJECT`.
     pub operator: request::OperatorHeaders,
 }
@@ -90,6 +101,19 @@ enum SendError {
     Failed,
 }
 
+/// A provider's response head, received, with its connection: nothing sent to the client yet.
+pub struct Exchanged {
+    conn: Conn,
+    head: ResponseHead,
+    rest: BytesMut,
+}
+
+impl Exchanged {
+    pub fn status(&self) -> u16 {
+        self.head.status
+    }
+}
+
 pub struct Upstream {
     config: Rc<UpstreamConfig>,
     /// The worker's clock: request timings for the log and the histograms.
@@ -97,8 +121,8 @@ pub struct Upstream {
     connector: Connector,
     pool: Rc<Pool>,
     stats: Arc<UpstreamStats>,
-    chat: HeadPrefix,
-    models: HeadPrefix,
+    /// One request head per [`UpstreamRoute`], by its index in [`UpstreamRoute::ALL`].
+    heads: Vec<HeadPrefix>,
     /// The usage ledger (SPEC §10): one record per forwarded request.
     meter: Option<Rc<Meter>>,
 }
@@ -108,37 +132,49 @@ impl Upstream {
     /// worker's clock ([`crate::ctx::WorkerCtx`]). Fails on a bad URL, a key
     /// that cannot go in a header, or unusable TLS roots.
     pub fn new(config: Rc<UpstreamConfig>, clock: Rc<dyn Clock>) -> anyhow::Result<Self> {
+        Self::with_stats(config, clock, Arc::new(UpstreamStats::default()))
+    }
+
+    /// [`Upstream::new`] counting into `stats` (a worker's providers share one set).
+    pub fn with_stats(
+        config: Rc<UpstreamConfig>,
+        clock: Rc<dyn Clock>,
+        stats: Arc<UpstreamStats>,
+    ) -> anyhow::Result<Self> {
         let target = target::Target::parse(&config.url)?;
         let key = config.api_key.expose_secret();
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             anyhow::bail!("IBEX_UPSTREAM_API_KEY must be printable ASCII without spaces");
         }
         config.operator.check()?;
-        let chat = HeadPrefix::new(
-            "POST",
-            &target.path_for(UpstreamRoute::ChatCompletions),
-            &target.authority,
-            key,
-            &config.operator,
-        );
-        let models = HeadPrefix::new(
-            "GET",
-            &target.path_for(UpstreamRoute::Models),
-            &target.authority,
-            key,
-            &config.operator,
-        );
+        let heads = UpstreamRoute::ALL
+            .iter()
+            .map(|&route| {
+                let method = if route == UpstreamRoute::Models {
+                    "GET"
+                } else {
+                    "POST"
+                };
+                let path = target.path_for(route);
+                match config.kind {
+                    crate::providers::Kind::Openai => {
+                        HeadPrefix::new(method, &path, &target.authority, key, &config.operator)
+                    }
+                    crate::providers::Kind::Anthropic => {
+                        HeadPrefix::anthropic(method, &path, &target.authority, key)
+                    }
+                }
+            })
+            .collect();
         let tls = match target.scheme {
             target::Scheme::Https => Some(Arc::new(conn::tls_config(config.ca_file.as_deref())?)),
             target::Scheme::Http => None,
         };
-        let stats = Arc::new(UpstreamStats::default());
         Ok(Self {
             connector: Connector::new(target, tls, clock.clone())?,
             pool: Rc::new(Pool::new(stats.clone(), clock.clone())),
             stats,
-            chat,
-            models,
+            heads,
             config,
             meter: None,
             clock,
@@ -160,10 +196,9 @@ impl Upstream {
         self.stats.clone()
     }
 
-    /// Forward `req` (already authorised). Returns the upstream's response
-    /// (status and body passed through, streaming as chunks arrive) or an
-    /// error the chain renders as 502/504. The returned response never
-    /// carries the upstream key; the chain adds `X-Request-ID`.
+    /// Forward `req` (already authorised) to this provider alone, with no fallback: one
+    /// attempt, its response passed through (streaming as chunks arrive) or an error the chain
+    /// renders as 502/504. The response never carries the upstream key.
     pub async fn forward(
         &self,
         req: &Request,
@@ -184,29 +219,14 @@ impl Upstream {
         tokens: Option<crate::tokens::Reservation>,
     ) -> Result<Response, UpstreamError> {
         let started = self.clock.now();
-        let (prefix, mut body) = match route {
-            UpstreamRoute::ChatCompletions => (&self.chat, req.body.clone()),
-            UpstreamRoute::Models => (&self.models, Bytes::new()),
-        };
-        let mut pending = self.meter.as_ref().map(|m| {
-            let path = match route {
-                UpstreamRoute::ChatCompletions => "/v1/chat/completions",
-                UpstreamRoute::Models => "/v1/models",
-            };
-            m.start(
-                ctx.request_id,
-                *ctx.org_id,
-                *ctx.agent_id,
-                *ctx.token_id,
-                path,
-                body.clone(),
-            )
-        });
+        let mut body = req.body.clone();
+        let mut pending = self.start_meter(route, ctx, &body);
         if let Some(p) = pending.as_mut() {
             p.tokens = tokens;
         }
-        // A metered stream always carries the provider's usage (SPEC §10).
         if let Some(p) = pending.as_mut() {
+            p.provider = self.name().to_owned();
+            p.attempts = 1;
             if route == UpstreamRoute::ChatCompletions {
                 if let Some(asked) = crate::ledger::stream_usage::ask_for_usage(&body) {
                     body = asked;
@@ -214,30 +234,98 @@ impl Upstream {
                 }
             }
         }
-        let mut head = Vec::with_capacity(512 + body.len().min(COALESCE_BODY));
-        let content_length = (route == UpstreamRoute::ChatCompletions).then_some(body.len());
-        request::render_head(&mut head, prefix, req, ctx.request_id, content_length);
-
-        let exchanged = monoio::time::timeout(self.config.timeout, self.exchange(head, body)).await;
-        let (conn, resp, rest) = match exchanged {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(self.failed_metered(pending, e, route, ctx, started)),
-            Err(_) => {
-                let e = UpstreamError::Timeout;
-                return Err(self.failed_metered(pending, e, route, ctx, started));
-            }
-        };
-        let ttfb = self.elapsed(started);
-        self.stats.response(resp.status, ttfb);
-        if let Some(p) = pending.as_mut() {
-            p.seen.status = resp.status;
+        match self.attempt(req, route, &body, ctx.request_id).await {
+            Ok(x) => self.deliver(x, route, ctx, started, pending).await,
+            Err(e) => Err(self.failed_metered(pending, e, route, ctx, started)),
         }
-        self.respond(conn, resp, rest, route, ctx, started, ttfb, pending)
+    }
+
+    /// The provider's name (`x-ibex-provider`, the usage record).
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Extra attempts on this provider before the next one.
+    pub fn retries(&self) -> u32 {
+        self.config.retries
+    }
+
+    /// Starts the usage record of a forwarded request (none without a ledger).
+    pub fn start_meter(
+        &self,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        body: &Bytes,
+    ) -> Option<Pending> {
+        self.meter.as_ref().map(|m| {
+            m.start(
+                ctx.request_id,
+                *ctx.org_id,
+                *ctx.agent_id,
+                *ctx.token_id,
+                route.client_path(),
+                body.clone(),
+            )
+        })
+    }
+
+    /// One attempt on this provider: the head for it, the body, and its response head within
+    /// the provider's timeout. Nothing has reached the client yet whatever this returns.
+    pub async fn attempt(
+        &self,
+        req: &Request,
+        route: UpstreamRoute,
+        body: &Bytes,
+        request_id: &str,
+    ) -> Result<Exchanged, UpstreamError> {
+        let prefix = &self.heads[route as usize];
+        let mut head = Vec::with_capacity(512 + body.len().min(COALESCE_BODY));
+        let content_length = (route != UpstreamRoute::Models).then_some(body.len());
+        request::render_head(&mut head, prefix, req, request_id, content_length);
+        let body = if route == UpstreamRoute::Models {
+            Bytes::new()
+        } else {
+            body.clone()
+        };
+        match monoio::time::timeout(self.config.timeout, self.exchange(head, body)).await {
+            Ok(Ok((conn, head, rest))) => Ok(Exchanged { conn, head, rest }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+
+    /// Hands the response of a successful [`Upstream::attempt`] to the client: status and body
+    /// passed through, streaming as chunks arrive, metered into `pending`.
+    pub async fn deliver(
+        &self,
+        x: Exchanged,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        started: Instant,
+        mut pending: Option<Pending>,
+    ) -> Result<Response, UpstreamError> {
+        let ttfb = self.elapsed(started);
+        self.stats.response(x.head.status, ttfb);
+        if let Some(p) = pending.as_mut() {
+            p.seen.status = x.head.status;
+        }
+        self.respond(x.conn, x.head, x.rest, route, ctx, started, ttfb, pending)
             .await
     }
 
+    /// Counts and logs a failed attempt (the client may still get another provider's answer).
+    pub fn attempt_failed(
+        &self,
+        err: UpstreamError,
+        route: UpstreamRoute,
+        ctx: ForwardCtx<'_>,
+        started: Instant,
+    ) {
+        self.failed(err, route, ctx, started);
+    }
+
     /// [`Upstream::failed`], recording the request with the status the client gets.
-    fn failed_metered(
+    pub fn failed_metered(
         &self,
         pending: Option<Pending>,
         err: UpstreamError,
@@ -323,8 +411,8 @@ impl Upstream {
         let strip_usage = pending.as_ref().is_some_and(|p| p.strip_usage);
         let scanner = match route {
             UpstreamRoute::Models => Scanner::Off,
-            UpstreamRoute::ChatCompletions if head.event_stream => Scanner::Sse(Box::default()),
-            UpstreamRoute::ChatCompletions => Scanner::Json(Box::default()),
+            _ if head.event_stream => Scanner::Sse(Box::default()),
+            _ => Scanner::Json(Box::default()),
         };
         let record = Record {
             stats: self.stats.clone(),

@@ -60,7 +60,14 @@ impl OperatorHeaders {
 }
 
 /// Request line and fixed headers for one route, rendered once.
-pub struct HeadPrefix(Vec<u8>);
+pub struct HeadPrefix {
+    bytes: Vec<u8>,
+    /// An anthropic provider: the client's `anthropic-version` and `anthropic-beta` pass too.
+    anthropic: bool,
+}
+
+/// Passed to an anthropic provider only (SPEC §12), beside [`FORWARDED`].
+const FORWARDED_ANTHROPIC: &[&str] = &["anthropic-version", "anthropic-beta"];
 
 impl HeadPrefix {
     /// `api_key` must already be checked for header-safe bytes; an empty key
@@ -93,7 +100,28 @@ impl HeadPrefix {
             }
         }
         out.extend_from_slice(b"Accept-Encoding: identity\r\n");
-        Self(out)
+        Self {
+            bytes: out,
+            anthropic: false,
+        }
+    }
+
+    /// The head of a request to an anthropic provider: its key goes as `x-api-key`.
+    pub fn anthropic(method: &str, path: &str, authority: &str, api_key: &str) -> Self {
+        let mut out = Vec::with_capacity(160);
+        for part in [method, " ", path, " HTTP/1.1\r\nHost: ", authority, "\r\n"] {
+            out.extend_from_slice(part.as_bytes());
+        }
+        if !api_key.is_empty() {
+            out.extend_from_slice(b"x-api-key: ");
+            out.extend_from_slice(api_key.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"Accept-Encoding: identity\r\n");
+        Self {
+            bytes: out,
+            anthropic: true,
+        }
     }
 }
 
@@ -129,7 +157,7 @@ pub fn render_head(
     content_length: Option<usize>,
 ) {
     out.clear();
-    out.extend_from_slice(&prefix.0);
+    out.extend_from_slice(&prefix.bytes);
     out.extend_from_slice(b"X-Request-ID: ");
     out.extend_from_slice(request_id.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -143,7 +171,12 @@ pub fn render_head(
         .iter()
         .any(|h| h.name.eq_ignore_ascii_case(b"connection"));
     for Header { name, value } in req.headers.iter() {
-        if !is_forwarded(name) || (has_connection && named_by_connection(name, req)) {
+        let passes = is_forwarded(name)
+            || (prefix.anthropic
+                && FORWARDED_ANTHROPIC
+                    .iter()
+                    .any(|f| name.eq_ignore_ascii_case(f.as_bytes())));
+        if !passes || (has_connection && named_by_connection(name, req)) {
             continue;
         }
         out.extend_from_slice(name);
@@ -261,6 +294,60 @@ mod tests {
         }
         assert_eq!(lower.matches("authorization").count(), 1);
         assert_eq!(lower.matches("openai-organization").count(), 1);
+    }
+
+    #[test]
+    fn anthropic_gets_its_key_as_x_api_key_and_the_version_headers() {
+        let prefix = HeadPrefix::anthropic("POST", "/v1/messages", "api.anthropic.com", "sk-ant");
+        let r = req(
+            &[
+                ("x-api-key", "ibex_pat_client"),
+                ("Authorization", "Bearer ibex_pat_client"),
+                ("anthropic-version", "2023-06-01"),
+                ("anthropic-beta", "prompt-caching-2024-07-31"),
+                ("OpenAI-Organization", "org-tenant"),
+                ("Content-Type", "application/json"),
+            ],
+            b"{}",
+        );
+        let mut out = Vec::new();
+        render_head(&mut out, &prefix, &r, "rid", Some(2));
+        let text = String::from_utf8(out).unwrap();
+        for want in [
+            "x-api-key: sk-ant",
+            "anthropic-version: 2023-06-01",
+            "anthropic-beta: prompt-caching-2024-07-31",
+            "Content-Type: application/json",
+        ] {
+            assert!(
+                text.split("\r\n").any(|l| l == want),
+                "missing {want}: {text}"
+            );
+        }
+        assert!(!text.contains("ibex_pat"), "{text}");
+        assert!(
+            !text.to_ascii_lowercase().contains("authorization"),
+            "{text}"
+        );
+        assert!(
+            !text.to_ascii_lowercase().contains("openai-organization"),
+            "{text}"
+        );
+        // An openai provider never gets the anthropic headers.
+        let openai = HeadPrefix::new(
+            "POST",
+            "/v1/chat/completions",
+            "h",
+            "sk",
+            &OperatorHeaders::default(),
+        );
+        let mut out = Vec::new();
+        render_head(&mut out, &openai, &r, "rid", Some(2));
+        let text = String::from_utf8(out).unwrap().to_ascii_lowercase();
+        assert!(
+            !text.contains("anthropic-") && !text.contains("x-api-key"),
+            "{text}"
+        );
     }
 
     #[test]

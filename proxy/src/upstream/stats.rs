@@ -294,6 +294,7 @@ mod tests {
                 prompt_tokens: 1,
                 completion_tokens: 2,
                 total_tokens: 3,
+                ..Default::default()
             },
         );
         b.usage(
@@ -303,6 +304,7 @@ mod tests {
                 prompt_tokens: 1,
                 completion_tokens: 2,
                 total_tokens: 3,
+                ..Default::default()
             },
         );
         b.set_idle(4);
@@ -330,6 +332,7 @@ mod tests {
             prompt_tokens: 1,
             completion_tokens: 0,
             total_tokens: 1,
+            ..Default::default()
         };
         for i in 0..MAX_USAGE_SERIES + 10 {
             s.usage(org, &format!("model-{i}"), u);

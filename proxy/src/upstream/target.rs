@@ -15,7 +15,55 @@ pub enum Scheme {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamRoute {
     ChatCompletions,
+    Completions,
+    Responses,
+    Embeddings,
+    /// Anthropic's Messages API.
+    Messages,
     Models,
+}
+
+impl UpstreamRoute {
+    pub const ALL: [UpstreamRoute; 6] = [
+        UpstreamRoute::ChatCompletions,
+        UpstreamRoute::Completions,
+        UpstreamRoute::Responses,
+        UpstreamRoute::Embeddings,
+        UpstreamRoute::Messages,
+        UpstreamRoute::Models,
+    ];
+
+    /// The path under the base URL.
+    pub fn tail(self) -> &'static str {
+        match self {
+            UpstreamRoute::ChatCompletions => "/chat/completions",
+            UpstreamRoute::Completions => "/completions",
+            UpstreamRoute::Responses => "/responses",
+            UpstreamRoute::Embeddings => "/embeddings",
+            UpstreamRoute::Messages => "/messages",
+            UpstreamRoute::Models => "/models",
+        }
+    }
+
+    /// The client's path (for the usage record).
+    pub fn client_path(self) -> &'static str {
+        match self {
+            UpstreamRoute::ChatCompletions => "/v1/chat/completions",
+            UpstreamRoute::Completions => "/v1/completions",
+            UpstreamRoute::Responses => "/v1/responses",
+            UpstreamRoute::Embeddings => "/v1/embeddings",
+            UpstreamRoute::Messages => "/v1/messages",
+            UpstreamRoute::Models => "/v1/models",
+        }
+    }
+
+    /// The provider kind the route is forwarded to (SPEC §12).
+    pub fn kind(self) -> crate::providers::Kind {
+        match self {
+            UpstreamRoute::Messages => crate::providers::Kind::Anthropic,
+            _ => crate::providers::Kind::Openai,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,11 +123,7 @@ impl Target {
 
     /// The request target for `route`: `<base>/chat/completions` or `<base>/models`.
     pub fn path_for(&self, route: UpstreamRoute) -> String {
-        let tail = match route {
-            UpstreamRoute::ChatCompletions => "/chat/completions",
-            UpstreamRoute::Models => "/models",
-        };
-        format!("{}{tail}", self.base_path)
+        format!("{}{}", self.base_path, route.tail())
     }
 }
 

@@ -21,6 +21,10 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Anthropic's `cache_read_input_tokens`: apart from (not in) the prompt tokens.
+    pub cache_read_tokens: u64,
+    /// Anthropic's `cache_creation_input_tokens`: apart from (not in) the prompt tokens.
+    pub cache_creation_tokens: u64,
 }
 
 /// What a response said about itself.
@@ -34,6 +38,9 @@ pub struct Metering {
 enum Field {
     Model,
     Usage,
+    /// `response` (OpenAI Responses events) or `message` (Anthropic's `message_start`): an
+    /// object whose own `model` and `usage` are read one level down.
+    Nest,
 }
 
 /// Where the scanner is inside the top-level object.
@@ -59,6 +66,10 @@ pub struct JsonScanner {
     key_len: usize,
     capture: Option<Field>,
     buf: Vec<u8>,
+    /// The depth whose keys are read: 1, or 2 inside a [`Field::Nest`] object.
+    level: u32,
+    /// The next `{` opens a [`Field::Nest`] object.
+    entering: bool,
     pub found: Metering,
 }
 
@@ -79,6 +90,8 @@ impl JsonScanner {
             key_len: 0,
             capture: None,
             buf: Vec::new(),
+            level: 1,
+            entering: false,
             found: Metering::default(),
         }
     }
@@ -90,6 +103,8 @@ impl JsonScanner {
         self.escaped = false;
         self.top = Top::Start;
         self.capture = None;
+        self.level = 1;
+        self.entering = false;
     }
 
     pub fn feed(&mut self, data: &[u8]) {
@@ -109,7 +124,7 @@ impl JsonScanner {
 
     fn byte(&mut self, b: u8) {
         if self.capture.is_some()
-            && !(self.depth == 1 && !self.in_string && (b == b',' || b == b'}'))
+            && !(self.depth == self.level && !self.in_string && (b == b',' || b == b'}'))
         {
             if self.buf.len() >= MAX_CAPTURE {
                 self.capture = None;
@@ -126,7 +141,7 @@ impl JsonScanner {
                 self.key_byte(b);
             } else if b == b'"' {
                 self.in_string = false;
-                if self.depth == 1 && self.top == Top::InKey {
+                if self.depth == self.level && self.top == Top::InKey {
                     self.top = Top::ExpectColon(self.matched_key());
                 }
             } else {
@@ -137,20 +152,24 @@ impl JsonScanner {
         if b.is_ascii_whitespace() {
             return;
         }
-        if self.depth == 1 {
+        if self.depth == self.level {
             if let Top::ExpectValue(field) = self.top {
                 self.top = Top::InValue;
-                if let Some(f) = field {
-                    self.buf.clear();
-                    self.buf.push(b);
-                    self.capture = Some(f);
+                match field {
+                    Some(Field::Nest) => self.entering = b == b'{',
+                    Some(f) => {
+                        self.buf.clear();
+                        self.buf.push(b);
+                        self.capture = Some(f);
+                    }
+                    None => {}
                 }
             }
         }
         match b {
             b'"' => {
                 self.in_string = true;
-                if self.depth == 1 && self.top == Top::ExpectKey {
+                if self.depth == self.level && self.top == Top::ExpectKey {
                     self.top = Top::InKey;
                     self.key_len = 0;
                 }
@@ -164,21 +183,31 @@ impl JsonScanner {
                     };
                 }
                 self.depth = self.depth.saturating_add(1);
+                if std::mem::take(&mut self.entering) {
+                    self.level = 2;
+                    self.top = Top::ExpectKey;
+                }
             }
             b'}' | b']' => {
-                if self.depth == 1 {
+                if self.depth == self.level {
                     self.finish_capture();
-                    self.top = Top::Ignore;
+                    if self.level == 2 {
+                        // Back in the top-level object, after the nested value.
+                        self.level = 1;
+                        self.top = Top::InValue;
+                    } else {
+                        self.top = Top::Ignore;
+                    }
                 }
                 self.depth = self.depth.saturating_sub(1);
             }
-            b',' if self.depth == 1 => {
+            b',' if self.depth == self.level => {
                 self.finish_capture();
                 if self.top == Top::InValue {
                     self.top = Top::ExpectKey;
                 }
             }
-            b':' if self.depth == 1 => {
+            b':' if self.depth == self.level => {
                 if let Top::ExpectColon(field) = self.top {
                     self.top = Top::ExpectValue(field);
                 }
@@ -188,7 +217,7 @@ impl JsonScanner {
     }
 
     fn key_byte(&mut self, b: u8) {
-        if self.depth == 1 && self.top == Top::InKey {
+        if self.depth == self.level && self.top == Top::InKey {
             if self.key_len < self.key.len() {
                 self.key[self.key_len] = b;
             }
@@ -201,6 +230,7 @@ impl JsonScanner {
         match key {
             b"model" if self.found.model.is_none() => Some(Field::Model),
             b"usage" => Some(Field::Usage),
+            b"response" | b"message" if self.level == 1 => Some(Field::Nest),
             _ => None,
         }
     }
@@ -223,17 +253,40 @@ impl JsonScanner {
                     prompt_tokens: Option<u64>,
                     completion_tokens: Option<u64>,
                     total_tokens: Option<u64>,
+                    // Responses and Messages name them so.
+                    input_tokens: Option<u64>,
+                    output_tokens: Option<u64>,
+                    cache_read_input_tokens: Option<u64>,
+                    cache_creation_input_tokens: Option<u64>,
                 }
                 if let Ok(Some(w)) = serde_json::from_slice::<Option<Wire>>(&self.buf) {
-                    let prompt = w.prompt_tokens.unwrap_or(0);
-                    let completion = w.completion_tokens.unwrap_or(0);
+                    // A later usage object updates what it names and keeps the rest: Anthropic's
+                    // `message_delta` carries the final output tokens, `message_start` the input.
+                    let prev = self.found.usage.unwrap_or_default();
+                    let prompt = w
+                        .prompt_tokens
+                        .or(w.input_tokens)
+                        .unwrap_or(prev.prompt_tokens);
+                    let completion = w
+                        .completion_tokens
+                        .or(w.output_tokens)
+                        .unwrap_or(prev.completion_tokens);
                     self.found.usage = Some(Usage {
                         prompt_tokens: prompt,
                         completion_tokens: completion,
+                        // Cache tokens are recorded apart and never added in (Anthropic's
+                        // input_tokens already excludes them).
                         total_tokens: w.total_tokens.unwrap_or(prompt.saturating_add(completion)),
+                        cache_read_tokens: w
+                            .cache_read_input_tokens
+                            .unwrap_or(prev.cache_read_tokens),
+                        cache_creation_tokens: w
+                            .cache_creation_input_tokens
+                            .unwrap_or(prev.cache_creation_tokens),
                     });
                 }
             }
+            Field::Nest => {}
         }
         self.buf.clear();
     }
@@ -422,7 +475,8 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 12,
                 completion_tokens: 7,
-                total_tokens: 19
+                total_tokens: 19,
+                ..Default::default()
             })
         );
     }
@@ -474,7 +528,8 @@ mod tests {
                 Some(Usage {
                     prompt_tokens: 3,
                     completion_tokens: 4,
-                    total_tokens: 7
+                    total_tokens: 7,
+                    ..Default::default()
                 }),
                 "step {step}"
             );
@@ -487,5 +542,82 @@ mod tests {
         s.feed(b"data: {\"model\":\"m\",\"choices\":[]}\n\ndata: [DONE]\n\n");
         assert_eq!(s.found().usage, None);
         assert_eq!(s.found().model.as_deref(), Some("m"));
+    }
+
+    #[test]
+    fn responses_usage_is_read_from_the_nested_response() {
+        // A whole Responses body: usage at the top with input/output names.
+        let body = r#"{"id":"resp_1","object":"response","model":"gpt-4o","output":[{"type":"message","content":[{"type":"output_text","text":"hi \"usage\": 1"}]}],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,"total_tokens":13}}"#;
+        let m = json_all_splits(body);
+        assert_eq!(m.model.as_deref(), Some("gpt-4o"));
+        let u = m.usage.unwrap();
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+            (9, 4, 13)
+        );
+        // The streamed final event nests the response, usage and model one level down.
+        let stream = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"model\":\"gpt-4o\",\"usage\":null}}\n\n\
+                      event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
+                      event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r\",\"model\":\"gpt-4o\",\"output\":[{\"content\":[{\"text\":\"Hi\"}]}],\"usage\":{\"input_tokens\":5,\"output_tokens\":2,\"total_tokens\":7}},\"sequence_number\":3}\n\n";
+        for step in [1, 2, 7, stream.len()] {
+            let mut s = SseScanner::new();
+            for piece in stream.as_bytes().chunks(step) {
+                s.feed(piece);
+            }
+            let m = s.into_found();
+            assert_eq!(m.model.as_deref(), Some("gpt-4o"), "step {step}");
+            let u = m.usage.unwrap();
+            assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+                (5, 2, 7)
+            );
+        }
+    }
+
+    #[test]
+    fn messages_usage_takes_input_from_the_start_output_from_the_last_delta_and_cache_apart() {
+        let stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude-x\",\"content\":[],\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":7,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\n\n\
+                      event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n\
+                      event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n\
+                      event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for step in [1, 3, stream.len()] {
+            let mut s = SseScanner::new();
+            for piece in stream.as_bytes().chunks(step) {
+                s.feed(piece);
+            }
+            let m = s.into_found();
+            assert_eq!(m.model.as_deref(), Some("claude-x"));
+            assert_eq!(
+                m.usage,
+                Some(Usage {
+                    prompt_tokens: 25,
+                    completion_tokens: 15,
+                    // Cache tokens are not added in: they are recorded apart.
+                    total_tokens: 40,
+                    cache_read_tokens: 100,
+                    cache_creation_tokens: 7,
+                }),
+                "step {step}"
+            );
+        }
+        // A whole Messages body.
+        let body = r#"{"id":"msg_1","type":"message","model":"claude-x","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":3,"cache_read_input_tokens":2,"cache_creation_input_tokens":0,"output_tokens":4}}"#;
+        let u = json_all_splits(body).usage.unwrap();
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.total_tokens,
+                u.cache_read_tokens
+            ),
+            (3, 4, 7, 2)
+        );
+        // An error body's nested message is not a nest to read.
+        let err = r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert_eq!(json_all_splits(err), Metering::default());
+        // A top-level "message" that is a string is skipped.
+        let m = json_all_splits(r#"{"message":"x","model":"m","usage":{"prompt_tokens":1}}"#);
+        assert_eq!(m.model.as_deref(), Some("m"));
+        assert_eq!(m.usage.map(|u| u.prompt_tokens), Some(1));
     }
 }

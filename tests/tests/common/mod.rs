@@ -436,6 +436,7 @@ impl Ctx {
             user_id: String::new(),
             permissions: spec.permissions,
             expires_in_ms: spec.expires_in_ms,
+            ..Default::default()
         })?;
         let resp = self.grpc(async |mut c| c.create_token(req).await).await?;
         self.env.remember_secret(&resp.token);

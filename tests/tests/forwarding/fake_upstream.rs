@@ -222,7 +222,7 @@ async fn serve(state: Arc<State>, mode: Mode, mut stream: TcpStream) {
 }
 
 /// Reads one request; `None` on a clean close between requests.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<Seen>> {
+pub async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<Seen>> {
     loop {
         let mut slots = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut slots);

@@ -21,6 +21,15 @@ pub struct Progress {
     pub complete: bool,
 }
 
+/// The first value of the response header `name` (case-insensitive).
+#[allow(
+    dead_code,
+    reason = "not every suite including this module reads headers"
+)]
+pub fn header_of(p: &Progress, name: &str) -> Option<String> {
+    header(&p.headers, name).map(str::to_owned)
+}
+
 /// A client reading a chunked response bit by bit.
 pub struct Streamed {
     stream: TcpStream,

@@ -298,9 +298,9 @@ pub async fn sec_5_permission_bitmap(ctx: Ctx) -> Result<()> {
         ),
     ];
     run_rows(&ctx, &rows).await?;
-    // Unknown bits are refused when the token is made.
+    // Unknown bits are refused when the token is made (16 is `embeddings` since issue 15).
     ensure!(
-        ctx.token(org, 16).await.is_err(),
+        ctx.token(org, 32).await.is_err(),
         "authd issued a token with an unknown permission bit"
     );
     Ok(())

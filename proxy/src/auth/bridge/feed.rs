@@ -100,13 +100,21 @@ fn broadcast(subscribers: &Subscribers, event: FeedEvent) {
     });
 }
 
+/// Holds the feed of one listed authd (`balancer.health(index)`), reconnecting
+/// with backoff. Each feed resets every worker's trust when it (re)connects:
+/// what this stream missed while it was away is unknown, and a heartbeat on
+/// it after the gap must not vouch for that gap. (Another feed that stayed
+/// live did deliver those events; the reset only costs re-validations.)
 pub(super) async fn watch(
     channel: Channel,
     key: super::ServiceKey,
     subscriber: String,
     subscribers: Subscribers,
     stats: Arc<BridgeStats>,
+    balancer: super::balance::Balancer,
+    index: usize,
 ) {
+    let health = balancer.health(index);
     let mut client = AuthServiceClient::new(channel);
     let mut backoff = BACKOFF_MIN;
     let mut was_up = true; // log the first failure
@@ -120,8 +128,12 @@ pub(super) async fn watch(
                 let mut stream = resp.into_inner();
                 // Whatever happened while we were away is unknown.
                 broadcast(&subscribers, FeedEvent::Reset);
+                health.set_feed_up(true);
                 stats.feed_connected.store(true, Ordering::Relaxed);
-                tracing::info!("authd invalidation feed connected");
+                stats
+                    .feeds_connected
+                    .store(balancer.feeds_up(), Ordering::Relaxed);
+                tracing::info!(authd = index, "authd invalidation feed connected");
                 was_up = true;
                 let mut silence = FEED_SILENCE_MIN;
                 let mut last_seq = 0u64;
@@ -144,20 +156,29 @@ pub(super) async fn watch(
                         }
                         Ok(Ok(None)) => break,
                         Ok(Err(status)) => {
-                            tracing::warn!(code = ?status.code(), "authd invalidation feed broke");
+                            tracing::warn!(authd = index, code = ?status.code(), "authd invalidation feed broke");
                             break;
                         }
                         Err(_) => {
-                            tracing::warn!("authd invalidation feed silent; reconnecting");
+                            tracing::warn!(
+                                authd = index,
+                                "authd invalidation feed silent; reconnecting"
+                            );
                             break;
                         }
                     }
                 }
-                stats.feed_connected.store(false, Ordering::Relaxed);
+                health.set_feed_up(false);
+                stats
+                    .feed_connected
+                    .store(balancer.feeds_up() > 0, Ordering::Relaxed);
+                stats
+                    .feeds_connected
+                    .store(balancer.feeds_up(), Ordering::Relaxed);
             }
             Err(status) => {
                 if was_up {
-                    tracing::warn!(code = ?status.code(), "authd invalidation feed unavailable; retrying");
+                    tracing::warn!(authd = index, code = ?status.code(), "authd invalidation feed unavailable; retrying");
                     was_up = false;
                 }
             }

@@ -9,17 +9,25 @@
 //!   `WatchInvalidations` stream and fans every event out to every worker's
 //!   own queue, reconnecting with backoff (50 ms doubling to 1 s).
 //!
+//! With several authd listed in `IBEX_AUTHD_GRPC` (SPEC §6) the thread holds
+//! one validation channel and one feed per authd: validations go to the
+//! least busy healthy one ([`balance`]), and every feed is fanned out to the
+//! workers, whose trust rule needs only one of them fresh (a revocation is
+//! NOTIFYed to every authd, so any one live feed carries it).
+//!
 //! Not here: caching and deadlines (the workers' [`super::step`] apply
 //! `IBEX_AUTH_VALIDATE_TIMEOUT` themselves), and any decision on what an
 //! answer means for a request.
 
 mod authd;
+mod balance;
 mod feed;
 mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use ibex_proto::pb::auth_service_client::AuthServiceClient;
 use secrecy::SecretString;
 use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
@@ -43,8 +51,8 @@ const CONNECT_AT_START: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 pub struct BridgeConfig {
-    /// `IBEX_AUTHD_GRPC`.
-    pub authd_url: String,
+    /// `IBEX_AUTHD_GRPC`: one or more authd addresses.
+    pub authd_urls: Vec<String>,
     /// Name sent to authd's logs with the feed subscription.
     pub subscriber: String,
     /// `IBEX_SERVICE_KEY`, sent as `x-ibex-service-key` on every call.
@@ -68,11 +76,18 @@ impl Bridge {
     /// is not an error (logged; calls answer 503 until it is up).
     pub fn start(config: BridgeConfig) -> anyhow::Result<Bridge> {
         let key = ServiceKey::new(&config.service_key)?;
-        let endpoint = authd::endpoint(&config.authd_url, config.ca_file.as_deref())?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
+        anyhow::ensure!(!config.authd_urls.is_empty(), "no authd address");
+        let endpoints = config
+            .authd_urls
+            .iter()
+            .map(|url| {
+                Ok(authd::endpoint(url, config.ca_file.as_deref())?
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5)))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let (calls, rx) = mpsc::channel(QUEUE_DEPTH);
         let subscribers: Subscribers = Arc::default();
         let stats = Arc::new(BridgeStats::default());
@@ -85,7 +100,7 @@ impl Bridge {
         std::thread::Builder::new()
             .name("ibex-authd-bridge".into())
             .spawn(move || {
-                runtime.block_on(serve(endpoint, key, config, rx, subs, st, connected_tx))
+                runtime.block_on(serve(endpoints, key, config, rx, subs, st, connected_tx))
             })?;
         match connected.recv_timeout(CONNECT_AT_START + Duration::from_secs(1)) {
             Ok(true) => tracing::debug!("authd channel connected"),
@@ -116,10 +131,11 @@ impl Bridge {
     }
 }
 
-/// The bridge thread: the feed on its own task, the validation loop here.
-/// The validation channel is connected first (reported on `connected`).
+/// The bridge thread: each feed on its own task, the validation loop here.
+/// The validation channels are connected first (`connected` reports whether
+/// at least one did).
 async fn serve(
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     key: ServiceKey,
     config: BridgeConfig,
     calls: mpsc::Receiver<Call>,
@@ -127,25 +143,32 @@ async fn serve(
     stats: Arc<BridgeStats>,
     connected: std::sync::mpsc::Sender<bool>,
 ) {
-    // The feed gets its own connection so a slow validation can never delay
+    let balancer = balance::Balancer::new(endpoints.len());
+    // Each feed gets its own connection so a slow validation can never delay
     // an invalidation (and vice versa).
-    tokio::spawn(feed::watch(
-        endpoint.connect_lazy(),
-        key.clone(),
-        config.subscriber,
-        subscribers,
-        stats,
-    ));
-    let endpoint = validate::endpoint(endpoint);
-    let channel = match tokio::time::timeout(CONNECT_AT_START, endpoint.connect()).await {
-        Ok(Ok(channel)) => {
-            let _ = connected.send(true);
-            channel
+    for (index, endpoint) in endpoints.iter().enumerate() {
+        tokio::spawn(feed::watch(
+            endpoint.connect_lazy(),
+            key.clone(),
+            config.subscriber.clone(),
+            subscribers.clone(),
+            stats.clone(),
+            balancer.clone(),
+            index,
+        ));
+    }
+    let connects = endpoints.into_iter().map(|endpoint| async move {
+        let endpoint = validate::endpoint(endpoint);
+        match tokio::time::timeout(CONNECT_AT_START, endpoint.connect()).await {
+            Ok(Ok(channel)) => (true, channel),
+            _ => (false, endpoint.connect_lazy()),
         }
-        _ => {
-            let _ = connected.send(false);
-            endpoint.connect_lazy()
-        }
-    };
-    validate::run(channel, key, calls).await;
+    });
+    let channels = futures::future::join_all(connects).await;
+    let _ = connected.send(channels.iter().any(|(up, _)| *up));
+    let clients = channels
+        .into_iter()
+        .map(|(_, channel)| AuthServiceClient::new(channel))
+        .collect();
+    validate::run(clients, balancer, key, calls).await;
 }

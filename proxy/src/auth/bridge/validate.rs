@@ -13,8 +13,10 @@ use ibex_proto::pb::auth_service_client::AuthServiceClient;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::transport::{Channel, Endpoint};
+
 use uuid::Uuid;
 
+use super::balance::{token_key, Balancer};
 use super::ServiceKey;
 use crate::auth::backend::{
     AgentAnswer, AgentLimits, Answer, AuthBackend, OrgLimits, TokenAnswer, Unavailable, ValidToken,
@@ -136,15 +138,23 @@ pub(super) fn endpoint(endpoint: Endpoint) -> Endpoint {
 }
 
 /// The bridge thread's validation loop, until every worker's client is gone.
-pub(super) async fn run(channel: Channel, key: ServiceKey, mut calls: mpsc::Receiver<Call>) {
-    let client = AuthServiceClient::new(channel);
+/// `clients[i]` is the channel to the `i`-th listed authd; each call goes to
+/// the one [`Balancer::pick`] ranks first and, if that one fails (anything
+/// but an answer or a RESOURCE_EXHAUSTED refusal), to the next, each authd at
+/// most once, while the worker still waits.
+pub(super) async fn run(
+    clients: Vec<AuthServiceClient<Channel>>,
+    balancer: Balancer,
+    key: ServiceKey,
+    mut calls: mpsc::Receiver<Call>,
+) {
+    let clients: Arc<[AuthServiceClient<Channel>]> = clients.into();
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     while let Some(call) = calls.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        let mut client = client.clone();
-        let key = key.clone();
+        let (clients, balancer, key) = (clients.clone(), balancer.clone(), key.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match call {
@@ -153,22 +163,20 @@ pub(super) async fn run(channel: Channel, key: ServiceKey, mut calls: mpsc::Rece
                     client: addr,
                     reply,
                 } => {
-                    if reply.is_closed() {
-                        return; // the worker gave up already
-                    }
                     let req = pb::ValidateTokenRequest {
                         token: token.expose_secret().to_owned(),
                         client_addr: addr.to_string(),
                     };
-                    let answer = match client.validate_token(key.request(req)).await {
-                        Ok(r) => token_answer(r.into_inner()),
-                        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                            Ok(refusal(&status))
-                        }
-                        Err(status) => {
-                            tracing::debug!(code = ?status.code(), "authd ValidateToken failed");
-                            Err(Unavailable)
-                        }
+                    let affinity = Some(token_key(&req.token));
+                    let answer = failover(&clients, &balancer, affinity, &reply, |mut c| {
+                        let req = key.request(req.clone());
+                        async move { c.validate_token(req).await }
+                    })
+                    .await;
+                    let answer = match answer {
+                        Some(Ok(r)) => token_answer(r),
+                        Some(Err(status)) => Ok(refusal(&status)),
+                        None => Err(Unavailable),
                     };
                     let _ = reply.send(answer);
                 }
@@ -183,42 +191,89 @@ pub(super) async fn run(channel: Channel, key: ServiceKey, mut calls: mpsc::Rece
                         agent_id: agent.to_string(),
                         since_unix_ms: since_ms,
                     };
-                    let answer = match client.get_month_usage(key.request(req)).await {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            Ok(crate::tokens::MonthUsage {
-                                org_tokens: r.org_tokens,
-                                org_usd_micros: usd_micros(r.org_usd),
-                                agent_tokens: r.agent_tokens,
-                            })
-                        }
-                        Err(status) => {
+                    let answer = failover(&clients, &balancer, None, &reply, |mut c| {
+                        let req = key.request(req.clone());
+                        async move { c.get_month_usage(req).await }
+                    })
+                    .await;
+                    let answer = match answer {
+                        Some(Ok(r)) => Ok(crate::tokens::MonthUsage {
+                            org_tokens: r.org_tokens,
+                            org_usd_micros: usd_micros(r.org_usd),
+                            agent_tokens: r.agent_tokens,
+                        }),
+                        Some(Err(status)) => {
                             tracing::debug!(code = ?status.code(), "authd GetMonthUsage failed");
                             Err(Unavailable)
                         }
+                        None => Err(Unavailable),
                     };
                     let _ = reply.send(answer);
                 }
                 Call::Agent { org, agent, reply } => {
-                    if reply.is_closed() {
-                        return;
-                    }
                     let req = pb::ValidateAgentRequest {
                         org_id: org.to_string(),
                         agent_id: agent.to_string(),
                     };
-                    let answer = match client.validate_agent(key.request(req)).await {
-                        Ok(r) => agent_answer(r.into_inner()),
-                        Err(status) => {
-                            tracing::debug!(code = ?status.code(), "authd ValidateAgent failed");
-                            Err(Unavailable)
-                        }
+                    let answer = failover(&clients, &balancer, None, &reply, |mut c| {
+                        let req = key.request(req.clone());
+                        async move { c.validate_agent(req).await }
+                    })
+                    .await;
+                    let answer = match answer {
+                        Some(Ok(r)) => agent_answer(r),
+                        // authd refuses agents only by answering; treat any
+                        // refusal like an outage (fail closed).
+                        Some(Err(_)) | None => Err(Unavailable),
                     };
                     let _ = reply.send(answer);
                 }
             }
         });
     }
+}
+
+/// Runs `call` on the authd [`Balancer::pick`] chooses, then on the next
+/// while one fails. `Some(Ok)`: an answer; `Some(Err)`: a RESOURCE_EXHAUSTED
+/// refusal (authd decided not to decide: not retried elsewhere, or a guesser
+/// throttled on one authd would just move to the next); `None`: every authd
+/// failed, or the worker stopped waiting.
+async fn failover<T, R, F, Fut>(
+    clients: &[AuthServiceClient<Channel>],
+    balancer: &Balancer,
+    affinity: Option<u64>,
+    reply: &oneshot::Sender<R>,
+    call: F,
+) -> Option<Result<T, tonic::Status>>
+where
+    F: Fn(AuthServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut tried = 0u64;
+    while let Some((index, _in_flight)) = balancer.pick(tried, affinity) {
+        if reply.is_closed() {
+            return None; // the worker gave up already
+        }
+        tried |= 1u64
+            .checked_shl(u32::try_from(index).unwrap_or(u32::MAX))
+            .unwrap_or(0);
+        let client = clients.get(index)?.clone();
+        match call(client).await {
+            Ok(r) => {
+                balancer.answered(index);
+                return Some(Ok(r.into_inner()));
+            }
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                balancer.answered(index);
+                return Some(Err(status));
+            }
+            Err(status) => {
+                tracing::debug!(authd = index, code = ?status.code(), "authd validation call failed");
+                balancer.failed(index);
+            }
+        }
+    }
+    None
 }
 
 /// Why authd declined to decide: its guess throttle, or saturation.
@@ -239,6 +294,17 @@ fn token_answer(r: pb::ValidateTokenResponse) -> Answer<TokenAnswer> {
                 "" => None,
                 a => Some(Uuid::parse_str(a).map_err(|_| Unavailable)?),
             };
+            // Normalised again here: a list the proxy cannot read refuses the token (fail closed).
+            let token_models =
+                ibex_proto::models::normalize(&r.token_allowed_models).map_err(|_| Unavailable)?;
+            let org_models =
+                ibex_proto::models::normalize(&r.org_allowed_models).map_err(|_| Unavailable)?;
+            let models = (!token_models.is_empty() || !org_models.is_empty()).then(|| {
+                std::sync::Arc::new(crate::auth::backend::ModelLists {
+                    token: token_models,
+                    org: org_models,
+                })
+            });
             Ok(TokenAnswer::Valid(ValidToken {
                 org,
                 token_id,
@@ -246,6 +312,7 @@ fn token_answer(r: pb::ValidateTokenResponse) -> Answer<TokenAnswer> {
                 expires_at_ms: (r.expires_at_unix_ms != 0).then_some(r.expires_at_unix_ms),
                 agent,
                 rpm: r.org_rpm_limit,
+                models,
                 limits: OrgLimits {
                     tpm: r.org_tpm_limit,
                     month_tokens: r.org_monthly_token_budget,

@@ -1,0 +1,1032 @@
+//! Routes and providers end to end (issue 15, SPEC §12): the real `ibex-proxy` behind a real
+//! `ibex-authd`, Postgres and Redis, forwarding by an `IBEX_PROVIDERS_FILE` to fake OpenAI- and
+//! Anthropic-shaped providers (`routes/fake_provider.rs`) and to a port nothing listens on.
+//!
+//! One stack, the cases in order: every route plain and streamed (event by event: the first
+//! event reaches the client while the provider still holds the last), the provider's key sent
+//! and the client's never, the PAT as `x-api-key` on `/v1/messages` only, the `embeddings`
+//! permission, unknown models, kind mismatches and aliases, `/v1/models`, fallback on a 503, a
+//! refused connection and a timeout (`x-ibex-provider`, `attempts` in the usage record), no
+//! fallback once the client has bytes, a circuit-broken provider skipped then probed back,
+//! `SIGHUP` reload of the providers file under load without a failed request (and a bad file
+//! kept out), and the usage records per shape, Anthropic cache tokens apart.
+//!
+//! The proxy runs one worker (`IBEX_PROXY_THREADS=1`) so the breaker it has per worker is the
+//! one the test drives.
+//!
+//! Needs the binaries: `cargo build --workspace --bins`, then
+//! `cargo test -p ibex-e2e --test routes`.
+
+#[path = "routes/fake_provider.rs"]
+mod fake_provider;
+#[path = "forwarding/fake_upstream.rs"]
+#[expect(dead_code, reason = "only its request reader and Seen are used here")]
+mod fake_upstream;
+#[path = "forwarding/streamed.rs"]
+mod streamed;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use fake_provider::{Behaviour, Provider, Shape};
+use ibex_e2e::http::{Conn, Request, Response};
+use ibex_e2e::{Authd, Postgres, Proxy, Redis};
+use streamed::{Progress, Streamed};
+
+/// How long any awaited effect may take.
+const WITHIN: Duration = Duration::from_secs(20);
+const KEY_OA1: &str = "sk-routes-oa1-0123456789";
+const KEY_OA2: &str = "sk-routes-oa2-0123456789";
+const KEY_ANT: &str = "sk-ant-routes-0123456789";
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+struct Fx {
+    proxy: Proxy,
+    pg: Postgres,
+    oa1: Provider,
+    oa2: Provider,
+    ant: Provider,
+    agent: String,
+    /// `read,chat`.
+    chat_pat: String,
+    /// `read,chat,embeddings`.
+    emb_pat: String,
+    file: std::path::PathBuf,
+    dead_url: String,
+    seq: AtomicUsize,
+}
+
+impl Fx {
+    fn rid(&self, what: &str) -> String {
+        format!("routes-{what}-{}", self.seq.fetch_add(1, Ordering::SeqCst))
+    }
+
+    fn post(&self, path: &str, pat: &str, body: &str, rid: &str) -> Request {
+        Request::post(path, body)
+            .header("Content-Type", "application/json")
+            .header("anthropic-version", ANTHROPIC_VERSION)
+            .auth(pat, &self.agent)
+            .header("X-Request-ID", rid)
+    }
+}
+
+fn providers_file(oa1: &str, oa2: &str, ant: &str, dead: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[provider]]
+name = "oa-1"
+kind = "openai"
+base_url = "{oa1}"
+api_key_env = "ROUTES_KEY_OA1"
+timeout = "1s"
+
+[[provider]]
+name = "oa-2"
+kind = "openai"
+base_url = "{oa2}"
+api_key_env = "ROUTES_KEY_OA2"
+
+[[provider]]
+name = "ant"
+kind = "anthropic"
+base_url = "{ant}"
+api_key_env = "ROUTES_KEY_ANT"
+
+[[provider]]
+name = "dead"
+kind = "openai"
+base_url = "{dead}"
+api_key_env = "ROUTES_KEY_OA2"
+
+[[route]]
+model = "gpt-*"
+providers = ["oa-1", "oa-2"]
+
+[[route]]
+model = "text-embedding-*"
+providers = ["oa-1"]
+
+[[route]]
+model = "fast"
+target_model = "gpt-4o-mini"
+providers = ["oa-1"]
+
+[[route]]
+model = "claude-*"
+providers = ["ant"]
+
+[[route]]
+model = "refused-first"
+providers = ["dead", "oa-2"]
+{extra}"#
+    )
+}
+
+async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    loop {
+        let last = f().await;
+        if let Ok(Some(v)) = last {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(anyhow!(
+                "timed out waiting for {what}; last: {:?}",
+                last.err()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A record's `(prompt, completion, total, cache_read, cache_creation)` tokens.
+type Tokens = (i64, i64, i64, i64, i64);
+
+#[derive(Debug, PartialEq, Eq)]
+struct Row {
+    route: String,
+    model: String,
+    status: i32,
+    prompt: i64,
+    completion: i64,
+    total: i64,
+    cache_read: i64,
+    cache_creation: i64,
+    source: String,
+    streamed: bool,
+    provider: Option<String>,
+    attempts: Option<i32>,
+}
+
+async fn row(pg: &Postgres, rid: &str) -> Result<Option<Row>> {
+    let c = pg.admin_client().await?;
+    let rows = c
+        .query(
+            "SELECT route, model, status, prompt_tokens, completion_tokens, total_tokens, \
+             cache_read_tokens, cache_creation_tokens, usage_source, streamed, provider, attempts \
+             FROM ibex_core.usage_records WHERE request_id = $1",
+            &[&rid],
+        )
+        .await?;
+    ensure!(rows.len() <= 1, "{} rows for {rid}", rows.len());
+    rows.first()
+        .map(|r| {
+            Ok(Row {
+                route: r.try_get(0)?,
+                model: r.try_get(1)?,
+                status: r.try_get(2)?,
+                prompt: r.try_get(3)?,
+                completion: r.try_get(4)?,
+                total: r.try_get(5)?,
+                cache_read: r.try_get(6)?,
+                cache_creation: r.try_get(7)?,
+                source: r.try_get(8)?,
+                streamed: r.try_get(9)?,
+                provider: r.try_get(10)?,
+                attempts: r.try_get(11)?,
+            })
+        })
+        .transpose()
+}
+
+async fn recorded(pg: &Postgres, rid: &str) -> Result<Row> {
+    poll(&format!("the record of {rid}"), async || row(pg, rid).await).await
+}
+
+/// Checks a record's provider, attempts and token numbers `(prompt, completion, total,
+/// cache_read, cache_creation)`.
+async fn expect_record(
+    fx: &Fx,
+    rid: &str,
+    route: &str,
+    provider: &str,
+    attempts: i32,
+    tokens: Tokens,
+    streamed: bool,
+) -> Result<()> {
+    let r = recorded(&fx.pg, rid).await?;
+    let got = (
+        r.prompt,
+        r.completion,
+        r.total,
+        r.cache_read,
+        r.cache_creation,
+    );
+    ensure!(
+        r.route == route
+            && r.provider.as_deref() == Some(provider)
+            && r.attempts == Some(attempts)
+            && got == tokens
+            && r.source == "provider"
+            && r.streamed == streamed
+            && r.status == 200,
+        "record of {rid}: {r:?}; expected {route} {provider} attempts {attempts} tokens {tokens:?} streamed {streamed}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_end_to_end() -> Result<()> {
+    let (pg, redis) = tokio::join!(Postgres::start(), Redis::start());
+    let (pg, redis) = (pg?, redis?);
+    ibex_e2e::procs::migrate(&pg).await?;
+    let authd = Authd::start(&pg, &[]).await?;
+    let (oa1, oa2, ant) = (
+        Provider::start(Shape::OpenAi).await?,
+        Provider::start(Shape::OpenAi).await?,
+        Provider::start(Shape::Anthropic).await?,
+    );
+    // A port nothing listens on: connections to it are refused.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dead_url = format!("http://127.0.0.1:{dead_port}/v1");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("providers.toml");
+    std::fs::write(
+        &file,
+        providers_file(&oa1.url(), &oa2.url(), &ant.url(), &dead_url, ""),
+    )?;
+    let file_s = file.to_string_lossy().into_owned();
+    let proxy = Proxy::start(
+        authd.grpc_addr,
+        &redis.url(),
+        &[
+            ("IBEX_PROVIDERS_FILE", &file_s),
+            ("IBEX_PROXY_THREADS", "1"),
+            ("ROUTES_KEY_OA1", KEY_OA1),
+            ("ROUTES_KEY_OA2", KEY_OA2),
+            ("ROUTES_KEY_ANT", KEY_ANT),
+        ],
+    )
+    .await?;
+    poll("/ready 200", async || {
+        Ok((Request::get("/ready").send(proxy.addr).await?.status == 200).then_some(()))
+    })
+    .await?;
+    let t = authd
+        .tenant(
+            "routes",
+            1_000_000,
+            true,
+            &["read,chat", "read,chat,embeddings"],
+        )
+        .await?;
+    let org = t.org.clone();
+    let [chat_pat, emb_pat]: [String; 2] = t.pats.try_into().map_err(|_| anyhow!("two tokens"))?;
+    let fx = Fx {
+        proxy,
+        pg,
+        oa1,
+        oa2,
+        ant,
+        agent: t.agent,
+        chat_pat,
+        emb_pat,
+        file,
+        dead_url,
+        seq: AtomicUsize::new(0),
+    };
+
+    every_route_plain(&fx).await.context("plain routes")?;
+    every_route_streamed(&fx).await.context("streamed routes")?;
+    pat_as_x_api_key(&fx).await.context("x-api-key")?;
+    embeddings_permission(&fx)
+        .await
+        .context("embeddings permission")?;
+    model_routing(&fx).await.context("model routing")?;
+    fallback(&fx).await.context("fallback")?;
+    no_fallback_after_the_first_byte(&fx)
+        .await
+        .context("no fallback mid-stream")?;
+    breaker(&fx).await.context("circuit breaker")?;
+    reload_under_load(&fx).await.context("SIGHUP reload")?;
+    allow_lists(&fx, &authd, &org)
+        .await
+        .context("model allow-lists")?;
+    official_sdks(&fx).await.context("the official SDKs")?;
+    let logs = fx.proxy.log_contents() + &authd.log_contents();
+    for secret in [KEY_OA1, KEY_OA2, KEY_ANT, &fx.chat_pat, &fx.emb_pat] {
+        ensure!(!logs.contains(secret), "a key or PAT is in the logs");
+    }
+    Ok(())
+}
+
+/// The provider's key reached it, the client's credentials did not.
+fn keys_ok(seen: &fake_upstream::Seen, fx: &Fx, anthropic: bool, key: &str) -> Result<()> {
+    let all = format!("{:?}", seen.headers);
+    ensure!(
+        !all.contains(&fx.chat_pat) && !all.contains(&fx.emb_pat) && !all.contains("ibex_pat_"),
+        "a PAT reached the provider: {all}"
+    );
+    if anthropic {
+        ensure!(seen.header("x-api-key") == Some(key), "x-api-key: {all}");
+        ensure!(
+            seen.header("authorization").is_none(),
+            "Authorization sent: {all}"
+        );
+        ensure!(
+            seen.header("anthropic-version") == Some(ANTHROPIC_VERSION),
+            "anthropic-version not passed: {all}"
+        );
+    } else {
+        ensure!(
+            seen.header("authorization") == Some(&format!("Bearer {key}")),
+            "Authorization: {all}"
+        );
+        ensure!(seen.header("x-api-key").is_none(), "x-api-key sent: {all}");
+        ensure!(
+            seen.header("anthropic-version").is_none(),
+            "anthropic-version sent to openai: {all}"
+        );
+    }
+    Ok(())
+}
+
+fn expect_ok(resp: &Response, provider: &str) -> Result<()> {
+    ensure!(resp.status == 200, "expected 200:\n{}", resp.dump());
+    ensure!(
+        resp.header("x-ibex-provider") == Some(provider),
+        "expected x-ibex-provider {provider}:\n{}",
+        resp.dump()
+    );
+    Ok(())
+}
+
+async fn every_route_plain(fx: &Fx) -> Result<()> {
+    let cases: [(&str, &str, &str, Tokens); 5] = [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+            "chat.completion",
+            (11, 7, 18, 0, 0),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"gpt-4o","prompt":"hi"}"#,
+            "text_completion",
+            (3, 2, 5, 0, 0),
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"gpt-4o","input":"hi"}"#,
+            "\"object\":\"response\"",
+            (9, 4, 13, 0, 0),
+        ),
+        (
+            "/v1/embeddings",
+            r#"{"model":"text-embedding-3-small","input":"hi"}"#,
+            "embedding",
+            (6, 0, 6, 0, 0),
+        ),
+        (
+            "/v1/messages",
+            r#"{"model":"claude-3-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#,
+            "\"type\":\"message\"",
+            (21, 4, 25, 100, 7),
+        ),
+    ];
+    for (path, body, marker, tokens) in cases {
+        let anthropic = path == "/v1/messages";
+        let (prov, name, key) = if anthropic {
+            (&fx.ant, "ant", KEY_ANT)
+        } else {
+            (&fx.oa1, "oa-1", KEY_OA1)
+        };
+        let before = prov.seen_count();
+        let rid = fx.rid("plain");
+        let resp = fx
+            .post(path, &fx.emb_pat, body, &rid)
+            .send(fx.proxy.addr)
+            .await?;
+        expect_ok(&resp, name).with_context(|| path.to_owned())?;
+        ensure!(resp.text().contains(marker), "{path}: {}", resp.dump());
+        let seen = prov.seen();
+        ensure!(
+            seen.len() == before + 1,
+            "{path}: provider saw {}",
+            seen.len() - before
+        );
+        let last = seen.last().ok_or_else(|| anyhow!("nothing seen"))?;
+        ensure!(
+            last.path == path && last.body == body.as_bytes(),
+            "{path}: {last:?}"
+        );
+        keys_ok(last, fx, anthropic, key)?;
+        expect_record(fx, &rid, path, name, 1, tokens, false).await?;
+    }
+    Ok(())
+}
+
+/// Reads a stream to its end, or until the proxy closes it.
+async fn read_to_end(s: &mut Streamed) -> Option<Progress> {
+    s.read_until(|p| p.complete).await.ok()
+}
+
+fn in_order(body: &str, names: &[&str]) -> Result<()> {
+    let mut at = 0;
+    for n in names {
+        let pos = body[at..]
+            .find(n)
+            .ok_or_else(|| anyhow!("{n} missing or out of order in {body}"))?;
+        at += pos + n.len();
+    }
+    Ok(())
+}
+
+async fn every_route_streamed(fx: &Fx) -> Result<()> {
+    let cases: [(&str, &str, &[&str], Tokens); 4] = [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-pause","stream":true,"messages":[]}"#,
+            &["first", " last", "[DONE]"],
+            (5, 2, 7, 0, 0),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"gpt-pause","stream":true,"prompt":"x"}"#,
+            &["first", " last", "[DONE]"],
+            (3, 2, 5, 0, 0),
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"gpt-pause","stream":true,"input":"x"}"#,
+            &[
+                "event: response.created",
+                "event: response.output_text.delta",
+                "event: response.output_text.delta",
+                "event: response.completed",
+            ],
+            (5, 2, 7, 0, 0),
+        ),
+        (
+            "/v1/messages",
+            r#"{"model":"claude-pause","stream":true,"max_tokens":9,"messages":[]}"#,
+            &[
+                "event: message_start",
+                "event: content_block_delta",
+                "event: content_block_delta",
+                "event: message_delta",
+                "event: message_stop",
+            ],
+            (25, 15, 40, 100, 7),
+        ),
+    ];
+    for (path, body, names, tokens) in cases {
+        let (prov, name) = if path == "/v1/messages" {
+            (&fx.ant, "ant")
+        } else {
+            (&fx.oa1, "oa-1")
+        };
+        let last_before = prov.last_sent();
+        let rid = fx.rid("stream");
+        let mut s = Streamed::send(fx.proxy.addr, &fx.post(path, &fx.chat_pat, body, &rid)).await?;
+        let first = s
+            .read_until(|p| String::from_utf8_lossy(&p.body).contains("first"))
+            .await
+            .with_context(|| format!("{path}: the first event"))?;
+        ensure!(first.status == 200, "{path}: {first:?}");
+        ensure!(
+            streamed::header_of(&first, "x-ibex-provider") == Some(name.to_owned()),
+            "{path}: provider header {:?}",
+            first.headers
+        );
+        // The first event is at the client while the provider still holds the last.
+        ensure!(
+            prov.last_sent() == last_before,
+            "{path}: the provider already sent the rest"
+        );
+        prov.release();
+        let done = s
+            .read_until(|p| p.complete)
+            .await
+            .with_context(|| format!("{path}: the end"))?;
+        let text = String::from_utf8_lossy(&done.body).into_owned();
+        in_order(&text, names).with_context(|| path.to_owned())?;
+        if path == "/v1/chat/completions" {
+            ensure!(
+                !text.contains("\"usage\""),
+                "the usage-only chunk reached a client that did not ask: {text}"
+            );
+        }
+        expect_record(fx, &rid, path, name, 1, tokens, true).await?;
+    }
+    Ok(())
+}
+
+async fn pat_as_x_api_key(fx: &Fx) -> Result<()> {
+    let body = r#"{"model":"claude-3-5","max_tokens":16,"messages":[]}"#;
+    let resp = Request::post("/v1/messages", body)
+        .header("Content-Type", "application/json")
+        .header("x-api-key", &fx.chat_pat)
+        .header("anthropic-version", ANTHROPIC_VERSION)
+        .header("X-IBEX-Agent-ID", &fx.agent)
+        .send(fx.proxy.addr)
+        .await?;
+    expect_ok(&resp, "ant")?;
+    let last = fx.ant.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+    keys_ok(&last, fx, true, KEY_ANT)?;
+    // Anywhere else the PAT as x-api-key is no credential at all.
+    let resp = Request::post(
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    )
+    .header("x-api-key", &fx.chat_pat)
+    .header("X-IBEX-Agent-ID", &fx.agent)
+    .send(fx.proxy.addr)
+    .await?;
+    ensure!(
+        resp.status == 401 && resp.error_code().as_deref() == Some("MISSING_TOKEN"),
+        "x-api-key on chat:\n{}",
+        resp.dump()
+    );
+    Ok(())
+}
+
+async fn embeddings_permission(fx: &Fx) -> Result<()> {
+    let before = fx.oa1.seen_count();
+    let body = r#"{"model":"text-embedding-3-small","input":"hi"}"#;
+    let rid = fx.rid("emb");
+    let resp = fx
+        .post("/v1/embeddings", &fx.chat_pat, body, &rid)
+        .send(fx.proxy.addr)
+        .await?;
+    ensure!(
+        resp.status == 403 && resp.error_code().as_deref() == Some("INSUFFICIENT_PERMISSIONS"),
+        "a token without embeddings:\n{}",
+        resp.dump()
+    );
+    ensure!(
+        fx.oa1.seen_count() == before,
+        "the refused request reached a provider"
+    );
+    Ok(())
+}
+
+async fn model_routing(fx: &Fx) -> Result<()> {
+    let addr = fx.proxy.addr;
+    for (path, body, status, code) in [
+        (
+            "/v1/chat/completions",
+            r#"{"model":"llama-3","messages":[]}"#,
+            404,
+            "MODEL_NOT_FOUND",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[]}"#,
+            404,
+            "MODEL_NOT_FOUND",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"claude-3-5","messages":[]}"#,
+            400,
+            "MODEL_ROUTE_MISMATCH",
+        ),
+        (
+            "/v1/messages",
+            r#"{"model":"gpt-4o","max_tokens":1,"messages":[]}"#,
+            400,
+            "MODEL_ROUTE_MISMATCH",
+        ),
+    ] {
+        let resp = fx
+            .post(path, &fx.chat_pat, body, &fx.rid("model"))
+            .send(addr)
+            .await?;
+        ensure!(
+            resp.status == status && resp.error_code().as_deref() == Some(code),
+            "{path} {body}: expected {status} {code}:\n{}",
+            resp.dump()
+        );
+    }
+    // An alias: the provider gets the target's name, the rest of the body byte for byte.
+    let body = r#"{"model": "fast", "messages": [{"role":"user","content":"a \"model\": x"}]}"#;
+    let resp = fx
+        .post("/v1/chat/completions", &fx.chat_pat, body, &fx.rid("alias"))
+        .send(addr)
+        .await?;
+    expect_ok(&resp, "oa-1")?;
+    let last = fx.oa1.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+    let want =
+        r#"{"model": "gpt-4o-mini", "messages": [{"role":"user","content":"a \"model\": x"}]}"#;
+    ensure!(
+        last.body == want.as_bytes(),
+        "alias body: {}",
+        String::from_utf8_lossy(&last.body)
+    );
+    // /v1/models: the routes, OpenAI's list shape.
+    let resp = Request::get("/v1/models")
+        .auth(&fx.chat_pat, &fx.agent)
+        .send(addr)
+        .await?;
+    ensure!(resp.status == 200, "{}", resp.dump());
+    let ids: Vec<String> = resp.json()?["data"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no data"))?
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        ids == [
+            "gpt-*",
+            "text-embedding-*",
+            "fast",
+            "claude-*",
+            "refused-first"
+        ],
+        "models: {ids:?}"
+    );
+    Ok(())
+}
+
+async fn chat(fx: &Fx, model: &str, what: &str) -> Result<(String, Response)> {
+    let rid = fx.rid(what);
+    let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
+    let resp = fx
+        .post("/v1/chat/completions", &fx.chat_pat, &body, &rid)
+        .send(fx.proxy.addr)
+        .await?;
+    Ok((rid, resp))
+}
+
+async fn fallback(fx: &Fx) -> Result<()> {
+    let tokens = (11, 7, 18, 0, 0);
+    // 503 from the first provider: the second answers.
+    fx.oa1.set(Behaviour::Status(503));
+    let (b1, b2) = (fx.oa1.seen_count(), fx.oa2.seen_count());
+    let (rid, resp) = chat(fx, "gpt-4o", "f503").await?;
+    expect_ok(&resp, "oa-2")?;
+    ensure!(
+        fx.oa1.seen_count() == b1 + 1 && fx.oa2.seen_count() == b2 + 1,
+        "each provider once"
+    );
+    let last = fx.oa2.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+    keys_ok(&last, fx, false, KEY_OA2)?;
+    expect_record(fx, &rid, "/v1/chat/completions", "oa-2", 2, tokens, false).await?;
+    // 429 likewise.
+    fx.oa1.set(Behaviour::Status(429));
+    let (rid, resp) = chat(fx, "gpt-4o", "f429").await?;
+    expect_ok(&resp, "oa-2")?;
+    expect_record(fx, &rid, "/v1/chat/completions", "oa-2", 2, tokens, false).await?;
+    // A 4xx other than 429 is the client's answer: no fallback.
+    fx.oa1.set(Behaviour::Status(400));
+    let (_, resp) = chat(fx, "gpt-4o", "f400").await?;
+    ensure!(
+        resp.status == 400 && resp.header("x-ibex-provider") == Some("oa-1"),
+        "{}",
+        resp.dump()
+    );
+    // A timeout before the response head (oa-1 has timeout = "1s").
+    fx.oa1.set(Behaviour::Silent);
+    let (rid, resp) = chat(fx, "gpt-4o", "ftimeout").await?;
+    expect_ok(&resp, "oa-2")?;
+    expect_record(fx, &rid, "/v1/chat/completions", "oa-2", 2, tokens, false).await?;
+    fx.oa1.set(Behaviour::Normal);
+    // A refused connection.
+    let (rid, resp) = chat(fx, "refused-first", "frefused").await?;
+    expect_ok(&resp, "oa-2")?;
+    expect_record(fx, &rid, "/v1/chat/completions", "oa-2", 2, tokens, false).await?;
+    ensure!(fx.dead_url.starts_with("http://127.0.0.1:"), "dead url");
+    // Back to the first provider (this also closes its breaker's count).
+    let (_, resp) = chat(fx, "gpt-4o", "fback").await?;
+    expect_ok(&resp, "oa-1")
+}
+
+async fn no_fallback_after_the_first_byte(fx: &Fx) -> Result<()> {
+    fx.oa1.set(Behaviour::CutMidStream);
+    let b2 = fx.oa2.seen_count();
+    let rid = fx.rid("cut");
+    let body = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
+    let mut s = Streamed::send(
+        fx.proxy.addr,
+        &fx.post("/v1/chat/completions", &fx.chat_pat, body, &rid),
+    )
+    .await?;
+    let first = s
+        .read_until(|p| String::from_utf8_lossy(&p.body).contains("first"))
+        .await?;
+    ensure!(
+        streamed::header_of(&first, "x-ibex-provider") == Some("oa-1".to_owned()),
+        "{first:?}"
+    );
+    let end = read_to_end(&mut s).await;
+    if let Some(p) = end {
+        let text = String::from_utf8_lossy(&p.body).into_owned();
+        ensure!(
+            !text.contains(" last") && text.matches("first").count() == 1,
+            "replayed: {text}"
+        );
+    }
+    fx.oa1.set(Behaviour::Normal);
+    ensure!(
+        fx.oa2.seen_count() == b2,
+        "the stream was replayed on another provider"
+    );
+    let r = recorded(&fx.pg, &rid).await?;
+    ensure!(
+        r.provider.as_deref() == Some("oa-1") && r.attempts == Some(1),
+        "record: {r:?}"
+    );
+    Ok(())
+}
+
+async fn breaker(fx: &Fx) -> Result<()> {
+    fx.oa1.set(Behaviour::Status(503));
+    // Enough failures in a row to open oa-1's breaker; each request still succeeds on oa-2.
+    for _ in 0..5 {
+        let (_, resp) = chat(fx, "gpt-4o", "brk").await?;
+        expect_ok(&resp, "oa-2")?;
+    }
+    let b1 = fx.oa1.seen_count();
+    let (rid, resp) = chat(fx, "gpt-4o", "brk-open").await?;
+    expect_ok(&resp, "oa-2")?;
+    ensure!(
+        fx.oa1.seen_count() == b1,
+        "an open breaker's provider was still tried"
+    );
+    expect_record(
+        fx,
+        &rid,
+        "/v1/chat/completions",
+        "oa-2",
+        1,
+        (11, 7, 18, 0, 0),
+        false,
+    )
+    .await?;
+    // Healthy again: after the open period one request probes it and it is used again.
+    fx.oa1.set(Behaviour::Normal);
+    poll("oa-1 probed back", async || {
+        let (_, resp) = chat(fx, "gpt-4o", "brk-probe").await?;
+        ensure!(resp.status == 200, "{}", resp.dump());
+        Ok((resp.header("x-ibex-provider") == Some("oa-1")).then_some(()))
+    })
+    .await
+}
+
+async fn reload_under_load(fx: &Fx) -> Result<()> {
+    let (_, resp) = chat(fx, "newmodel", "before").await?;
+    ensure!(
+        resp.status == 404,
+        "newmodel before the reload:\n{}",
+        resp.dump()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for n in 0..4 {
+        let (stop, addr) = (stop.clone(), fx.proxy.addr);
+        let req = fx.post(
+            "/v1/chat/completions",
+            &fx.chat_pat,
+            r#"{"model":"gpt-4o","messages":[]}"#,
+            &format!("routes-load-{n}"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut served = 0usize;
+            let mut conn = Conn::connect(addr).await?;
+            while !stop.load(Ordering::SeqCst) {
+                let resp = conn.send(&req, false).await?;
+                if resp.status != 200 {
+                    bail!("a request failed during the reload:\n{}", resp.dump());
+                }
+                served += 1;
+            }
+            Ok::<usize, anyhow::Error>(served)
+        }));
+    }
+    let extra = "\n[[route]]\nmodel = \"newmodel\"\nproviders = [\"oa-2\"]\n";
+    std::fs::write(
+        &fx.file,
+        providers_file(
+            &fx.oa1.url(),
+            &fx.oa2.url(),
+            &fx.ant.url(),
+            &fx.dead_url,
+            extra,
+        ),
+    )?;
+    fx.proxy.signal(nix::sys::signal::Signal::SIGHUP)?;
+    poll("newmodel routed after SIGHUP", async || {
+        let (_, resp) = chat(fx, "newmodel", "after").await?;
+        Ok((resp.status == 200 && resp.header("x-ibex-provider") == Some("oa-2")).then_some(()))
+    })
+    .await?;
+    // A bad file keeps the table in use.
+    std::fs::write(&fx.file, "[[provider]]\nname = 1\n")?;
+    fx.proxy.signal(nix::sys::signal::Signal::SIGHUP)?;
+    poll("the bad file refused in the log", async || {
+        Ok(fx
+            .proxy
+            .log_contents()
+            .contains("providers not reloaded; keeping the old ones")
+            .then_some(()))
+    })
+    .await?;
+    let (_, resp) = chat(fx, "newmodel", "kept").await?;
+    expect_ok(&resp, "oa-2")?;
+    stop.store(true, Ordering::SeqCst);
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    ensure!(total > 0, "no request served under load");
+    eprintln!("routes: {total} requests served across two reloads, none failed");
+    Ok(())
+}
+
+/// A token with `--models`, bound to the fixture's agent.
+async fn token_with_models(fx: &Fx, authd: &Authd, org: &str, models: &str) -> Result<String> {
+    let v = authd
+        .ibexctl_json(&[
+            "token",
+            "create",
+            "--org",
+            org,
+            "--agent",
+            &fx.agent,
+            "--permissions",
+            "read,chat",
+            "--models",
+            models,
+        ])
+        .await?;
+    ibex_e2e::procs::json_str(&v, "token")
+}
+
+async fn chat_as(fx: &Fx, pat: &str, model: &str) -> Result<Response> {
+    let body = format!(
+        r#"{{"model":{},"messages":[]}}"#,
+        serde_json::to_string(model)?
+    );
+    fx.post("/v1/chat/completions", pat, &body, &fx.rid("allow"))
+        .send(fx.proxy.addr)
+        .await
+}
+
+fn refused(resp: &Response, what: &str) -> Result<()> {
+    ensure!(
+        resp.status == 403 && resp.error_code().as_deref() == Some("MODEL_NOT_ALLOWED"),
+        "{what}: expected 403 MODEL_NOT_ALLOWED:\n{}",
+        resp.dump()
+    );
+    Ok(())
+}
+
+async fn models_of(fx: &Fx, pat: &str) -> Result<Vec<String>> {
+    let resp = Request::get("/v1/models")
+        .auth(pat, &fx.agent)
+        .send(fx.proxy.addr)
+        .await?;
+    ensure!(resp.status == 200, "{}", resp.dump());
+    Ok(resp.json()?["data"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no data"))?
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect())
+}
+
+async fn allow_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
+    // An allowed alias to an allowed target passes; the provider gets the target.
+    let both = token_with_models(fx, authd, org, "fast, GPT-4o-mini").await?;
+    let resp = chat_as(fx, &both, "fast").await?;
+    expect_ok(&resp, "oa-1")?;
+    let last = fx.oa1.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+    ensure!(
+        String::from_utf8_lossy(&last.body).contains("\"gpt-4o-mini\""),
+        "alias target not sent"
+    );
+    // An allowed alias to a refused target is refused: the alias cannot bypass the list.
+    let alias_only = token_with_models(fx, authd, org, "fast").await?;
+    let before = fx.oa1.seen_count();
+    refused(
+        &chat_as(fx, &alias_only, "fast").await?,
+        "alias to a refused target",
+    )?;
+    // Case and whitespace variants of a refused name, routed or not.
+    for name in [
+        "gpt-4o", "GPT-4o", " gpt-4o", "gpt-4o\t", "Gpt-4O ", "llama-3",
+    ] {
+        refused(&chat_as(fx, &both, name).await?, name)?;
+    }
+    ensure!(
+        fx.oa1.seen_count() == before,
+        "a refused model reached a provider"
+    );
+    // /v1/models lists only what the token may call.
+    let ids = models_of(fx, &both).await?;
+    ensure!(
+        ids == ["gpt-4o-mini", "fast"],
+        "models of a fast,gpt-4o-mini token: {ids:?}"
+    );
+    // The org's list applies to every token of the org, and its change lands within the
+    // revocation SLA (the org invalidation every proxy receives).
+    let set = authd
+        .ibexctl_json(&[
+            "org",
+            "set-models",
+            "--org",
+            org,
+            "--allow",
+            "gpt-4o-mini, fast",
+        ])
+        .await?;
+    ensure!(
+        set["allowed_models"] == serde_json::json!(["gpt-4o-mini", "fast"]),
+        "{set}"
+    );
+    poll("the org list applied", async || {
+        Ok((chat_as(fx, &fx.chat_pat, "gpt-4o").await?.status == 403).then_some(()))
+    })
+    .await?;
+    refused(
+        &chat_as(fx, &fx.chat_pat, "GPT-4O").await?,
+        "org list, case variant",
+    )?;
+    expect_ok(&chat_as(fx, &fx.chat_pat, "fast").await?, "oa-1")?;
+    let ids = models_of(fx, &fx.chat_pat).await?;
+    ensure!(
+        ids == ["gpt-4o-mini", "fast"],
+        "models under the org list: {ids:?}"
+    );
+    authd
+        .ibexctl_json(&["org", "set-models", "--org", org, "--allow", ""])
+        .await?;
+    poll("the org list lifted", async || {
+        Ok((chat_as(fx, &fx.chat_pat, "gpt-4o").await?.status == 200).then_some(()))
+    })
+    .await
+}
+
+/// A virtualenv with the official `openai` and `anthropic` SDKs from PyPI, made once per target
+/// directory. No skipping: without python3 and its venv module the suite fails and says how to
+/// get them (`scripts/ensure-deps.sh`).
+async fn sdk_python() -> Result<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv");
+    let py = dir.join("bin").join("python");
+    let ready = py.exists()
+        && tokio::process::Command::new(&py)
+            .args(["-c", "import openai, anthropic"])
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(py);
+    }
+    let made = tokio::process::Command::new("python3")
+        .arg("-m")
+        .arg("venv")
+        .arg("--clear")
+        .arg(&dir)
+        .status()
+        .await
+        .context(
+            "python3 is required (scripts/ensure-deps.sh installs python3 and python3-venv)",
+        )?;
+    ensure!(
+        made.success(),
+        "python3 -m venv failed (install python3-venv: scripts/ensure-deps.sh)"
+    );
+    let pip = tokio::process::Command::new(&py)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "openai",
+            "anthropic",
+        ])
+        .status()
+        .await?;
+    ensure!(pip.success(), "pip install openai anthropic failed");
+    Ok(py)
+}
+
+async fn official_sdks(fx: &Fx) -> Result<()> {
+    let py = sdk_python().await?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/routes/sdk_check.py");
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&py)
+            .arg(script)
+            .env("IBEX_BASE", format!("http://{}", fx.proxy.addr))
+            .env("IBEX_PAT", &fx.emb_pat)
+            .env("IBEX_AGENT", &fx.agent)
+            .output(),
+    )
+    .await
+    .context("the SDK script did not finish")??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprint!("{stdout}");
+    ensure!(
+        out.status.success() && stdout.contains("sdk: all checks passed"),
+        "the SDK checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
