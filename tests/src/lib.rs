@@ -12,6 +12,7 @@ pub mod pg;
 pub mod procs;
 pub mod redis;
 pub mod stack;
+pub mod wait;
 pub mod watchdog;
 
 pub use nix::sys::signal::Signal;

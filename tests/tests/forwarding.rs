@@ -165,10 +165,7 @@ async fn forwarding_end_to_end() -> Result<()> {
 
 /// Waits until the proxy answers `/ready` with 200 (invalidation feed and Redis up).
 async fn wait_ready(addr: SocketAddr) -> Result<()> {
-    poll("/ready 200", async || {
-        Ok((Request::get("/ready").send(addr).await?.status == 200).then_some(()))
-    })
-    .await
+    ibex_e2e::wait::ready(addr, WITHIN).await
 }
 
 async fn non_streaming_round_trip(fx: &Fx) -> Result<()> {

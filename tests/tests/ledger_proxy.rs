@@ -98,28 +98,12 @@ impl Tenant {
     }
 }
 
-async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    loop {
-        let last = f().await;
-        if let Ok(Some(v)) = last {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(anyhow!(
-                "timed out waiting for {what}; last: {:?}",
-                last.err()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+async fn poll<T>(what: &str, f: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
+    ibex_e2e::wait::poll(what, WITHIN, f).await
 }
 
 async fn wait_ready(addr: SocketAddr) -> Result<()> {
-    poll("/ready 200", async || {
-        Ok((Request::get("/ready").send(addr).await?.status == 200).then_some(()))
-    })
-    .await
+    ibex_e2e::wait::ready(addr, WITHIN).await
 }
 
 /// One stored record, as text, by request id.

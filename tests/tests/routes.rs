@@ -124,21 +124,8 @@ providers = ["dead", "oa-2"]
     )
 }
 
-async fn poll<T>(what: &str, mut f: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + WITHIN;
-    loop {
-        let last = f().await;
-        if let Ok(Some(v)) = last {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(anyhow!(
-                "timed out waiting for {what}; last: {:?}",
-                last.err()
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+async fn poll<T>(what: &str, f: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
+    ibex_e2e::wait::poll(what, WITHIN, f).await
 }
 
 /// A record's `(prompt, completion, total, cache_read, cache_creation)` tokens.
