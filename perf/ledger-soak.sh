@@ -9,7 +9,7 @@
 # Runs inside perf/ledger-stack.sh (its own Postgres, Redis and release authd; it re-executes
 # itself there when started alone); adds an nginx fake upstream and the proxy.
 #
-#   flock /work/perf.lock perf/ledger-soak.sh
+#   flock /tmp/ibex-perf.lock perf/ledger-soak.sh
 #   RATE=2000 DURATION=120 perf/ledger-soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -19,7 +19,7 @@ N=${N:-100}
 cargo build --release -q --workspace --bins
 cargo test --release -q -p ibex-e2e --test multi_authd --no-run
 uptime
-IBEX_REVOCATION_BENCH_N=$N flock /work/perf.lock \
+IBEX_REVOCATION_BENCH_N=$N flock "${PERF_LOCK:-/tmp/ibex-perf.lock}" \
     cargo test --release -q -p ibex-e2e --test multi_authd revocation_latency_benchmark -- --nocapture 2>&1 \
     | grep -E '^revocation via|^  the invalidation|test result'
 uptime

@@ -7,7 +7,7 @@
 # the e2e harness's RedisCluster) and one single-worker proxy per backend; prints a Markdown
 # table, one row per backend × org set × round.
 #
-#   flock /work/perf.lock perf/rl-proxy.sh       # RATE=5000 SECS=8 ROUNDS=3 ORGS=1000 CONNS=32
+#   flock /tmp/ibex-perf.lock perf/rl-proxy.sh       # RATE=5000 SECS=8 ROUNDS=3 ORGS=1000 CONNS=32
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ibex-proxy -p ibex-authd -p ibex-bench \

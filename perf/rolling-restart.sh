@@ -6,7 +6,7 @@
 # loadgen's errors/statuses/reconnects and how many streams completed on their old process.
 # Root (it sets net.ipv4.tcp_migrate_req=1), Postgres binaries, redis-server and python3.
 #
-#   flock /work/perf.lock perf/rolling-restart.sh          # RESTARTS=10 RATE=1000 CONNS=16
+#   flock /tmp/ibex-perf.lock perf/rolling-restart.sh          # RESTARTS=10 RATE=1000 CONNS=16
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ibex-proxy -p ibex-authd -p ibex-bench \

@@ -8,8 +8,8 @@
 #                        with realistic usage; admitted tokens per minute window; exits non-zero
 #                        if any window went above the limit.
 #
-#   flock /work/perf.lock perf/tokens.sh                 # RATE=2000 SECS=10 ROUNDS=3 CONNS=32
-#   MODE=overshoot flock /work/perf.lock perf/tokens.sh  # TPM=10000 CLIENTS=64 SECS=60 BACKOFF_MS=100
+#   flock /tmp/ibex-perf.lock perf/tokens.sh                 # RATE=2000 SECS=10 ROUNDS=3 CONNS=32
+#   MODE=overshoot flock /tmp/ibex-perf.lock perf/tokens.sh  # TPM=10000 CLIENTS=64 SECS=60 BACKOFF_MS=100
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ibex-proxy -p ibex-authd -p ibex-bench \

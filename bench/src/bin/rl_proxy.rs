@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! cargo build --release -p ibex-proxy -p ibex-authd -p ibex-bench
-//! flock /work/perf.lock perf/rl-proxy.sh        # RATE=5000 SECS=8 ROUNDS=3 ORGS=1000
+//! flock /tmp/ibex-perf.lock perf/rl-proxy.sh        # RATE=5000 SECS=8 ROUNDS=3 ORGS=1000
 //! ```
 //!
 //! Starts its own Postgres, authd, single Redis and cluster (the e2e harness), one proxy per

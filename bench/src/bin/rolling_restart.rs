@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo build --release -p ibex-proxy -p ibex-authd -p ibex-bench
-//! flock /work/perf.lock perf/rolling-restart.sh          # RESTARTS=10 RATE=1000 CONNS=16
+//! flock /tmp/ibex-perf.lock perf/rolling-restart.sh          # RESTARTS=10 RATE=1000 CONNS=16
 //! ```
 //!
 //! Starts its own Postgres, Redis and authd (the e2e harness), a slow streaming fake upstream

@@ -27,8 +27,8 @@
 //!
 //! ```text
 //! cargo build --release -p ibex-proxy -p ibex-authd -p ibex-bench
-//! flock /work/perf.lock perf/tokens.sh                 # cost; RATE=2000 SECS=10 ROUNDS=3
-//! MODE=overshoot flock /work/perf.lock perf/tokens.sh  # TPM=10000 CLIENTS=64 SECS=60
+//! flock /tmp/ibex-perf.lock perf/tokens.sh                 # cost; RATE=2000 SECS=10 ROUNDS=3
+//! MODE=overshoot flock /tmp/ibex-perf.lock perf/tokens.sh  # TPM=10000 CLIENTS=64 SECS=60
 //! ```
 
 use std::collections::BTreeMap;
