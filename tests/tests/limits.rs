@@ -345,18 +345,30 @@ async fn stack() -> Result<(Postgres, Redis, Authd)> {
 }
 
 async fn two_proxies(authd: &Authd, redis_url: &str, fake: &Fake) -> Result<(Proxy, Proxy)> {
-    let env = [
-        ("IBEX_UPSTREAM_URL", fake.url()),
-        // A loaded CI box can stall Redis past the 25 ms default: that would fail open, which
-        // these tests of the ceiling must not mistake for admissions it counted.
-        ("IBEX_REDIS_TIMEOUT", "2s".to_owned()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let a = Proxy::start(authd.grpc_addr, redis_url, &env).await?;
-    let b = Proxy::start(authd.grpc_addr, redis_url, &env).await?;
+    let a = start_proxy(authd, redis_url, fake).await?;
+    let b = start_proxy(authd, redis_url, fake).await?;
     wait_ready(a.addr).await?;
     wait_ready(b.addr).await?;
     Ok((a, b))
+}
+
+/// One proxy in front of `fake`, ready.
+async fn one_proxy(authd: &Authd, redis_url: &str, fake: &Fake) -> Result<Proxy> {
+    let proxy = start_proxy(authd, redis_url, fake).await?;
+    wait_ready(proxy.addr).await?;
+    Ok(proxy)
+}
+
+/// A proxy in front of `fake`, with the settings every proxy of these tests runs with.
+async fn start_proxy(authd: &Authd, redis_url: &str, fake: &Fake) -> Result<Proxy> {
+    let url = fake.url();
+    let env = [
+        ("IBEX_UPSTREAM_URL", url.as_str()),
+        // A loaded CI box can stall Redis past the 25 ms default: that would fail open, which
+        // these tests of the ceiling must not mistake for admissions it counted.
+        ("IBEX_REDIS_TIMEOUT", "2s"),
+    ];
+    Proxy::start(authd.grpc_addr, redis_url, &env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,15 +407,7 @@ async fn ledger_total(pg: &Postgres, org: &str) -> Result<(i64, i64)> {
 async fn month_budget_survives_a_redis_restart() -> Result<()> {
     let (pg, mut redis, authd) = stack().await?;
     let fake = Fake::start(false).await?;
-    let env = [
-        ("IBEX_UPSTREAM_URL", fake.url()),
-        // A loaded CI box can stall Redis past the 25 ms default: that would fail open, which
-        // these tests of the ceiling must not mistake for admissions it counted.
-        ("IBEX_REDIS_TIMEOUT", "2s".to_owned()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let proxy = Proxy::start(authd.grpc_addr, &redis.url(), &env).await?;
-    wait_ready(proxy.addr).await?;
+    let proxy = one_proxy(&authd, &redis.url(), &fake).await?;
     let t = Tenant::new(&authd, &["--monthly-tokens", "30"]).await?;
 
     // 13 reserved each, 7 used: 0+13, 7+13, 14+13 fit; 21+13 does not.
@@ -469,15 +473,7 @@ async fn month_budget_survives_a_redis_restart() -> Result<()> {
 async fn agent_limit_leaves_its_neighbour_alone() -> Result<()> {
     let (_pg, redis, authd) = stack().await?;
     let fake = Fake::start(true).await?;
-    let env = [
-        ("IBEX_UPSTREAM_URL", fake.url()),
-        // A loaded CI box can stall Redis past the 25 ms default: that would fail open, which
-        // these tests of the ceiling must not mistake for admissions it counted.
-        ("IBEX_REDIS_TIMEOUT", "2s".to_owned()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let proxy = Proxy::start(authd.grpc_addr, &redis.url(), &env).await?;
-    wait_ready(proxy.addr).await?;
+    let proxy = one_proxy(&authd, &redis.url(), &fake).await?;
     for _ in 0..3 {
         early_in_a_minute(Duration::from_secs(25)).await;
         let (minute, _) = minute_now();
@@ -530,15 +526,7 @@ async fn agent_limit_leaves_its_neighbour_alone() -> Result<()> {
 async fn redis_down_serves_and_records() -> Result<()> {
     let (pg, mut redis, authd) = stack().await?;
     let fake = Fake::start(false).await?;
-    let env = [
-        ("IBEX_UPSTREAM_URL", fake.url()),
-        // A loaded CI box can stall Redis past the 25 ms default: that would fail open, which
-        // these tests of the ceiling must not mistake for admissions it counted.
-        ("IBEX_REDIS_TIMEOUT", "2s".to_owned()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let proxy = Proxy::start(authd.grpc_addr, &redis.url(), &env).await?;
-    wait_ready(proxy.addr).await?;
+    let proxy = one_proxy(&authd, &redis.url(), &fake).await?;
     let t = Tenant::new(&authd, &["--tpm", "100", "--monthly-tokens", "1000"]).await?;
     let r = t.chat(&body(10)).send(proxy.addr).await?;
     ensure!(r.status == 200, "{}", r.dump());
@@ -582,15 +570,7 @@ async fn reqwest_metrics(proxy: &Proxy) -> Result<String> {
 async fn limit_changes_reach_a_warm_proxy() -> Result<()> {
     let (_pg, redis, authd) = stack().await?;
     let fake = Fake::start(false).await?;
-    let env = [
-        ("IBEX_UPSTREAM_URL", fake.url()),
-        // A loaded CI box can stall Redis past the 25 ms default: that would fail open, which
-        // these tests of the ceiling must not mistake for admissions it counted.
-        ("IBEX_REDIS_TIMEOUT", "2s".to_owned()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let proxy = Proxy::start(authd.grpc_addr, &redis.url(), &env).await?;
-    wait_ready(proxy.addr).await?;
+    let proxy = one_proxy(&authd, &redis.url(), &fake).await?;
     let t = Tenant::new(&authd, &[]).await?;
     let r = t.chat(&body(10)).send(proxy.addr).await?;
     ensure!(r.status == 200, "{}", r.dump());
