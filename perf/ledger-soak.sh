@@ -66,7 +66,7 @@ uptime
 echo "rate=$RATE req/s duration=${DURATION}s proxy pid $PROXY_PID (CPU $SERVER_CPU), authd pid $AUTHD_PID (CPU $LOAD_CPU)"
 taskset -c "$LOAD_CPU" target/release/loadgen --addr "127.0.0.1:$PROXY_PORT" \
   --path /v1/chat/completions --method POST --body "$BODY" -H "Content-Type: application/json" \
-  "${AUTH[@]}" --rate "$RATE" --duration "$DURATION" --connections "$CONNS" > "$work/load.json" &
+  "${AUTH[@]}" --rate "$RATE" --duration "$DURATION" --connections "$CONNS" > "$work/load.json" 2> "$work/load.err" &
 LOAD_PID=$!
 start=$(date +%s)
 printf '%8s %12s %12s %12s %14s\n' elapsed_s proxy_rss_mb authd_rss_mb shipped spool_bytes
@@ -75,7 +75,9 @@ while kill -0 "$LOAD_PID" 2>/dev/null; do
     "$(rss_mib "$AUTHD_PID")" "$(metric ibex_usage_records_shipped_total)" "$(metric ibex_usage_spool_bytes)"
   for _ in $(seq "$INTERVAL"); do kill -0 "$LOAD_PID" 2>/dev/null || break; sleep 1; done
 done
-wait "$LOAD_PID" || true
+load_rc=0; wait "$LOAD_PID" || load_rc=$?
+# (A run of an earlier session ended early with no summary: say how loadgen ended, always.)
+echo "loadgen exited with status $load_rc after $(( $(date +%s) - start )) s; its stderr: $(tail -c 2000 "$work/load.err")"
 # Let the shipper catch up, then count what Postgres holds.
 for _ in $(seq 60); do
   spooled=$(metric ibex_usage_records_spooled_total); shipped=$(metric ibex_usage_records_shipped_total)

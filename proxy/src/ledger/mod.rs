@@ -5,7 +5,7 @@
 //! Threads: a request appends its encoded record to its worker's in-memory buffer
 //! ([`Recorder::record`]: one uncontended mutex, swapped out by the writer every tick) — that is
 //! all the hot path does. The [`writer`] thread frames the buffers into the active segment and
-//! fsyncs (every [`writer::TICK`], ≤ 50 ms), rotating segments; the [`shipper`] thread (its own
+//! fsyncs every 50 ms ([`writer::SYNC_EVERY`] ticks), rotating segments; the [`shipper`] thread (its own
 //! small tokio runtime) reads durable frames back and ships them in batches. A proxy restarted
 //! on the same directory ships whatever is left. When the spool holds
 //! `IBEX_USAGE_SPOOL_MAX_BYTES`, [`Recorder::admit`] says no and forwarded routes answer 503
@@ -41,11 +41,15 @@ pub struct LedgerConfig {
 }
 
 /// A segment the shipper may read: `durable` bytes are fsynced whole frames; `sealed` means no
-/// more will be written (a previous process's segments are sealed).
+/// more will be written (a previous process's segments are sealed); `ours`: this process's
+/// writer made it, so its durable bytes are exactly the whole frames it wrote (the shipper reads
+/// them without re-checking; a previous process's segments are checked frame by frame, as a crash
+/// may have torn them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentState {
     pub durable: u64,
     pub sealed: bool,
+    pub ours: bool,
 }
 
 /// What the writer, the shipper and the workers share.
@@ -179,6 +183,7 @@ impl Ledger {
                 SegmentState {
                     durable: *len,
                     sealed: true,
+                    ours: false,
                 },
             );
             bytes += len;

@@ -88,12 +88,12 @@ impl<'a> Reader<'a> {
     fn uuid(&mut self) -> Option<Uuid> {
         Some(Uuid::from_bytes(self.array()?))
     }
-    fn string(&mut self, max: usize) -> Option<String> {
+    fn str(&mut self, max: usize) -> Option<&'a str> {
         let len = usize::from(self.u16()?);
         if len > max {
             return None;
         }
-        String::from_utf8(self.take(len)?.to_vec()).ok()
+        std::str::from_utf8(self.take(len)?).ok()
     }
 }
 
@@ -104,8 +104,9 @@ fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// A record made of borrowed parts: what the request path encodes, with no allocation.
-#[derive(Debug, Clone, Copy, Default)]
+/// A record made of borrowed parts: what the request path encodes, and what the shipper reads
+/// back from the spool, with no allocation either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RecordRef<'a> {
     pub request_id: &'a str,
     pub org_id: Uuid,
@@ -128,7 +129,132 @@ pub struct RecordRef<'a> {
     pub attempts: u32,
 }
 
-impl RecordRef<'_> {
+impl<'a> RecordRef<'a> {
+    /// The record encoded in exactly `bytes`, or `None`.
+    pub fn decode(bytes: &'a [u8]) -> Option<Self> {
+        let mut r = Reader(bytes);
+        if r.u8()? != VERSION {
+            return None;
+        }
+        let flags = r.u8()?;
+        if flags & !(ESTIMATED | STREAMED | HAS_COST) != 0 {
+            return None;
+        }
+        let org_id = r.uuid()?;
+        let agent_id = r.uuid()?;
+        let token_id = r.uuid()?;
+        let status = r.u16()?;
+        let (prompt_tokens, completion_tokens, total_tokens) = (r.u64()?, r.u64()?, r.u64()?);
+        let (cache_read_tokens, cache_creation_tokens) = (r.u64()?, r.u64()?);
+        let started_at_ms = i64::from_le_bytes(r.array()?);
+        let duration_ms = r.u64()?;
+        let cost_usd = if flags & HAS_COST != 0 {
+            Some(f64::from_le_bytes(r.array()?))
+        } else {
+            None
+        };
+        let attempts = r.u32()?;
+        let record = RecordRef {
+            request_id: r.str(MAX_REQUEST_ID)?,
+            org_id,
+            agent_id,
+            token_id,
+            model: r.str(MAX_MODEL)?,
+            route: r.str(MAX_ROUTE)?,
+            status,
+            prompt_tokens,
+            completion_tokens,
+            total_tokens,
+            cache_read_tokens,
+            cache_creation_tokens,
+            estimated: flags & ESTIMATED != 0,
+            streamed: flags & STREAMED != 0,
+            started_at_ms,
+            duration_ms,
+            cost_usd,
+            provider: r.str(MAX_PROVIDER)?,
+            attempts,
+        };
+        (r.0.is_empty() && !record.request_id.is_empty()).then_some(record)
+    }
+
+    /// The owned record.
+    pub fn to_record(&self) -> UsageRecord {
+        UsageRecord {
+            request_id: self.request_id.to_owned(),
+            org_id: self.org_id,
+            agent_id: self.agent_id,
+            token_id: self.token_id,
+            model: self.model.to_owned(),
+            route: self.route.to_owned(),
+            status: self.status,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cache_read_tokens: self.cache_read_tokens,
+            cache_creation_tokens: self.cache_creation_tokens,
+            estimated: self.estimated,
+            streamed: self.streamed,
+            started_at_ms: self.started_at_ms,
+            duration_ms: self.duration_ms,
+            cost_usd: self.cost_usd,
+            provider: self.provider.to_owned(),
+            attempts: self.attempts,
+        }
+    }
+
+    /// Appends the record as a protobuf `ibex.auth.v1.UsageRecord` — byte for byte what
+    /// `prost` makes of [`UsageRecord::to_pb`] — without building the message: the shipper's
+    /// path from spool bytes to a `RecordUsage` body, no allocation per record.
+    pub fn encode_pb(&self, out: &mut Vec<u8>) {
+        use prost::encoding::{encode_key, encode_varint, WireType};
+        fn text(tag: u32, s: &str, out: &mut Vec<u8>) {
+            if !s.is_empty() {
+                encode_key(tag, WireType::LengthDelimited, out);
+                encode_varint(s.len() as u64, out);
+                out.extend_from_slice(s.as_bytes());
+            }
+        }
+        fn uuid(tag: u32, id: &Uuid, out: &mut Vec<u8>) {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            text(tag, id.as_hyphenated().encode_lower(&mut buf), out);
+        }
+        fn varint(tag: u32, n: u64, out: &mut Vec<u8>) {
+            if n != 0 {
+                encode_key(tag, WireType::Varint, out);
+                encode_varint(n, out);
+            }
+        }
+        text(1, self.request_id, out);
+        uuid(2, &self.org_id, out);
+        uuid(3, &self.agent_id, out);
+        uuid(4, &self.token_id, out);
+        text(5, self.model, out);
+        text(6, self.route, out);
+        varint(7, u64::from(self.status), out);
+        varint(8, self.prompt_tokens, out);
+        varint(9, self.completion_tokens, out);
+        varint(10, self.total_tokens, out);
+        let source = if self.estimated {
+            pb::UsageSource::Estimated
+        } else {
+            pb::UsageSource::Provider
+        };
+        varint(11, source as u64, out);
+        varint(12, u64::from(self.streamed), out);
+        // int64 is the two's complement as a varint (a negative one takes ten bytes).
+        varint(13, self.started_at_ms as u64, out);
+        varint(14, self.duration_ms, out);
+        if let Some(cost) = self.cost_usd {
+            encode_key(15, WireType::SixtyFourBit, out);
+            out.extend_from_slice(&cost.to_le_bytes());
+        }
+        text(16, self.provider, out);
+        varint(17, u64::from(self.attempts), out);
+        varint(18, self.cache_read_tokens, out);
+        varint(19, self.cache_creation_tokens, out);
+    }
+
     /// Appends the encoding to `out` (strings clipped to their maxima).
     pub fn encode(&self, out: &mut Vec<u8>) {
         let cost = self.cost_usd.filter(|c| c.is_finite() && *c >= 0.0);
@@ -214,50 +340,7 @@ impl UsageRecord {
 
     /// The record encoded in exactly `bytes`, or `None`.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let mut r = Reader(bytes);
-        if r.u8()? != VERSION {
-            return None;
-        }
-        let flags = r.u8()?;
-        if flags & !(ESTIMATED | STREAMED | HAS_COST) != 0 {
-            return None;
-        }
-        let org_id = r.uuid()?;
-        let agent_id = r.uuid()?;
-        let token_id = r.uuid()?;
-        let status = r.u16()?;
-        let (prompt_tokens, completion_tokens, total_tokens) = (r.u64()?, r.u64()?, r.u64()?);
-        let (cache_read_tokens, cache_creation_tokens) = (r.u64()?, r.u64()?);
-        let started_at_ms = i64::from_le_bytes(r.array()?);
-        let duration_ms = r.u64()?;
-        let cost_usd = if flags & HAS_COST != 0 {
-            Some(f64::from_le_bytes(r.array()?))
-        } else {
-            None
-        };
-        let attempts = r.u32()?;
-        let record = UsageRecord {
-            request_id: r.string(MAX_REQUEST_ID)?,
-            org_id,
-            agent_id,
-            token_id,
-            model: r.string(MAX_MODEL)?,
-            route: r.string(MAX_ROUTE)?,
-            status,
-            prompt_tokens,
-            completion_tokens,
-            total_tokens,
-            cache_read_tokens,
-            cache_creation_tokens,
-            estimated: flags & ESTIMATED != 0,
-            streamed: flags & STREAMED != 0,
-            started_at_ms,
-            duration_ms,
-            cost_usd,
-            provider: r.string(MAX_PROVIDER)?,
-            attempts,
-        };
-        (r.0.is_empty() && !record.request_id.is_empty()).then_some(record)
+        RecordRef::decode(bytes).map(|r| r.to_record())
     }
 
     pub fn to_pb(&self) -> pb::UsageRecord {
@@ -355,6 +438,47 @@ mod tests {
         r.encode(&mut buf);
         let back = UsageRecord::decode(&buf).expect("decodes");
         assert_eq!(back.model, "é".repeat(128));
+    }
+
+    proptest::proptest! {
+        /// The shipper's direct encoding is exactly prost's encoding of the message, for any
+        /// record the spool can hold (empty strings, zeros, negative times, no cost, odd UTF-8).
+        #[test]
+        fn encode_pb_is_prosts_encoding_of_to_pb(
+            request_id in "\\PC{1,40}", model in "\\PC{0,40}", provider in "\\PC{0,12}",
+            ids in proptest::array::uniform3(proptest::prelude::any::<u128>()),
+            status in proptest::prelude::any::<u16>(),
+            counts in proptest::array::uniform5(proptest::prelude::any::<u64>()),
+            started in proptest::prelude::any::<i64>(), duration in proptest::prelude::any::<u64>(),
+            cost in proptest::option::of(0.0f64..10.0), attempts in proptest::prelude::any::<u32>(),
+            estimated in proptest::prelude::any::<bool>(), streamed in proptest::prelude::any::<bool>(),
+        ) {
+            use prost::Message;
+            let r = UsageRecord {
+                request_id, model, provider,
+                org_id: Uuid::from_u128(ids[0]),
+                agent_id: Uuid::from_u128(ids[1]),
+                token_id: Uuid::from_u128(ids[2]),
+                route: "/v1/messages".into(),
+                status,
+                prompt_tokens: counts[0],
+                completion_tokens: counts[1],
+                total_tokens: counts[2],
+                cache_read_tokens: counts[3],
+                cache_creation_tokens: counts[4],
+                estimated, streamed,
+                started_at_ms: started,
+                duration_ms: duration,
+                cost_usd: cost,
+                attempts,
+            };
+            let mut spool = Vec::new();
+            r.encode(&mut spool);
+            let back = RecordRef::decode(&spool).expect("decodes");
+            let mut direct = Vec::new();
+            back.encode_pb(&mut direct);
+            proptest::prop_assert_eq!(direct, back.to_record().to_pb().encode_to_vec());
+        }
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! The spool's on-disk format: append-only segment files of framed records.
 //!
-//! A frame is `MAGIC` (4 bytes), the payload length (`u32` LE), an 8-byte check, then the
-//! payload (a [`UsageRecord`] encoding). The check is the first 8 bytes of
-//! SHA-256(spool key ‖ length ‖ payload); the key is 32 random bytes kept in the spool directory
-//! (`spool.key`), so bytes a client controls (a model name) can never pass for a frame of their
-//! own even if a crash tears the frame around them.
+//! A frame is a magic (4 bytes), the payload length (`u32` LE), an 8-byte check, then the
+//! payload (a [`RecordRef`] encoding). The check is a keyed MAC of length ‖ payload under the
+//! spool's key, 32 random bytes kept in the spool directory (`spool.key`), so bytes a client
+//! controls (a model name) can never pass for a frame of their own even if a crash tears the
+//! frame around them:
+//! - [`MAGIC`] (`IBXS`, what the writer makes): SipHash-2-4 (64-bit tag; the PRF made for short
+//!   inputs, keyed with the key's last 16 bytes) — ~0.2 µs less per record than
+//! - [`MAGIC_SHA256`] (`IBXU`, the first format, still read so a spool written before an
+//!   upgrade ships): the first 8 bytes of SHA-256(key ‖ length ‖ payload).
 //!
-//! [`scan`] reads a segment's bytes front to back: a valid frame yields its record; anything
+//! [`scan`] reads a segment's bytes front to back: a valid frame yields its record (borrowed from
+//! the bytes: the shipper re-encodes it for authd without an allocation per record); anything
 //! else (a torn tail after a crash, a corrupted stretch) is skipped up to the next valid frame
 //! and counted once per stretch. It never yields a partial record, the same frame twice, or a
 //! record no frame held.
@@ -17,9 +22,12 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::record::UsageRecord;
+use super::record::RecordRef;
 
-pub const MAGIC: [u8; 4] = *b"IBXU";
+pub const MAGIC: [u8; 4] = *b"IBXS";
+pub const MAGIC_SHA256: [u8; 4] = *b"IBXU";
+// The resync after a bad stretch looks for the first byte of either.
+const _: () = assert!(MAGIC[0] == MAGIC_SHA256[0]);
 pub const HEADER: usize = 16;
 /// Records are < 1 KiB; anything claiming more is corruption.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -29,6 +37,16 @@ const SUFFIX: &str = ".seg";
 pub type Key = [u8; 32];
 
 fn check(key: &Key, len: [u8; 4], payload: &[u8]) -> [u8; 8] {
+    use std::hash::Hasher;
+    let mut sip = [0; 16];
+    sip.copy_from_slice(&key[16..]);
+    let mut h = siphasher::sip::SipHasher24::new_with_key(&sip);
+    h.write(&len);
+    h.write(payload);
+    h.finish().to_le_bytes()
+}
+
+fn check_sha256(key: &Key, len: [u8; 4], payload: &[u8]) -> [u8; 8] {
     let mut h = Sha256::new();
     h.update(key);
     h.update(len);
@@ -50,42 +68,112 @@ pub fn frame(key: &Key, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// A frame of the first format (SHA-256 check), as a spool written before the upgrade holds
+/// (for the tests and the bench; the writer makes [`frame`]s).
+pub fn frame_sha256(key: &Key, payload: &[u8], out: &mut Vec<u8>) {
+    let len = u32::try_from(payload.len())
+        .unwrap_or(u32::MAX)
+        .to_le_bytes();
+    out.extend_from_slice(&MAGIC_SHA256);
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&check_sha256(key, len, payload));
+    out.extend_from_slice(payload);
+}
+
 /// One step of a scan, with the offset just past what it covers.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Item {
-    Record(Box<UsageRecord>, usize),
+pub enum Item<'a> {
+    Record(RecordRef<'a>, usize),
     /// A stretch that is no valid frame (torn or corrupted), skipped.
     Skipped(usize),
 }
 
-/// The valid frame at the start of `bytes`: its record and length.
-fn frame_at(key: &Key, bytes: &[u8]) -> Option<(UsageRecord, usize)> {
+/// The valid frame at the start of `bytes`: its record and length. `key: None` takes the frame
+/// as written without its check (bytes this process framed itself, read back from a frame
+/// boundary).
+fn frame_at<'a>(key: Option<&Key>, bytes: &'a [u8]) -> Option<(RecordRef<'a>, usize)> {
     let head = bytes.get(..HEADER)?;
-    if head[..4] != MAGIC {
-        return None;
-    }
+    let sha256 = match head[..4].try_into().ok()? {
+        MAGIC => false,
+        MAGIC_SHA256 => true,
+        _ => return None,
+    };
     let len_bytes: [u8; 4] = head[4..8].try_into().ok()?;
     let len = usize::try_from(u32::from_le_bytes(len_bytes)).ok()?;
     if len > MAX_PAYLOAD {
         return None;
     }
     let payload = bytes.get(HEADER..HEADER + len)?;
-    if head[8..16] != check(key, len_bytes, payload) {
-        return None;
+    if let Some(key) = key {
+        let expected = if sha256 {
+            check_sha256(key, len_bytes, payload)
+        } else {
+            check(key, len_bytes, payload)
+        };
+        if head[8..16] != expected {
+            return None;
+        }
     }
-    Some((UsageRecord::decode(payload)?, HEADER + len))
+    Some((RecordRef::decode(payload)?, HEADER + len))
 }
 
 /// Scans `bytes` (offsets relative to `base`), in order.
-pub fn scan(key: &Key, bytes: &[u8], base: usize) -> Vec<Item> {
-    let mut items = Vec::new();
-    let mut pos = 0;
-    while pos < bytes.len() {
-        if let Some((record, len)) = frame_at(key, &bytes[pos..]) {
-            pos += len;
-            items.push(Item::Record(Box::new(record), base + pos));
-            continue;
+pub fn scan<'a>(key: &Key, bytes: &'a [u8], base: usize) -> Vec<Item<'a>> {
+    Scan::new(key, bytes, base).collect()
+}
+
+/// [`scan`] step by step: a reader that stops early (a full batch) verifies nothing past it.
+pub struct Scan<'k, 'a> {
+    key: &'k Key,
+    /// Skip the checks of frames that parse (see [`Scan::trusted`]).
+    trusted: bool,
+    bytes: &'a [u8],
+    base: usize,
+    pos: usize,
+}
+
+impl<'k, 'a> Scan<'k, 'a> {
+    pub fn new(key: &'k Key, bytes: &'a [u8], base: usize) -> Self {
+        Scan {
+            key,
+            trusted: false,
+            bytes,
+            base,
+            pos: 0,
         }
+    }
+
+    /// A scan of whole frames this process's writer wrote, from a frame boundary (a segment of
+    /// this process up to its durable length): nothing a crash could tear, so each frame is
+    /// taken without recomputing its check. Anything that does not parse is still scanned with
+    /// the checks, as [`Scan::new`] does.
+    pub fn trusted(key: &'k Key, bytes: &'a [u8], base: usize) -> Self {
+        Scan {
+            trusted: true,
+            ..Scan::new(key, bytes, base)
+        }
+    }
+}
+
+impl<'a> Iterator for Scan<'_, 'a> {
+    type Item = Item<'a>;
+
+    fn next(&mut self) -> Option<Item<'a>> {
+        let (bytes, pos) = (self.bytes, self.pos);
+        if pos >= bytes.len() {
+            return None;
+        }
+        let fast = if self.trusted {
+            frame_at(None, &bytes[pos..])
+        } else {
+            None
+        };
+        if let Some((record, len)) = fast.or_else(|| frame_at(Some(self.key), &bytes[pos..])) {
+            self.pos = pos + len;
+            return Some(Item::Record(record, self.base + self.pos));
+        }
+        // Once anything failed to parse, check every frame from here on.
+        self.trusted = false;
         // Skip to the next position that starts a valid frame (or the end).
         let mut next = pos + 1;
         while next < bytes.len() {
@@ -93,17 +181,16 @@ pub fn scan(key: &Key, bytes: &[u8], base: usize) -> Vec<Item> {
                 None => next = bytes.len(),
                 Some(i) => {
                     next += i;
-                    if frame_at(key, &bytes[next..]).is_some() {
+                    if frame_at(Some(self.key), &bytes[next..]).is_some() {
                         break;
                     }
                     next += 1;
                 }
             }
         }
-        pos = next.min(bytes.len());
-        items.push(Item::Skipped(base + pos));
+        self.pos = next.min(bytes.len());
+        Some(Item::Skipped(self.base + self.pos))
     }
-    items
 }
 
 pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -131,12 +218,26 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, u64)>> {
 
 /// Reads `[from, to)` of a segment.
 pub fn read_range(dir: &Path, id: u64, from: u64, to: u64) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_range_into(dir, id, from, to, &mut buf)?;
+    Ok(buf)
+}
+
+/// [`read_range`] into `buf` (cleared first; its capacity is reused).
+pub fn read_range_into(
+    dir: &Path,
+    id: u64,
+    from: u64,
+    to: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
     use std::io::Seek;
+    buf.clear();
     let mut file = fs::File::open(segment_path(dir, id))?;
     file.seek(io::SeekFrom::Start(from))?;
-    let mut buf = Vec::with_capacity(usize::try_from(to.saturating_sub(from)).unwrap_or(0));
-    file.take(to.saturating_sub(from)).read_to_end(&mut buf)?;
-    Ok(buf)
+    buf.reserve(usize::try_from(to.saturating_sub(from)).unwrap_or(0));
+    file.take(to.saturating_sub(from)).read_to_end(buf)?;
+    Ok(())
 }
 
 /// The spool's key: read from `dir`, or made (random) and written durably on first use.

@@ -1,4 +1,5 @@
 use super::*;
+use crate::ledger::record::UsageRecord;
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -39,7 +40,7 @@ fn records(items: &[Item]) -> Vec<UsageRecord> {
     items
         .iter()
         .filter_map(|i| match i {
-            Item::Record(r, _) => Some((**r).clone()),
+            Item::Record(r, _) => Some(r.to_record()),
             Item::Skipped(_) => None,
         })
         .collect()
@@ -90,6 +91,27 @@ fn a_frame_smuggled_in_a_model_name_is_never_read_as_a_record() {
     bytes[5] ^= 0xff; // break the outer frame's length
     let got = records(&scan(&KEY, &bytes, 0));
     assert_eq!(got, vec![rs[1].clone()]);
+}
+
+#[test]
+fn frames_of_the_first_format_are_still_read_beside_the_new_ones() {
+    // A spool written before the upgrade (SHA-256 checks), then appended to by the new writer.
+    let rs: Vec<_> = (0..6).map(|i| record(i, "m")).collect();
+    let mut bytes = Vec::new();
+    let mut payload = Vec::new();
+    for (i, r) in rs.iter().enumerate() {
+        payload.clear();
+        r.encode(&mut payload);
+        if i < 3 {
+            frame_sha256(&KEY, &payload, &mut bytes);
+        } else {
+            frame(&KEY, &payload, &mut bytes);
+        }
+    }
+    assert_eq!(&bytes[..4], &MAGIC_SHA256);
+    assert_eq!(records(&scan(&KEY, &bytes, 0)), rs);
+    // Either format under another key: nothing.
+    assert!(records(&scan(&[8; 32], &bytes, 0)).is_empty());
 }
 
 #[test]

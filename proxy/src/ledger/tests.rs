@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ibex_proto::pb;
 use uuid::Uuid;
 
-use super::shipper::Sink;
+use super::shipper::{Batch, Sink};
 use super::*;
 
 #[derive(Clone, Default)]
@@ -19,10 +19,12 @@ struct Memory {
 }
 
 impl Sink for Memory {
-    async fn send(&mut self, records: Vec<pb::UsageRecord>) -> Result<(), String> {
+    async fn send(&mut self, batch: &Batch) -> Result<(), String> {
         if self.stalled.load(Ordering::SeqCst) {
             return Err("stalled".into());
         }
+        let records = batch.decode().map_err(|e| e.to_string())?.records;
+        assert_eq!(records.len() as u64, batch.records, "the batch's count");
         self.got.lock().expect("lock").extend(records);
         Ok(())
     }
