@@ -640,7 +640,41 @@ async fn chat(fx: &Fx, model: &str, what: &str) -> Result<(String, Response)> {
     Ok((rid, resp))
 }
 
+/// The `ibex_provider_*` lines of `/metrics`, by series (`name{labels}`).
+async fn provider_metrics(fx: &Fx) -> Result<std::collections::HashMap<String, u64>> {
+    let resp = Request::get("/metrics").send(fx.proxy.admin).await?;
+    ensure!(resp.status == 200, "{}", resp.dump());
+    let mut out = std::collections::HashMap::new();
+    for line in resp.text().lines() {
+        if !line.starts_with("ibex_provider_") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| anyhow!("bad metric line {line}"))?;
+        out.insert(series.to_owned(), value.parse()?);
+    }
+    Ok(out)
+}
+
+/// `after - before` of every series named in `want`, which must equal the wanted numbers.
+fn metric_deltas(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+    want: &[(&str, u64)],
+) -> Result<()> {
+    for (series, n) in want {
+        let got = after
+            .get(*series)
+            .ok_or_else(|| anyhow!("no {series} in /metrics: {after:?}"))?
+            - before.get(*series).copied().unwrap_or(0);
+        ensure!(got == *n, "{series}: +{got}, expected +{n}");
+    }
+    Ok(())
+}
+
 async fn fallback(fx: &Fx) -> Result<()> {
+    let metrics_before = provider_metrics(fx).await?;
     let tokens = (11, 7, 18, 0, 0);
     // 503 from the first provider: the second answers.
     fx.oa1.set(Behaviour::Status(503));
@@ -680,7 +714,52 @@ async fn fallback(fx: &Fx) -> Result<()> {
     ensure!(fx.dead_url.starts_with("http://127.0.0.1:"), "dead url");
     // Back to the first provider (this also closes its breaker's count).
     let (_, resp) = chat(fx, "gpt-4o", "fback").await?;
-    expect_ok(&resp, "oa-1")
+    expect_ok(&resp, "oa-1")?;
+    // /metrics per provider: oa-1 answered the 400 and the last one and failed once of each
+    // kind but refused, each time falling back to oa-2; `dead` refused once.
+    let after = provider_metrics(fx).await?;
+    metric_deltas(
+        &metrics_before,
+        &after,
+        &[
+            ("ibex_provider_requests_total{provider=\"oa-1\"}", 2),
+            ("ibex_provider_requests_total{provider=\"oa-2\"}", 4),
+            ("ibex_provider_requests_total{provider=\"dead\"}", 0),
+            ("ibex_provider_fallbacks_total{provider=\"oa-1\"}", 3),
+            ("ibex_provider_fallbacks_total{provider=\"oa-2\"}", 0),
+            ("ibex_provider_fallbacks_total{provider=\"dead\"}", 1),
+            (
+                "ibex_provider_failures_total{provider=\"oa-1\",kind=\"5xx\"}",
+                1,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"oa-1\",kind=\"429\"}",
+                1,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"oa-1\",kind=\"timeout\"}",
+                1,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"oa-1\",kind=\"refused\"}",
+                0,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"dead\",kind=\"refused\"}",
+                1,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"oa-2\",kind=\"5xx\"}",
+                0,
+            ),
+        ],
+    )
+    .context("provider metrics after the fallbacks")?;
+    ensure!(
+        after.get("ibex_provider_breaker_state{provider=\"oa-1\",worker=\"0\"}") == Some(&0),
+        "oa-1's breaker not closed: {after:?}"
+    );
+    Ok(())
 }
 
 async fn no_fallback_after_the_first_byte(fx: &Fx) -> Result<()> {
@@ -735,6 +814,13 @@ async fn breaker(fx: &Fx) -> Result<()> {
         fx.oa1.seen_count() == b1,
         "an open breaker's provider was still tried"
     );
+    let open = provider_metrics(fx).await?;
+    ensure!(
+        open.get("ibex_provider_breaker_state{provider=\"oa-1\",worker=\"0\"}") == Some(&1)
+            && open.get("ibex_provider_breaker_state{provider=\"oa-2\",worker=\"0\"}")
+                == Some(&0),
+        "breaker states while oa-1 is open: {open:?}"
+    );
     expect_record(
         fx,
         &rid,
@@ -752,7 +838,13 @@ async fn breaker(fx: &Fx) -> Result<()> {
         ensure!(resp.status == 200, "{}", resp.dump());
         Ok((resp.header("x-ibex-provider") == Some("oa-1")).then_some(()))
     })
-    .await
+    .await?;
+    let closed = provider_metrics(fx).await?;
+    ensure!(
+        closed.get("ibex_provider_breaker_state{provider=\"oa-1\",worker=\"0\"}") == Some(&0),
+        "oa-1's breaker not closed after its probe: {closed:?}"
+    );
+    Ok(())
 }
 
 async fn reload_under_load(fx: &Fx) -> Result<()> {
