@@ -278,9 +278,9 @@ impl Router {
         if let Some(p) = pending.as_mut() {
             p.tokens = tokens;
         }
-        // A metered stream always carries the provider's usage (SPEC §10).
+        // A metered chat or completions stream always carries the provider's usage (SPEC §10).
         if let Some(p) = pending.as_mut() {
-            if route == UpstreamRoute::ChatCompletions {
+            if route.asks_for_usage() {
                 if let Some(asked) = crate::ledger::stream_usage::ask_for_usage(&body) {
                     body = asked;
                     p.strip_usage = true;
