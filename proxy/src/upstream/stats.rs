@@ -97,7 +97,10 @@ impl ProviderCounters {
     }
 
     pub fn failure(&self, kind: FailureKind) {
-        let i = FailureKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = FailureKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
         self.failures[i].fetch_add(1, Relaxed);
     }
 
