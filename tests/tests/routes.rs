@@ -41,6 +41,9 @@ const KEY_OA1: &str = "sk-routes-oa1-0123456789";
 const KEY_OA2: &str = "sk-routes-oa2-0123456789";
 const KEY_ANT: &str = "sk-ant-routes-0123456789";
 const ANTHROPIC_VERSION: &str = "2023-06-01";
+/// The `organization` / `project` of the provider `oa-1` in the file (`oa-2` has none).
+const ORG_OA1: &str = "org-routes-oa1";
+const PROJECT_OA1: &str = "proj_routes_oa1";
 
 struct Fx {
     proxy: Proxy,
@@ -81,6 +84,8 @@ kind = "openai"
 base_url = "{oa1}"
 api_key_env = "ROUTES_KEY_OA1"
 timeout = "1s"
+organization = "{ORG_OA1}"
+project = "{PROJECT_OA1}"
 
 [[provider]]
 name = "oa-2"
@@ -279,7 +284,13 @@ async fn routes_end_to_end() -> Result<()> {
 
     every_route_plain(&fx).await.context("plain routes")?;
     every_route_streamed(&fx).await.context("streamed routes")?;
+    stream_usage_both_ways(&fx)
+        .await
+        .context("include_usage on chat and completions streams")?;
     pat_as_x_api_key(&fx).await.context("x-api-key")?;
+    organization_and_project(&fx)
+        .await
+        .context("OpenAI-Organization / OpenAI-Project")?;
     embeddings_permission(&fx)
         .await
         .context("embeddings permission")?;
@@ -293,6 +304,9 @@ async fn routes_end_to_end() -> Result<()> {
     allow_lists(&fx, &authd, &org)
         .await
         .context("model allow-lists")?;
+    inherited_lists(&fx, &authd, &org)
+        .await
+        .context("a token inherits its org's and its creator's lists")?;
     official_sdks(&fx).await.context("the official SDKs")?;
     let logs = fx.proxy.log_contents() + &authd.log_contents();
     for secret in [KEY_OA1, KEY_OA2, KEY_ANT, &fx.chat_pat, &fx.emb_pat] {
@@ -503,6 +517,121 @@ async fn every_route_streamed(fx: &Fx) -> Result<()> {
     Ok(())
 }
 
+/// The events of an SSE body, each with its blank line.
+fn events(body: &str) -> Vec<String> {
+    body.split_inclusive("\n\n").map(str::to_owned).collect()
+}
+
+/// Streamed chat and completions meter the provider's usage whether or not the client asked:
+/// without `stream_options.include_usage` the proxy adds it (only that field) and removes the
+/// provider's usage-only chunk from the client's stream; with it, the body and the stream pass
+/// as they are. Compared event by event with what the provider sent.
+async fn stream_usage_both_ways(fx: &Fx) -> Result<()> {
+    for (path, tokens, extra) in [
+        ("/v1/completions", (3, 2, 5, 0, 0), r#","prompt":"x"}"#),
+        (
+            "/v1/chat/completions",
+            (5, 2, 7, 0, 0),
+            r#","messages":[]}"#,
+        ),
+    ] {
+        for asked in [false, true] {
+            let options = if asked {
+                r#","stream_options":{"include_usage":true}"#
+            } else {
+                ""
+            };
+            let body = format!(r#"{{"model":"gpt-4o","stream":true{options}{extra}"#);
+            let rid = fx.rid("usage");
+            let mut s =
+                Streamed::send(fx.proxy.addr, &fx.post(path, &fx.chat_pat, &body, &rid)).await?;
+            let done = s
+                .read_until(|p| p.complete)
+                .await
+                .with_context(|| format!("{path} asked={asked}"))?;
+            ensure!(done.status == 200, "{path}: {done:?}");
+            let seen = fx.oa1.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+            let sent_body = String::from_utf8_lossy(&seen.body).into_owned();
+            let want_body = if asked {
+                body.clone()
+            } else {
+                format!(
+                    r#"{{"stream_options":{{"include_usage":true}},{}"#,
+                    &body[1..]
+                )
+            };
+            ensure!(
+                sent_body == want_body,
+                "{path} asked={asked}: the provider got {sent_body}, expected {want_body}"
+            );
+            // The provider sent its usage-only chunk (it was asked either way).
+            let (first, rest) = fake_provider::stream_events(Shape::OpenAi, path, "gpt-4o", true);
+            let provider_sent: Vec<String> = first.into_iter().chain(rest).collect();
+            ensure!(
+                provider_sent
+                    .iter()
+                    .any(|e| e.contains("\"choices\":[]") && e.contains("\"usage\"")),
+                "the fake sent no usage-only chunk: {provider_sent:?}"
+            );
+            let want: Vec<String> = if asked {
+                provider_sent
+            } else {
+                provider_sent
+                    .into_iter()
+                    .filter(|e| !e.contains("\"choices\":[]"))
+                    .collect()
+            };
+            let got = events(&String::from_utf8_lossy(&done.body));
+            ensure!(
+                got == want,
+                "{path} asked={asked}: the client's events\n{got:#?}\nexpected\n{want:#?}"
+            );
+            expect_record(fx, &rid, path, "oa-1", 1, tokens, true)
+                .await
+                .with_context(|| format!("{path} asked={asked}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// `OpenAI-Organization` / `OpenAI-Project`: the provider's from the file, exactly, and never
+/// the client's; a provider without them (and an anthropic one) gets none.
+async fn organization_and_project(fx: &Fx) -> Result<()> {
+    let send = async |model: &str, path: &str| -> Result<Response> {
+        let body = format!(r#"{{"model":"{model}","max_tokens":1,"messages":[]}}"#);
+        fx.post(path, &fx.chat_pat, &body, &fx.rid("orgproj"))
+            .header("OpenAI-Organization", "org-client-spoof")
+            .header("OpenAI-Project", "proj-client-spoof")
+            .header("openai-organization", "org-client-lower")
+            .send(fx.proxy.addr)
+            .await
+    };
+    let expect = |seen: &fake_upstream::Seen, org: &[&str], project: &[&str]| -> Result<()> {
+        ensure!(
+            seen.all("openai-organization") == org && seen.all("openai-project") == project,
+            "expected organization {org:?} project {project:?}: {:?}",
+            seen.headers
+        );
+        let all = format!("{:?}", seen.headers);
+        ensure!(!all.contains("client-"), "a client's header passed: {all}");
+        Ok(())
+    };
+    expect_ok(&send("gpt-4o", "/v1/chat/completions").await?, "oa-1")?;
+    let seen = fx.oa1.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+    expect(&seen, &[ORG_OA1], &[PROJECT_OA1]).context("oa-1")?;
+    // `refused-first` is answered by oa-2, which has neither key.
+    expect_ok(
+        &send("refused-first", "/v1/chat/completions").await?,
+        "oa-2",
+    )?;
+    let seen = fx.oa2.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+    expect(&seen, &[], &[]).context("oa-2")?;
+    expect_ok(&send("claude-3-5", "/v1/messages").await?, "ant")?;
+    let seen = fx.ant.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
+    expect(&seen, &[], &[]).context("ant")?;
+    Ok(())
+}
+
 async fn pat_as_x_api_key(fx: &Fx) -> Result<()> {
     let body = r#"{"model":"claude-3-5","max_tokens":16,"messages":[]}"#;
     let resp = Request::post("/v1/messages", body)
@@ -640,7 +769,41 @@ async fn chat(fx: &Fx, model: &str, what: &str) -> Result<(String, Response)> {
     Ok((rid, resp))
 }
 
+/// The `ibex_provider_*` lines of `/metrics`, by series (`name{labels}`).
+async fn provider_metrics(fx: &Fx) -> Result<std::collections::HashMap<String, u64>> {
+    let resp = Request::get("/metrics").send(fx.proxy.admin).await?;
+    ensure!(resp.status == 200, "{}", resp.dump());
+    let mut out = std::collections::HashMap::new();
+    for line in resp.text().lines() {
+        if !line.starts_with("ibex_provider_") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| anyhow!("bad metric line {line}"))?;
+        out.insert(series.to_owned(), value.parse()?);
+    }
+    Ok(out)
+}
+
+/// `after - before` of every series named in `want`, which must equal the wanted numbers.
+fn metric_deltas(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+    want: &[(&str, u64)],
+) -> Result<()> {
+    for (series, n) in want {
+        let got = after
+            .get(*series)
+            .ok_or_else(|| anyhow!("no {series} in /metrics: {after:?}"))?
+            - before.get(*series).copied().unwrap_or(0);
+        ensure!(got == *n, "{series}: +{got}, expected +{n}");
+    }
+    Ok(())
+}
+
 async fn fallback(fx: &Fx) -> Result<()> {
+    let metrics_before = provider_metrics(fx).await?;
     let tokens = (11, 7, 18, 0, 0);
     // 503 from the first provider: the second answers.
     fx.oa1.set(Behaviour::Status(503));
@@ -680,7 +843,52 @@ async fn fallback(fx: &Fx) -> Result<()> {
     ensure!(fx.dead_url.starts_with("http://127.0.0.1:"), "dead url");
     // Back to the first provider (this also closes its breaker's count).
     let (_, resp) = chat(fx, "gpt-4o", "fback").await?;
-    expect_ok(&resp, "oa-1")
+    expect_ok(&resp, "oa-1")?;
+    // /metrics per provider: oa-1 answered the 400 and the last one and failed once of each
+    // kind but refused, each time falling back to oa-2; `dead` refused once.
+    let after = provider_metrics(fx).await?;
+    metric_deltas(
+        &metrics_before,
+        &after,
+        &[
+            ("ibex_provider_requests_total{provider=\"oa-1\"}", 2),
+            ("ibex_provider_requests_total{provider=\"oa-2\"}", 4),
+            ("ibex_provider_requests_total{provider=\"dead\"}", 0),
+            ("ibex_provider_fallbacks_total{provider=\"oa-1\"}", 3),
+            ("ibex_provider_fallbacks_total{provider=\"oa-2\"}", 0),
+            ("ibex_provider_fallbacks_total{provider=\"dead\"}", 1),
+            (
+                "ibex_provider_failures_total{provider=\"oa-1\",kind=\"5xx\"}",
+                1,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"oa-1\",kind=\"429\"}",
+                1,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"oa-1\",kind=\"timeout\"}",
+                1,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"oa-1\",kind=\"refused\"}",
+                0,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"dead\",kind=\"refused\"}",
+                1,
+            ),
+            (
+                "ibex_provider_failures_total{provider=\"oa-2\",kind=\"5xx\"}",
+                0,
+            ),
+        ],
+    )
+    .context("provider metrics after the fallbacks")?;
+    ensure!(
+        after.get("ibex_provider_breaker_state{provider=\"oa-1\",worker=\"0\"}") == Some(&0),
+        "oa-1's breaker not closed: {after:?}"
+    );
+    Ok(())
 }
 
 async fn no_fallback_after_the_first_byte(fx: &Fx) -> Result<()> {
@@ -735,6 +943,12 @@ async fn breaker(fx: &Fx) -> Result<()> {
         fx.oa1.seen_count() == b1,
         "an open breaker's provider was still tried"
     );
+    let open = provider_metrics(fx).await?;
+    ensure!(
+        open.get("ibex_provider_breaker_state{provider=\"oa-1\",worker=\"0\"}") == Some(&1)
+            && open.get("ibex_provider_breaker_state{provider=\"oa-2\",worker=\"0\"}") == Some(&0),
+        "breaker states while oa-1 is open: {open:?}"
+    );
     expect_record(
         fx,
         &rid,
@@ -752,7 +966,13 @@ async fn breaker(fx: &Fx) -> Result<()> {
         ensure!(resp.status == 200, "{}", resp.dump());
         Ok((resp.header("x-ibex-provider") == Some("oa-1")).then_some(()))
     })
-    .await
+    .await?;
+    let closed = provider_metrics(fx).await?;
+    ensure!(
+        closed.get("ibex_provider_breaker_state{provider=\"oa-1\",worker=\"0\"}") == Some(&0),
+        "oa-1's breaker not closed after its probe: {closed:?}"
+    );
+    Ok(())
 }
 
 async fn reload_under_load(fx: &Fx) -> Result<()> {
@@ -947,6 +1167,184 @@ async fn allow_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
         Ok((chat_as(fx, &fx.chat_pat, "gpt-4o").await?.status == 200).then_some(()))
     })
     .await
+}
+
+/// The proxy's `IBEX_REVOCATION_SLA_MS` (the harness leaves the default).
+const REVOCATION_SLA: Duration = Duration::from_millis(300);
+
+/// `ibexctl token create` authorised by the PAT `manager` (not the operator key).
+async fn token_by_pat(
+    authd: &Authd,
+    manager: &str,
+    org: &str,
+    agent: &str,
+    models: Option<&str>,
+) -> Result<ibex_e2e::procs::CtlOutput> {
+    let mut env: Vec<(String, String)> = authd
+        .ibexctl_env()
+        .into_iter()
+        .filter(|(k, _)| k != "IBEX_ADMIN_KEY")
+        .collect();
+    env.push(("IBEX_TOKEN".to_owned(), manager.to_owned()));
+    let mut args = vec![
+        "token",
+        "create",
+        "--org",
+        org,
+        "--agent",
+        agent,
+        "--permissions",
+        "read,chat",
+    ];
+    if let Some(m) = models {
+        args.extend(["--models", m]);
+    }
+    ibex_e2e::procs::ibexctl(&env, &args).await
+}
+
+/// `org set-models`, then the first request sent later than the revocation SLA after it
+/// returned must see the change (`changed` true), polled without sleeping.
+async fn set_org_models_within_sla(
+    fx: &Fx,
+    authd: &Authd,
+    org: &str,
+    allow: &str,
+    pat: &str,
+    model: &str,
+    want_status: u16,
+) -> Result<()> {
+    authd
+        .ibexctl_json(&["org", "set-models", "--org", org, "--allow", allow])
+        .await?;
+    let committed = std::time::Instant::now();
+    loop {
+        let sent = std::time::Instant::now();
+        let resp = chat_as(fx, pat, model).await?;
+        if resp.status == want_status {
+            eprintln!(
+                "routes: org list {allow:?} seen by a request sent {:?} after set-models returned",
+                sent - committed
+            );
+            return Ok(());
+        }
+        ensure!(
+            sent <= committed + REVOCATION_SLA,
+            "org list {allow:?}: {model} still answered {} by a request sent {:?} after \
+             set-models returned (SLA {REVOCATION_SLA:?})",
+            resp.status,
+            sent - committed
+        );
+    }
+}
+
+/// The lists against the real authd and Postgres: a token created without `--models` under an
+/// org with a list is held to the org's list (read with each validation, not copied at
+/// creation); a token with its own list is held to both; a token made with a PAT and no
+/// `--models` inherits that PAT's list, and cannot be given more; an org change reaches the
+/// proxy within the revocation SLA.
+async fn inherited_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
+    authd
+        .ibexctl_json(&[
+            "org",
+            "set-models",
+            "--org",
+            org,
+            "--allow",
+            "gpt-4o*, fast",
+        ])
+        .await?;
+    let plain = authd
+        .ibexctl_json(&[
+            "token",
+            "create",
+            "--org",
+            org,
+            "--agent",
+            &fx.agent,
+            "--permissions",
+            "read,chat",
+        ])
+        .await?;
+    let plain = ibex_e2e::procs::json_str(&plain, "token")?;
+    // The token was made after the list: the first validation already carries it.
+    let before = fx.oa1.seen_count() + fx.oa2.seen_count();
+    refused(
+        &chat_as(fx, &plain, "gpt-3.5").await?,
+        "outside the org list",
+    )?;
+    refused(
+        &chat_as(fx, &plain, "GPT-3.5 ").await?,
+        "outside, a variant",
+    )?;
+    ensure!(
+        fx.oa1.seen_count() + fx.oa2.seen_count() == before,
+        "a refused model reached a provider"
+    );
+    expect_ok(&chat_as(fx, &plain, "gpt-4o").await?, "oa-1")?;
+    expect_ok(&chat_as(fx, &plain, "gpt-4o-mini").await?, "oa-1")?;
+
+    // Its own list and the org's: only what both allow.
+    let own = token_with_models(fx, authd, org, "gpt-4o-mini, gpt-3.5").await?;
+    expect_ok(&chat_as(fx, &own, "gpt-4o-mini").await?, "oa-1")?;
+    refused(&chat_as(fx, &own, "gpt-3.5").await?, "own list only")?;
+    refused(&chat_as(fx, &own, "gpt-4o").await?, "org list only")?;
+    let ids = models_of(fx, &own).await?;
+    ensure!(
+        ids == ["gpt-4o-mini"],
+        "models of the own-list token: {ids:?}"
+    );
+
+    // A token made with a PAT: no --models is the PAT's list, not "every model".
+    let manager = authd
+        .ibexctl_json(&[
+            "token",
+            "create",
+            "--org",
+            org,
+            "--agent",
+            &fx.agent,
+            "--permissions",
+            "read,chat,tokens:manage",
+            "--models",
+            "gpt-4o-mini,fast",
+        ])
+        .await?;
+    let manager = ibex_e2e::procs::json_str(&manager, "token")?;
+    let child = token_by_pat(authd, &manager, org, &fx.agent, None)
+        .await?
+        .json()?;
+    let child = ibex_e2e::procs::json_str(&child, "token")?;
+    expect_ok(&chat_as(fx, &child, "gpt-4o-mini").await?, "oa-1")?;
+    expect_ok(&chat_as(fx, &child, "fast").await?, "oa-1")?;
+    refused(
+        &chat_as(fx, &child, "gpt-4o").await?,
+        "the org allows it, the creator's list does not",
+    )?;
+    let wider = token_by_pat(authd, &manager, org, &fx.agent, Some("gpt-4o")).await?;
+    ensure!(
+        !wider.status.success() && wider.stderr.to_lowercase().contains("permission"),
+        "a PAT gave a token a model outside its own list: {wider:?}"
+    );
+
+    // An org change reaches the proxy within the SLA, both ways.
+    set_org_models_within_sla(
+        fx,
+        authd,
+        org,
+        "gpt-4o*, fast, gpt-3.5",
+        &own,
+        "gpt-3.5",
+        200,
+    )
+    .await
+    .context("widened")?;
+    set_org_models_within_sla(fx, authd, org, "fast", &plain, "gpt-4o", 403)
+        .await
+        .context("narrowed")?;
+    set_org_models_within_sla(fx, authd, org, "", &plain, "gpt-3.5", 200)
+        .await
+        .context("lifted")?;
+    Ok(())
 }
 
 /// A virtualenv with the official `openai` and `anthropic` SDKs from PyPI, made once per target

@@ -1,4 +1,4 @@
-//! Metering streams right (SPEC §10): a streamed chat request that did not ask for
+//! Metering streams right (SPEC §10): a streamed chat or completions request that did not ask for
 //! `stream_options.include_usage` gets it added before forwarding ([`ask_for_usage`]: only that
 //! field is written, every other byte of the body is the client's), and the provider's extra
 //! usage-only chunk is removed from the client's stream ([`strip_usage_chunk`]), so the client
@@ -220,5 +220,27 @@ mod tests {
         let mut s = UsageStripper::default();
         let both = "data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":3}}\n\n";
         assert_eq!(&s.push(both.as_bytes())[..], both.as_bytes());
+    }
+
+    #[test]
+    fn a_completions_stream_loses_only_its_usage_only_chunk() {
+        let text = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{\"index\":0,\"text\":\"a\",\"finish_reason\":\"stop\"}],\"usage\":null}\n\n";
+        let usage = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n";
+        let done = "data: [DONE]\n\n";
+        let mut s = UsageStripper::default();
+        let mut got = Vec::new();
+        for e in [text, usage, done] {
+            got.extend_from_slice(&s.push(e.as_bytes()));
+        }
+        got.extend_from_slice(&s.finish());
+        assert_eq!(
+            String::from_utf8(got).expect("utf8"),
+            format!("{text}{done}")
+        );
+        let body = br#"{"model":"m","prompt":"x","stream":true}"#;
+        assert_eq!(
+            &ask_for_usage(body).expect("asked")[..],
+            br#"{"stream_options":{"include_usage":true},"model":"m","prompt":"x","stream":true}"#
+        );
     }
 }

@@ -43,7 +43,10 @@ pub struct ProviderSpec {
     pub timeout: Duration,
     /// Extra attempts on this provider before the next one.
     pub retries: u32,
-    /// `OpenAI-Organization` / `OpenAI-Project` (only for the `IBEX_UPSTREAM_*` provider).
+    /// `OpenAI-Organization` / `OpenAI-Project` sent to this provider: the file's
+    /// `organization` / `project` keys of an `openai` provider (none when absent), or
+    /// `IBEX_UPSTREAM_ORGANIZATION` / `IBEX_UPSTREAM_PROJECT` for the provider of
+    /// `IBEX_UPSTREAM_URL`. The client's never pass (SPEC §3.1).
     pub operator: crate::upstream::request::OperatorHeaders,
 }
 
@@ -112,6 +115,10 @@ struct ProviderWire {
     timeout: Option<String>,
     #[serde(default)]
     retries: u32,
+    /// `OpenAI-Organization` for this provider (openai only).
+    organization: Option<String>,
+    /// `OpenAI-Project` for this provider (openai only).
+    project: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -192,6 +199,19 @@ impl Table {
                 "provider {:?}: retries must be at most {MAX_RETRIES}",
                 p.name
             );
+            for (field, value) in [("organization", &p.organization), ("project", &p.project)] {
+                let Some(v) = value else { continue };
+                ensure!(
+                    p.kind == Kind::Openai,
+                    "provider {:?}: {field} is for openai providers only",
+                    p.name
+                );
+                ensure!(
+                    !v.is_empty() && v.len() <= 256 && v.bytes().all(|b| b.is_ascii_graphic()),
+                    "provider {:?}: {field} must be 1-256 printable ASCII characters without spaces",
+                    p.name
+                );
+            }
             providers.push(ProviderSpec {
                 name: p.name,
                 kind: p.kind,
@@ -199,7 +219,10 @@ impl Table {
                 api_key: SecretString::from(key),
                 timeout,
                 retries: p.retries,
-                operator: Default::default(),
+                operator: crate::upstream::request::OperatorHeaders {
+                    organization: p.organization,
+                    project: p.project,
+                },
             });
         }
         let mut routes = Vec::with_capacity(wire.route.len());
@@ -267,6 +290,15 @@ impl Table {
     pub fn load(path: &Path, default_timeout: Duration) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading IBEX_PROVIDERS_FILE {}", path.display()))?;
+        for var in ["IBEX_UPSTREAM_ORGANIZATION", "IBEX_UPSTREAM_PROJECT"] {
+            if std::env::var_os(var).is_some() {
+                // With several providers there is no one account it could belong to.
+                tracing::warn!(
+                    variable = var,
+                    "ignored with IBEX_PROVIDERS_FILE: set organization / project on each openai provider in the file"
+                );
+            }
+        }
         Self::parse(&text, default_timeout, &|var| std::env::var(var).ok())
             .with_context(|| format!("IBEX_PROVIDERS_FILE {}", path.display()))
     }
@@ -418,6 +450,23 @@ providers = ["anthropic"]
     }
 
     #[test]
+    fn organization_and_project_are_per_openai_provider() {
+        let file = FILE.replace(
+            "timeout = \"5s\"\n",
+            "timeout = \"5s\"\norganization = \"org-oa\"\nproject = \"proj-oa\"\n",
+        );
+        let t = parse(&file).unwrap();
+        assert_eq!(
+            t.providers[0].operator.organization.as_deref(),
+            Some("org-oa")
+        );
+        assert_eq!(t.providers[0].operator.project.as_deref(), Some("proj-oa"));
+        // A provider without them sends none (not the IBEX_UPSTREAM_* pair).
+        assert_eq!(t.providers[1].operator, Default::default());
+        assert_eq!(t.providers[2].operator, Default::default());
+    }
+
+    #[test]
     fn refuses_bad_files() {
         let provider = "[[provider]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\napi_key_env = \"K_EU\"\n";
         let anth = "[[provider]]\nname = \"b\"\nkind = \"anthropic\"\nbase_url = \"http://127.0.0.1:1/v1\"\napi_key_env = \"K_ANT\"\n";
@@ -490,6 +539,18 @@ providers = ["anthropic"]
                     provider.replace("kind = \"openai\"\n", "")
                 ),
                 "kind",
+            ),
+            (
+                &format!("{anth}organization = \"org-1\"\n[[route]]\nmodel = \"x\"\nproviders = [\"b\"]\n"),
+                "openai providers only",
+            ),
+            (
+                &format!("{provider}project = \"p 1\"\n[[route]]\nmodel = \"x\"\nproviders = [\"a\"]\n"),
+                "project must be",
+            ),
+            (
+                &format!("{provider}organization = \"\"\n[[route]]\nmodel = \"x\"\nproviders = [\"a\"]\n"),
+                "organization must be",
             ),
         ] {
             let err = format!("{:#}", parse(bad).unwrap_err());

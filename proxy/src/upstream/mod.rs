@@ -227,7 +227,7 @@ impl Upstream {
         if let Some(p) = pending.as_mut() {
             p.provider = self.name().to_owned();
             p.attempts = 1;
-            if route == UpstreamRoute::ChatCompletions {
+            if route.asks_for_usage() {
                 if let Some(asked) = crate::ledger::stream_usage::ask_for_usage(&body) {
                     body = asked;
                     p.strip_usage = true;

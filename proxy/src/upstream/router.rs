@@ -27,6 +27,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
+use super::stats::{FailureKind, ProviderCounters};
 use super::{ForwardCtx, Upstream, UpstreamConfig, UpstreamError, UpstreamRoute, UpstreamStats};
 use crate::clock::Clock;
 use crate::error::ApiError;
@@ -93,6 +94,8 @@ struct Set {
     table: Arc<Table>,
     upstreams: Vec<Upstream>,
     breakers: RefCell<Vec<Breaker>>,
+    /// `/metrics` per provider (by index, as `upstreams`).
+    counters: Vec<Arc<ProviderCounters>>,
 }
 
 pub struct Router {
@@ -275,9 +278,9 @@ impl Router {
         if let Some(p) = pending.as_mut() {
             p.tokens = tokens;
         }
-        // A metered stream always carries the provider's usage (SPEC §10).
+        // A metered chat or completions stream always carries the provider's usage (SPEC §10).
         if let Some(p) = pending.as_mut() {
-            if route == UpstreamRoute::ChatCompletions {
+            if route.asks_for_usage() {
                 if let Some(asked) = crate::ledger::stream_usage::ask_for_usage(&body) {
                     body = asked;
                     p.strip_usage = true;
@@ -301,7 +304,16 @@ impl Router {
                     let status = x.status();
                     let bad = status == 429 || status >= 500;
                     self.outcome(set, i, !bad);
+                    if bad {
+                        let kind = if status == 429 {
+                            FailureKind::TooMany
+                        } else {
+                            FailureKind::Server
+                        };
+                        set.counters[i].failure(kind);
+                    }
                     if bad && !final_attempt {
+                        note_fallback(set, &plan, n);
                         tracing::info!(target: "ibex::upstream", request_id = ctx.request_id,
                             provider = up.name(), status, "attempt failed; trying the next");
                         continue;
@@ -310,6 +322,7 @@ impl Router {
                         p.provider = up.name().to_owned();
                         p.attempts = attempts;
                     }
+                    set.counters[i].answered();
                     let mut resp = up
                         .deliver(x, route, ctx, started, pending)
                         .await
@@ -322,6 +335,11 @@ impl Router {
                 }
                 Err(e) => {
                     self.outcome(set, i, false);
+                    set.counters[i].failure(match e {
+                        UpstreamError::Unavailable => FailureKind::Refused,
+                        UpstreamError::Timeout => FailureKind::Timeout,
+                    });
+                    note_fallback(set, &plan, n);
                     up.attempt_failed(e, route, ctx, started);
                     last = Some((up, i, e));
                 }
@@ -346,9 +364,11 @@ impl Router {
             .iter()
             .copied()
             .filter(|&i| {
-                breakers
-                    .get_mut(i)
-                    .is_some_and(|b| b.permit(now) == Permit::Reject)
+                breakers.get_mut(i).is_some_and(|b| {
+                    let reject = b.permit(now) == Permit::Reject;
+                    set.counters[i].set_breaker(b.state().as_metric());
+                    reject
+                })
             })
             .collect();
         let usable: Vec<usize> = match providers.iter().filter(|i| !open.contains(i)).count() {
@@ -375,6 +395,7 @@ impl Router {
             } else {
                 b.on_failure(now);
             }
+            set.counters[provider].set_breaker(b.state().as_metric());
         }
     }
 
@@ -425,12 +446,33 @@ fn build_set(
             )
         })
         .collect();
+    let counters = table
+        .providers
+        .iter()
+        .map(|p| {
+            let c = stats.provider(&p.name);
+            // A new set starts with closed breakers.
+            c.set_breaker(0);
+            c
+        })
+        .collect();
     Ok(Set {
         generation,
         table,
         upstreams,
         breakers: RefCell::new(breakers),
+        counters,
     })
+}
+
+/// Counts a failed attempt `n` of `plan` as a fallback when the next attempt is on another
+/// provider (a retry on the same one is not).
+fn note_fallback(set: &Set, plan: &[(usize, u32)], n: usize) {
+    if let (Some(&(i, _)), Some(&(next, _))) = (plan.get(n), plan.get(n + 1)) {
+        if next != i {
+            set.counters[i].fallback();
+        }
+    }
 }
 
 /// Jittered backoff before a retry on the same provider: 25–75 ms times the retry number.

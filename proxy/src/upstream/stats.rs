@@ -42,6 +42,71 @@ pub struct UpstreamStats {
     reused: AtomicU64,
     retries: AtomicU64,
     usage: Mutex<HashMap<(uuid::Uuid, Box<str>), UsageTotals>>,
+    /// Per provider, by name (SPEC §12). Locked only when a worker builds its providers (start,
+    /// reload) and at scrape time; requests touch the [`ProviderCounters`] they were handed.
+    providers: Mutex<Vec<(Box<str>, Arc<ProviderCounters>)>>,
+}
+
+/// Why an attempt on a provider failed (`ibex_provider_failures_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Connection refused or reset, TLS failure, a malformed response head.
+    Refused,
+    /// No response head within the provider's timeout.
+    Timeout,
+    /// Answered 429.
+    TooMany,
+    /// Answered 5xx.
+    Server,
+}
+
+impl FailureKind {
+    const ALL: [FailureKind; 4] = [Self::Refused, Self::Timeout, Self::TooMany, Self::Server];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::TooMany => "429",
+            Self::Server => "5xx",
+        }
+    }
+}
+
+/// One provider's counters on one worker: relaxed atomics written by that worker only, summed
+/// over the workers at scrape time.
+#[derive(Debug, Default)]
+pub struct ProviderCounters {
+    /// Responses handed to the client (any status), i.e. requests this provider answered.
+    answered: AtomicU64,
+    /// Failed attempts after which the request went on to another provider.
+    fallbacks: AtomicU64,
+    /// Failed attempts, by [`FailureKind`] (its index in `FailureKind::ALL`).
+    failures: [AtomicU64; 4],
+    /// This worker's breaker for the provider: 0 closed, 1 open, 2 half-open.
+    breaker: AtomicU64,
+}
+
+impl ProviderCounters {
+    pub fn answered(&self) {
+        self.answered.fetch_add(1, Relaxed);
+    }
+
+    pub fn fallback(&self) {
+        self.fallbacks.fetch_add(1, Relaxed);
+    }
+
+    pub fn failure(&self, kind: FailureKind) {
+        let i = FailureKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
+        self.failures[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn set_breaker(&self, state: u64) {
+        self.breaker.store(state, Relaxed);
+    }
 }
 
 impl Default for UpstreamStats {
@@ -57,6 +122,7 @@ impl Default for UpstreamStats {
             reused: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             usage: Mutex::new(HashMap::new()),
+            providers: Mutex::new(Vec::new()),
         }
     }
 }
@@ -108,6 +174,22 @@ impl UpstreamStats {
     /// Connections opened so far.
     pub fn connections_opened(&self) -> u64 {
         self.opened.load(Relaxed)
+    }
+
+    /// The counters of the provider `name` on this worker, made on first use. Called when the
+    /// worker builds its providers, not per request; a provider's counters outlive a reload that
+    /// keeps its name (they are cumulative).
+    pub fn provider(&self, name: &str) -> Arc<ProviderCounters> {
+        let mut list = self
+            .providers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, c)) = list.iter().find(|(n, _)| &**n == name) {
+            return c.clone();
+        }
+        let c = Arc::new(ProviderCounters::default());
+        list.push((name.into(), c.clone()));
+        c
     }
 
     pub fn usage(&self, org: uuid::Uuid, model: &str, usage: Usage) {
@@ -220,6 +302,8 @@ pub fn render_prometheus(all: &[Arc<UpstreamStats>], out: &mut String) {
         );
     }
 
+    render_providers(all, out);
+
     let mut usage: HashMap<(uuid::Uuid, Box<str>), UsageTotals> = HashMap::new();
     for s in all {
         if let Ok(map) = s.usage.lock() {
@@ -257,6 +341,74 @@ pub fn render_prometheus(all: &[Arc<UpstreamStats>], out: &mut String) {
             "ibex_upstream_metered_responses_total{{org=\"{org}\",model=\"{}\"}} {}",
             escape_label(model),
             t.responses
+        );
+    }
+}
+
+/// `ibex_provider_*`: per provider name, summed over the workers (the breaker per worker).
+fn render_providers(all: &[Arc<UpstreamStats>], out: &mut String) {
+    // (worker, name, counters), in the order the providers were first seen.
+    let mut rows: Vec<(usize, Box<str>, Arc<ProviderCounters>)> = Vec::new();
+    let mut names: Vec<Box<str>> = Vec::new();
+    for (worker, s) in all.iter().enumerate() {
+        let list = s
+            .providers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, c) in list.iter() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+            rows.push((worker, name.clone(), c.clone()));
+        }
+    }
+    let total = |name: &str, f: &dyn Fn(&ProviderCounters) -> u64| -> u64 {
+        rows.iter()
+            .filter(|(_, n, _)| &**n == name)
+            .map(|(_, _, c)| f(c))
+            .sum()
+    };
+    out.push_str("# HELP ibex_provider_requests_total Requests a provider answered (its response went to the client, any status).\n");
+    out.push_str("# TYPE ibex_provider_requests_total counter\n");
+    for name in &names {
+        let _ = writeln!(
+            out,
+            "ibex_provider_requests_total{{provider=\"{}\"}} {}",
+            escape_label(name),
+            total(name, &|c| c.answered.load(Relaxed))
+        );
+    }
+    out.push_str("# HELP ibex_provider_fallbacks_total Failed attempts on a provider after which the request went to the next provider.\n");
+    out.push_str("# TYPE ibex_provider_fallbacks_total counter\n");
+    for name in &names {
+        let _ = writeln!(
+            out,
+            "ibex_provider_fallbacks_total{{provider=\"{}\"}} {}",
+            escape_label(name),
+            total(name, &|c| c.fallbacks.load(Relaxed))
+        );
+    }
+    out.push_str("# HELP ibex_provider_failures_total Failed attempts on a provider, by kind (refused: connection refused/reset, TLS or a bad response head).\n");
+    out.push_str("# TYPE ibex_provider_failures_total counter\n");
+    for name in &names {
+        for (i, kind) in FailureKind::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "ibex_provider_failures_total{{provider=\"{}\",kind=\"{}\"}} {}",
+                escape_label(name),
+                kind.label(),
+                total(name, &|c| c.failures[i].load(Relaxed))
+            );
+        }
+    }
+    out.push_str("# HELP ibex_provider_breaker_state A provider's circuit breaker per worker: 0 closed, 1 open, 2 half-open.\n");
+    out.push_str("# TYPE ibex_provider_breaker_state gauge\n");
+    for (worker, name, c) in &rows {
+        let _ = writeln!(
+            out,
+            "ibex_provider_breaker_state{{provider=\"{}\",worker=\"{worker}\"}} {}",
+            escape_label(name),
+            c.breaker.load(Relaxed)
         );
     }
 }
@@ -319,6 +471,38 @@ mod tests {
             "ibex_upstream_responses_total{status=\"502\"} 1",
             "ibex_upstream_pool_idle_connections{worker=\"1\"} 4",
             "ibex_upstream_usage_tokens_total{org=\"00000000-0000-0000-0000-000000000000\",model=\"m\\\"x\",kind=\"total\"} 6",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn provider_counters_are_summed_by_name() {
+        let a = Arc::new(UpstreamStats::default());
+        let b = Arc::new(UpstreamStats::default());
+        let (a1, b1) = (a.provider("oa-1"), b.provider("oa-1"));
+        assert!(Arc::ptr_eq(&a1, &a.provider("oa-1")), "one set per name");
+        a.provider("ant").answered();
+        a1.answered();
+        b1.answered();
+        a1.fallback();
+        a1.failure(FailureKind::Server);
+        b1.failure(FailureKind::Server);
+        b1.failure(FailureKind::Timeout);
+        b1.set_breaker(1);
+        let mut out = String::new();
+        render_prometheus(&[a, b], &mut out);
+        for line in [
+            "ibex_provider_requests_total{provider=\"oa-1\"} 2",
+            "ibex_provider_requests_total{provider=\"ant\"} 1",
+            "ibex_provider_fallbacks_total{provider=\"oa-1\"} 1",
+            "ibex_provider_fallbacks_total{provider=\"ant\"} 0",
+            "ibex_provider_failures_total{provider=\"oa-1\",kind=\"5xx\"} 2",
+            "ibex_provider_failures_total{provider=\"oa-1\",kind=\"timeout\"} 1",
+            "ibex_provider_failures_total{provider=\"oa-1\",kind=\"refused\"} 0",
+            "ibex_provider_failures_total{provider=\"oa-1\",kind=\"429\"} 0",
+            "ibex_provider_breaker_state{provider=\"oa-1\",worker=\"0\"} 0",
+            "ibex_provider_breaker_state{provider=\"oa-1\",worker=\"1\"} 1",
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line} in\n{out}");
         }

@@ -33,6 +33,17 @@ impl UpstreamRoute {
         UpstreamRoute::Models,
     ];
 
+    /// A streamed request on this route reports usage only when it asks with
+    /// `stream_options.include_usage` (OpenAI's chat and completions): the proxy asks for it and
+    /// strips the usage-only chunk the client did not ask for ([`crate::ledger::stream_usage`]).
+    /// Responses and Messages streams always end with their usage.
+    pub fn asks_for_usage(self) -> bool {
+        matches!(
+            self,
+            UpstreamRoute::ChatCompletions | UpstreamRoute::Completions
+        )
+    }
+
     /// The path under the base URL.
     pub fn tail(self) -> &'static str {
         match self {

@@ -175,8 +175,15 @@ fn sse(event: Option<&str>, data: &serde_json::Value) -> String {
     }
 }
 
-/// The events of a stream: those before the pause point, and those after.
-fn stream_events(shape: Shape, path: &str, model: &str) -> (Vec<String>, Vec<String>) {
+/// The events of a stream: those before the pause point, and those after. Chat and completions
+/// streams end with a usage-only chunk (`"choices": []`) only when the request asked with
+/// `stream_options.include_usage` (`usage`), as OpenAI's do.
+pub fn stream_events(
+    shape: Shape,
+    path: &str,
+    model: &str,
+    usage: bool,
+) -> (Vec<String>, Vec<String>) {
     use serde_json::json;
     match (shape, path) {
         (Shape::Anthropic, _) => (
@@ -237,30 +244,40 @@ fn stream_events(shape: Shape, path: &str, model: &str) -> (Vec<String>, Vec<Str
                 None,
                 &json!({"id":"cmpl-f","object":"text_completion","created":1,"model":model,"choices":[{"index":0,"text":"first","finish_reason":null}]}),
             )],
-            vec![
-                sse(
+            [
+                Some(sse(
                     None,
-                    &json!({"id":"cmpl-f","object":"text_completion","created":1,"model":model,"choices":[{"index":0,"text":" last","finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}),
-                ),
-                "data: [DONE]\n\n".to_owned(),
-            ],
+                    &json!({"id":"cmpl-f","object":"text_completion","created":1,"model":model,"choices":[{"index":0,"text":" last","finish_reason":"stop"}]}),
+                )),
+                usage.then(|| sse(
+                    None,
+                    &json!({"id":"cmpl-f","object":"text_completion","created":1,"model":model,"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}),
+                )),
+                Some("data: [DONE]\n\n".to_owned()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         ),
         (Shape::OpenAi, _) => (
             vec![sse(
                 None,
                 &json!({"id":"chatcmpl-f","object":"chat.completion.chunk","created":1,"model":model,"choices":[{"index":0,"delta":{"role":"assistant","content":"first"},"finish_reason":null}]}),
             )],
-            vec![
-                sse(
+            [
+                Some(sse(
                     None,
                     &json!({"id":"chatcmpl-f","object":"chat.completion.chunk","created":1,"model":model,"choices":[{"index":0,"delta":{"content":" last"},"finish_reason":"stop"}]}),
-                ),
-                sse(
+                )),
+                usage.then(|| sse(
                     None,
                     &json!({"id":"chatcmpl-f","object":"chat.completion.chunk","created":1,"model":model,"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}),
-                ),
-                "data: [DONE]\n\n".to_owned(),
-            ],
+                )),
+                Some("data: [DONE]\n\n".to_owned()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         ),
     }
 }
@@ -312,7 +329,10 @@ async fn answer(
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
         )
         .await?;
-    let (first, rest) = stream_events(shape, &seen.path, &model);
+    let usage = body["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let (first, rest) = stream_events(shape, &seen.path, &model, usage);
     for e in &first {
         chunk(stream, e).await?;
     }
