@@ -326,6 +326,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let grpc = tokio::spawn(
         builder
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            // A RecordUsage batch is ~1.5 MB: with h2's 64 KiB default windows the shipper
+            // sends it in ~25 window-sized steps, each a wake-up on both sides. The messages
+            // stay bounded by the decoding limit whatever the window.
+            .initial_stream_window_size(Some(1 << 20))
+            .initial_connection_window_size(Some(4 << 20))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(AuthServiceServer::new(service))
