@@ -293,25 +293,30 @@ impl TokenLimiter {
         self.stats.clone()
     }
 
+    /// The limits that apply to `p`, if any (else no Redis call, no estimate).
+    pub fn limits(&self, p: &Principal) -> Option<Limits> {
+        Some(Limits::of(p, self.config.default_tpm)).filter(Limits::any)
+    }
+
     /// Checks and reserves the worst case of the chat request `body` for
     /// `p`'s org and agent (see the module's HOOKS).
     pub async fn reserve(&self, p: &Principal, body: &[u8]) -> TokenDecision {
-        let limits = Limits::of(p, self.config.default_tpm);
-        if !limits.any() {
+        let Some(limits) = self.limits(p) else {
             return TokenDecision::Skip;
-        }
-        self.stats.checks.fetch_add(1, Relaxed);
-        let worst = estimate::worst_case(body);
-        self.reserve_worst(p, &limits, &worst).await
+        };
+        self.reserve_worst(p, &limits, &estimate::worst_case(body))
+            .await
     }
 
-    /// [`TokenLimiter::reserve`] of an estimated worst case.
+    /// [`TokenLimiter::reserve`] of a body already estimated (the chat
+    /// handler's one parse, which also gave the router its model).
     pub async fn reserve_worst(
         &self,
         p: &Principal,
         limits: &Limits,
         worst: &estimate::Worst,
     ) -> TokenDecision {
+        self.stats.checks.fetch_add(1, Relaxed);
         let now = self.clock.unix_ms();
         let month = Month::at(now);
         let now_u = u64::try_from(now).unwrap_or(0);
