@@ -11,7 +11,10 @@
 //! - [`Reservation`] — handed to the request's ledger record
 //!   ([`crate::ledger::meter::Pending`]); when the record is made (the one
 //!   point where the usage is final) it is settled to the recorded tokens
-//!   and cost, returning what was not used. Dropped unsettled (never
+//!   and cost, returning what was not used: queued on the worker, the settle
+//!   rides on the org's next reservation there (the same script call), or is
+//!   flushed within `IBEX_TOKEN_SETTLE_DELAY` ([`settle`]) — one Redis round
+//!   trip per request under a token limit, not two. Dropped unsettled (never
 //!   forwarded with a meter) it keeps its worst case: the minute expires
 //!   with its window, a month keeps the over-count (conservative).
 //! - [`TokenHeaders`] — `x-ratelimit-*-tokens` on every response that passed.
@@ -20,9 +23,17 @@
 //! an org is busy; tokens do not: a lease held by one worker is budget
 //! another proxy cannot use, and a request's cost is only known at the end,
 //! so a per-worker lease either over-admits (the ceiling breaks) or strands
-//! tokens (concurrent agents starve). Every reservation and settle is one
-//! script call in Redis, which is atomic: however many proxies run, the
-//! reservations admitted in a window never exceed its limit.
+//! tokens (concurrent agents starve). Every reservation (with the settles it
+//! carries) is one script call in Redis, which is atomic: however many
+//! proxies run, the reservations admitted in a window never exceed its
+//! limit. A settle that waits a few ms for a reservation to carry it only
+//! keeps its worst case counted that much longer: conservative, the ceiling
+//! stays exact.
+//!
+//! **CPU**: the body is read once, borrowed ([`estimate`]: the same pass gives
+//! the router its `model`); a call's keys and arguments are written into one
+//! buffer ([`call`]); a reservation id is the worker's random prefix and a
+//! counter, not a fresh UUID.
 //!
 //! **Months** live in Redis for speed, the ledger is the truth: a month key
 //! missing while its budget applies (Redis restarted, failed over, flushed)

@@ -246,10 +246,13 @@ mod tests {
     use super::*;
     use crate::tokens::call::Rid;
 
+    /// One call's keys and arguments.
+    type Sent = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+
     /// Records every call's keys and arguments; fails the first `fail` calls.
     #[derive(Default)]
     struct Fake {
-        calls: RefCell<Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)>>,
+        calls: RefCell<Vec<Sent>>,
         fail: Cell<u32>,
     }
 
