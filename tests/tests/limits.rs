@@ -16,6 +16,7 @@
 //! - `redis_down_serves_and_records`: token limits fail open; the ledger records the request.
 //! - `settles_ride_on_the_next_reservation`: under steady traffic on one org Redis runs one
 //!   script call per request (the settle rides on the next reservation), and all are settled.
+//! - `pending_settles_are_sent_when_the_proxy_stops`: SIGTERM sends a settle still waiting.
 //!
 //! Minute windows are wall-clock minutes: a scenario that must not straddle one starts early in
 //! a minute and is run again (on a fresh org) if its minute changed anyway.
@@ -677,6 +678,52 @@ async fn settles_ride_on_the_next_reservation() -> Result<()> {
     let keys = redis.command(&["KEYS", &pattern]).await?;
     let standing = keys.matches(":r:").count();
     ensure!(standing <= 2, "{standing} reservations unsettled: {keys}");
+    Ok(())
+}
+
+/// A settle still pending when the proxy stops (SIGTERM) is sent before its workers exit: the
+/// month keeps what was used (7), not the reservation's worst case (13). The flush delay is set
+/// far beyond the test, so only the stop can send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_settles_are_sent_when_the_proxy_stops() -> Result<()> {
+    let (_pg, redis, authd) = stack().await?;
+    let fake = Fake::start(false).await?;
+    let url = fake.url();
+    let env = [
+        ("IBEX_UPSTREAM_URL", url.as_str()),
+        ("IBEX_REDIS_TIMEOUT", "2s"),
+        ("IBEX_TOKEN_SETTLE_DELAY", "1h"),
+    ];
+    let mut proxy = Proxy::start(authd.grpc_addr, &redis.url(), &env).await?;
+    wait_ready(proxy.addr).await?;
+    let t = Tenant::new(&authd, &["--monthly-tokens", "1000"]).await?;
+    let r = t.chat(&body(10)).send(proxy.addr).await?;
+    ensure!(r.status == 200, "{}", r.dump());
+    let month = async || -> Result<String> {
+        let key = redis
+            .command(&["KEYS", &format!("ibex:tl:{{{}}}:M:*", t.org)])
+            .await?;
+        let key = key
+            .split("\r\n")
+            .find(|l| l.starts_with("ibex:tl:"))
+            .context("the month key")?
+            .to_owned();
+        Ok(ibex_e2e::redis::reply_text(&redis.command(&["GET", &key]).await?).to_owned())
+    };
+    ensure!(
+        month().await? == (PRIMING + 10).to_string(),
+        "the settle is pending"
+    );
+    proxy.signal(ibex_e2e::Signal::SIGTERM)?;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while proxy.is_running() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(month().await? == USED.to_string(), "settled at the stop");
     Ok(())
 }
 

@@ -304,6 +304,11 @@ impl TokenLimiter {
         self.stats.clone()
     }
 
+    /// Sends this worker's pending settles now (the worker is about to exit).
+    pub async fn flush_settles(&self) {
+        self.settles.clone().flush().await;
+    }
+
     /// The limits that apply to `p`, if any (else no Redis call, no estimate).
     pub fn limits(&self, p: &Principal) -> Option<Limits> {
         Some(Limits::of(p, self.config.default_tpm)).filter(Limits::any)
