@@ -123,6 +123,15 @@ fn nginx(
         .spawn()?)
 }
 
+/// Stops an nginx master and its workers: SIGTERM (its fast shutdown takes the workers down;
+/// a SIGKILL of the master would orphan them, still holding the perf lock's descriptor).
+fn stop_nginx(master: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &master.id().to_string()])
+        .status();
+    let _ = master.wait();
+}
+
 /// The first child of `pid` (an nginx master's worker).
 fn worker_of(pid: u32) -> Option<u32> {
     let out = std::process::Command::new("pgrep")
@@ -213,10 +222,8 @@ async fn cost() -> Result<()> {
         rp.id(),
     )
     .await;
-    let _ = fake.kill();
-    let _ = rp.kill();
-    let _ = fake.wait();
-    let _ = rp.wait();
+    stop_nginx(&mut fake);
+    stop_nginx(&mut rp);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
