@@ -6,7 +6,6 @@
 //! reports "incomplete" without consuming; the bench compares both. Not a
 //! general Redis client: no RESP3, no push frames, small replies only.
 
-
 /// Largest bulk string or error line accepted in a reply. The limiter's
 /// replies are a few bytes; anything near this is a protocol error.
 pub const MAX_BULK: usize = 64 * 1024;
