@@ -10,6 +10,7 @@
 #
 #   flock /tmp/ibex-perf.lock perf/tokens.sh                 # RATE=2000 SECS=10 ROUNDS=3 CONNS=32
 #   MODE=overshoot flock /tmp/ibex-perf.lock perf/tokens.sh  # TPM=10000 CLIENTS=64 SECS=60 BACKOFF_MS=100
+#   BEFORE_PROXY=/path/to/other/ibex-proxy (cost mode): a fourth row, that build with limits on
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p ibex-proxy -p ibex-authd -p ibex-bench \

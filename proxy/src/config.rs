@@ -147,6 +147,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub default_output_reserve: u64,
 
+    /// Longest a finished request's token settle waits on its worker for
+    /// the same org's next reservation to carry it (no round trip of its
+    /// own); past it the worker's pending settles go in one call per org.
+    #[arg(long, env = "IBEX_TOKEN_SETTLE_DELAY", default_value = "5ms",
+          value_parser = parse_positive_duration)]
+    pub token_settle_delay: Duration,
+
     /// Largest request body accepted (413 above it).
     #[arg(long, env = "IBEX_MAX_BODY_BYTES", default_value_t = Limits::DEFAULT_BODY_BYTES as u64,
           value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
@@ -341,6 +348,7 @@ impl Config {
         crate::tokens::TokenConfig {
             default_tpm: self.default_tpm,
             default_output: self.default_output_reserve,
+            settle_delay: self.token_settle_delay,
         }
     }
 }
@@ -457,6 +465,7 @@ mod tests {
         assert_eq!(c.revocation_sla(), Duration::from_millis(300));
         assert_eq!(c.default_rpm, 600);
         assert_eq!((c.default_tpm, c.default_output_reserve), (0, 4096));
+        assert_eq!(c.token_settle_delay, Duration::from_millis(5));
         assert_eq!(c.max_body_bytes, 4_194_304);
         assert!(c.upstream_url.is_none());
         assert_eq!(c.upstream_timeout, Duration::from_secs(60));

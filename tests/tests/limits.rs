@@ -14,6 +14,9 @@
 //! - `agent_limit_leaves_its_neighbour_alone`: an agent at 20 TPM and its neighbour without a
 //!   limit, two `max_tokens: 15` requests each at once: one and two get through.
 //! - `redis_down_serves_and_records`: token limits fail open; the ledger records the request.
+//! - `settles_ride_on_the_next_reservation`: under steady traffic on one org Redis runs one
+//!   script call per request (the settle rides on the next reservation), and all are settled.
+//! - `pending_settles_are_sent_when_the_proxy_stops`: SIGTERM sends a settle still waiting.
 //!
 //! Minute windows are wall-clock minutes: a scenario that must not straddle one starts early in
 //! a minute and is run again (on a fresh org) if its minute changed anyway.
@@ -305,16 +308,19 @@ async fn ceiling_round(
     Ok(Some((t, refused)))
 }
 
-async fn ceiling_scenario(authd: &Authd, fake: &Fake, proxies: &[SocketAddr]) -> Result<()> {
+async fn ceiling_scenario(authd: &Authd, fake: &Fake, proxies: &[&Proxy]) -> Result<()> {
+    let addrs: Vec<SocketAddr> = proxies.iter().map(|p| p.addr).collect();
     for _ in 0..3 {
-        let Some((t, _)) = ceiling_round(authd, fake, proxies).await? else {
+        let Some((t, _)) = ceiling_round(authd, fake, &addrs).await? else {
             continue;
         };
-        let (minute, _) = minute_now();
         // Settled to 7 each: 7 × 7 = 49 used. Unsettled, 7 × 13 = 91 would leave no room for
-        // another 13; settled, it fits.
+        // another 13; settled, it fits. A settle waits on its worker for the org's next
+        // reservation (or its flush, a few ms): the proxies' own counters say when all are in.
+        all_settled(proxies).await?;
+        let (minute, _) = minute_now();
         let resp = poll("a request admitted after the settles", async || {
-            let r = t.chat(&body(10)).send(proxies[0]).await?;
+            let r = t.chat(&body(10)).send(addrs[0]).await?;
             Ok((r.status == 200).then_some(r))
         })
         .await;
@@ -376,7 +382,7 @@ async fn concurrent_ceiling_holds_over_two_proxies() -> Result<()> {
     let (_pg, redis, authd) = stack().await?;
     let fake = Fake::start(true).await?;
     let (a, b) = two_proxies(&authd, &redis.url(), &fake).await?;
-    ceiling_scenario(&authd, &fake, &[a.addr, b.addr]).await
+    ceiling_scenario(&authd, &fake, &[&a, &b]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,7 +393,7 @@ async fn same_ceiling_on_a_redis_cluster() -> Result<()> {
     let authd = Authd::start(&pg, &[]).await?;
     let fake = Fake::start(true).await?;
     let (a, b) = two_proxies(&authd, &cluster.seed_url(), &fake).await?;
-    ceiling_scenario(&authd, &fake, &[a.addr, b.addr]).await
+    ceiling_scenario(&authd, &fake, &[&a, &b]).await
 }
 
 async fn ledger_total(pg: &Postgres, org: &str) -> Result<(i64, i64)> {
@@ -419,6 +425,8 @@ async fn month_budget_survives_a_redis_restart() -> Result<()> {
         }
         served += 1;
         ensure!(served <= 3, "a fourth request was served");
+        // The next decision must see this request settled (it may wait on another worker).
+        all_settled(&[&proxy]).await?;
         let (_, total) = ledger_total(&pg, &t.org).await?;
         ensure!(total <= 30, "ledger total {total}");
     };
@@ -561,6 +569,162 @@ async fn redis_down_serves_and_records() -> Result<()> {
 
 async fn reqwest_metrics(proxy: &Proxy) -> Result<String> {
     Ok(Request::get("/metrics").send(proxy.admin).await?.text())
+}
+
+/// A counter of the proxy's `/metrics` text.
+fn counter(metrics: &str, name: &str) -> Result<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("{name} in /metrics"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("{name} in /metrics"))
+}
+
+/// Waits until every reservation `proxies` admitted has been settled in Redis: their own
+/// counters, checked − refused − failed open = settled.
+async fn all_settled(proxies: &[&Proxy]) -> Result<()> {
+    poll("every admitted reservation settled", async || {
+        let (mut admitted, mut settled) = (0, 0);
+        for p in proxies {
+            let m = reqwest_metrics(p).await?;
+            admitted += counter(&m, "ibex_proxy_tokens_checks_total")?
+                - counter(&m, "ibex_proxy_tokens_limited_total")?
+                - counter(&m, "ibex_proxy_tokens_failed_open_total")?;
+            settled += counter(&m, "ibex_proxy_tokens_settled_total")?;
+        }
+        Ok((settled == admitted).then_some(()))
+    })
+    .await
+}
+
+/// `calls=` of `INFO commandstats`'s `EVAL` and `EVALSHA` lines: every script call Redis ran.
+fn script_calls(commandstats: &str) -> Result<u64> {
+    let mut calls = 0;
+    for line in commandstats.lines() {
+        let Some(rest) = line
+            .strip_prefix("cmdstat_evalsha:")
+            .or_else(|| line.strip_prefix("cmdstat_eval:"))
+        else {
+            continue;
+        };
+        let n = rest
+            .split(',')
+            .find_map(|f| f.strip_prefix("calls="))
+            .context("calls=")?;
+        calls += n.trim().parse::<u64>()?;
+    }
+    Ok(calls)
+}
+
+/// Under steady traffic on one org a settle costs no round trip of its own: it rides on the
+/// org's next reservation. 200 sequential requests on one connection (one worker), each
+/// finds the previous request's settle pending — the flush delay is set far beyond the test,
+/// so nothing else can send it — and Redis runs one script call per request, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_ride_on_the_next_reservation() -> Result<()> {
+    const N: u64 = 200;
+    let (_pg, redis, authd) = stack().await?;
+    let fake = Fake::start(false).await?;
+    let url = fake.url();
+    let env = [
+        ("IBEX_UPSTREAM_URL", url.as_str()),
+        ("IBEX_REDIS_TIMEOUT", "2s"),
+        ("IBEX_TOKEN_SETTLE_DELAY", "1h"),
+    ];
+    let proxy = Proxy::start(authd.grpc_addr, &redis.url(), &env).await?;
+    wait_ready(proxy.addr).await?;
+    let t = Tenant::new(
+        &authd,
+        &["--tpm", "100000000", "--monthly-tokens", "1000000000"],
+    )
+    .await?;
+    let mut conn = ibex_e2e::http::Conn::connect(proxy.addr).await?;
+    // Warm: the scripts loaded (EVALSHA, not NOSCRIPT then EVAL), the token cached.
+    let r = conn.send(&t.chat(&body(10)), false).await?;
+    ensure!(r.status == 200, "{}", r.dump());
+    redis.command(&["CONFIG", "RESETSTAT"]).await?;
+    let before = counter(
+        &reqwest_metrics(&proxy).await?,
+        "ibex_proxy_tokens_redis_calls_total",
+    )?;
+    for _ in 0..N {
+        let r = conn.send(&t.chat(&body(10)), false).await?;
+        ensure!(r.status == 200, "{}", r.dump());
+        ensure!(
+            r.header("x-ratelimit-limit-tokens").is_some(),
+            "{}",
+            r.dump()
+        );
+    }
+    let calls = counter(
+        &reqwest_metrics(&proxy).await?,
+        "ibex_proxy_tokens_redis_calls_total",
+    )? - before;
+    // Reserve + settle would be 2 N.
+    ensure!(
+        (N..=N * 12 / 10).contains(&calls),
+        "{calls} token script calls for {N} requests (not 1 to 1.2 per request)"
+    );
+    // Redis saw them (and the request limiter's own, at most one per request, besides).
+    let seen = script_calls(&redis.command(&["INFO", "commandstats"]).await?)?;
+    ensure!(
+        (calls..=calls + N).contains(&seen),
+        "Redis ran {seen} script calls, the token limiter sent {calls}"
+    );
+    // And they were settled: of N + 1 reservations at most the last two still stand.
+    let pattern = format!("ibex:tl:{{{}}}:r:*", t.org);
+    let keys = redis.command(&["KEYS", &pattern]).await?;
+    let standing = keys.matches(":r:").count();
+    ensure!(standing <= 2, "{standing} reservations unsettled: {keys}");
+    Ok(())
+}
+
+/// A settle still pending when the proxy stops (SIGTERM) is sent before its workers exit: the
+/// month keeps what was used (7), not the reservation's worst case (13). The flush delay is set
+/// far beyond the test, so only the stop can send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_settles_are_sent_when_the_proxy_stops() -> Result<()> {
+    let (_pg, redis, authd) = stack().await?;
+    let fake = Fake::start(false).await?;
+    let url = fake.url();
+    let env = [
+        ("IBEX_UPSTREAM_URL", url.as_str()),
+        ("IBEX_REDIS_TIMEOUT", "2s"),
+        ("IBEX_TOKEN_SETTLE_DELAY", "1h"),
+    ];
+    let mut proxy = Proxy::start(authd.grpc_addr, &redis.url(), &env).await?;
+    wait_ready(proxy.addr).await?;
+    let t = Tenant::new(&authd, &["--monthly-tokens", "1000"]).await?;
+    let r = t.chat(&body(10)).send(proxy.addr).await?;
+    ensure!(r.status == 200, "{}", r.dump());
+    let month = async || -> Result<String> {
+        let key = redis
+            .command(&["KEYS", &format!("ibex:tl:{{{}}}:M:*", t.org)])
+            .await?;
+        let key = key
+            .split("\r\n")
+            .find(|l| l.starts_with("ibex:tl:"))
+            .context("the month key")?
+            .to_owned();
+        Ok(ibex_e2e::redis::reply_text(&redis.command(&["GET", &key]).await?).to_owned())
+    };
+    ensure!(
+        month().await? == (PRIMING + 10).to_string(),
+        "the settle is pending"
+    );
+    proxy.signal(ibex_e2e::Signal::SIGTERM)?;
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while proxy.is_running() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(month().await? == USED.to_string(), "settled at the stop");
+    Ok(())
 }
 
 /// `set-limits` on an org and on an agent reaches a proxy that has the token and the agent

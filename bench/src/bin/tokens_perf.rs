@@ -10,6 +10,8 @@
 //!   the three rows alternating. Per row: server CPU µs/request (`/proc/<pid>/stat`: the nginx
 //!   worker, the proxy process), Redis `EVALSHA`+`EVAL` calls per request (`INFO
 //!   commandstats`, after the settles drained) and redis-server CPU µs/request.
+//!   `BEFORE_PROXY=<path>`: a fourth row, another build's `ibex-proxy` (e.g. main's) with limits
+//!   on, for a before/after in the same run.
 //! - `MODE=overshoot`: one org at TPM (10,000) tokens per minute, two proxies, CLIENTS (64)
 //!   concurrent clients split over them for SECS (60) seconds, each sending chat requests with a
 //!   random `max_tokens` (16..=512) and a random prompt, backing off BACKOFF_MS (100) after a
@@ -121,6 +123,15 @@ fn nginx(
         .spawn()?)
 }
 
+/// Stops an nginx master and its workers: SIGTERM (its fast shutdown takes the workers down;
+/// a SIGKILL of the master would orphan them, still holding the perf lock's descriptor).
+fn stop_nginx(master: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &master.id().to_string()])
+        .status();
+    let _ = master.wait();
+}
+
 /// The first child of `pid` (an nginx master's worker).
 fn worker_of(pid: u32) -> Option<u32> {
     let out = std::process::Command::new("pgrep")
@@ -211,10 +222,8 @@ async fn cost() -> Result<()> {
         rp.id(),
     )
     .await;
-    let _ = fake.kill();
-    let _ = rp.kill();
-    let _ = fake.wait();
-    let _ = rp.wait();
+    stop_nginx(&mut fake);
+    stop_nginx(&mut rp);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -253,12 +262,30 @@ async fn cost_rows(
         &with("1000000000"),
     )
     .await?;
+    // BEFORE_PROXY: another build's ibex-proxy (e.g. main's), limits on, as a fourth row.
+    let before = match std::env::var_os("BEFORE_PROXY") {
+        Some(bin) => {
+            std::env::set_var("IBEX_E2E_BIN_IBEX_PROXY", &bin);
+            let p = Proxy::start(
+                stack.authd.grpc_addr,
+                &stack.redis.url(),
+                &with("1000000000"),
+            )
+            .await;
+            std::env::remove_var("IBEX_E2E_BIN_IBEX_PROXY");
+            Some(p?)
+        }
+        None => None,
+    };
     let (_org, agent, token) = tenant(&stack, &[]).await?;
     let chat = Request::post(CHAT, BODY)
         .header("Content-Type", "application/json")
         .auth(&token, &agent);
     warm(off.addr, &chat).await?;
     warm(on.addr, &chat).await?;
+    if let Some(b) = &before {
+        warm(b.addr, &chat).await?;
+    }
     let r = chat.send(on.addr).await?;
     ensure!(
         r.header("x-ratelimit-limit-tokens").is_some(),
@@ -272,7 +299,7 @@ async fn cost_rows(
         "the limits-off proxy applied a token limit"
     );
     let rp_worker = worker_of(rp_pid).context("no nginx worker")?;
-    let rows = [
+    let mut rows = vec![
         Row {
             name: "nginx-rp",
             pid: rp_worker,
@@ -292,6 +319,14 @@ async fn cost_rows(
             auth: true,
         },
     ];
+    if let Some(b) = &before {
+        rows.push(Row {
+            name: "ibex, token limits on, BEFORE_PROXY",
+            pid: b.pid().context("before")?,
+            addr: b.addr,
+            auth: true,
+        });
+    }
     let loadgen = ibex_e2e::procs::bin_path("loadgen")?;
     let redis_port = stack.redis.port();
     println!("rate {rate}/s over {conns} connections, {secs} s per row, {rounds} rounds; CPU ticks 1/{tck} s");
@@ -345,12 +380,15 @@ async fn cost_rows(
             );
         }
     }
+    let checks = metric(&on, "ibex_proxy_tokens_checks_total").await;
+    let calls = metric(&on, "ibex_proxy_tokens_redis_calls_total").await;
     println!(
-        "limits-on proxy: {} token checks, {} settled, {} failed open, {} settle failures",
-        metric(&on, "ibex_proxy_tokens_checks_total").await,
+        "limits-on proxy: {checks} token checks, {} settled, {} failed open, {} settle failures, \
+         {calls} token script calls ({:.3} per check)",
         metric(&on, "ibex_proxy_tokens_settled_total").await,
         metric(&on, "ibex_proxy_tokens_failed_open_total").await,
         metric(&on, "ibex_proxy_tokens_settle_failures_total").await,
+        calls / checks.max(1.0),
     );
     Ok(())
 }

@@ -9,7 +9,7 @@ use crate::auth::Principal;
 use crate::error::{render, ApiError};
 use crate::http::ascii::push_decimal;
 use crate::http::{Body, HeaderValue, Request, Response};
-use crate::tokens::{Refusal, TokenDecision, TokenLimiter};
+use crate::tokens::{estimate, Refusal, TokenDecision, TokenLimiter};
 use crate::upstream::router::{ModelPolicy, Prepared, Router};
 use crate::upstream::{ForwardCtx, UpstreamRoute};
 
@@ -102,13 +102,24 @@ pub async fn forward(
     if target != UpstreamRoute::Models && !upstream.admits() {
         return Err(ApiError::UsageUnavailable);
     }
-    let routed = match upstream.prepare(&req, target, &Allowed(p))? {
+    // Under a token limit the body is read once: the estimate's pass also finds the model.
+    let limiter = tokens.filter(|_| target != UpstreamRoute::Models);
+    let limited = limiter.and_then(|l| Some((l, l.limits(p)?)));
+    let worst = limited.map(|_| estimate::worst_case(&req.body));
+    let prepared = match &worst {
+        Some(w) => {
+            let found = w.model.as_deref().zip(w.model_span.clone());
+            upstream.prepare_with(&req, target, &Allowed(p), found)
+        }
+        None => upstream.prepare(&req, target, &Allowed(p)),
+    };
+    let routed = match prepared? {
         Prepared::Answer(resp) => return Ok(resp),
         Prepared::Forward(routed) => routed,
     };
     let (mut reservation, mut headers) = (None, None);
-    if let (true, Some(limiter)) = (target != UpstreamRoute::Models, tokens) {
-        match limiter.reserve(p, &req.body).await {
+    if let (Some((limiter, limits)), Some(worst)) = (limited, &worst) {
+        match limiter.reserve_worst(p, &limits, worst).await {
             TokenDecision::Skip | TokenDecision::FailOpen => {}
             TokenDecision::Admit(r, h) => (reservation, headers) = (Some(r), h),
             TokenDecision::Refuse(refusal) => return Ok(token_refusal(&refusal, request_id)),

@@ -272,6 +272,12 @@ impl<B: AuthBackend, L: Limiter> Service for Chain<B, L> {
         });
         resp
     }
+
+    async fn drained(&self) {
+        if let Some(tokens) = &self.tokens {
+            tokens.flush_settles().await;
+        }
+    }
 }
 
 fn method_str(m: Method) -> &'static str {

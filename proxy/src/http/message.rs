@@ -163,4 +163,10 @@ pub struct ConnInfo {
 /// chain; one instance per worker (no `Send`/`Sync` needed).
 pub trait Service {
     fn call(&self, req: Request, conn: &ConnInfo) -> impl Future<Output = Response>;
+
+    /// After the worker's drain, before it exits: work the service still
+    /// holds (the token limiter's pending settles) is sent.
+    fn drained(&self) -> impl Future<Output = ()> {
+        async {}
+    }
 }

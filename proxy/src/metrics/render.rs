@@ -290,6 +290,11 @@ fn token_counters(out: &mut String, stats: &[Arc<crate::tokens::TokenStats>]) {
             "Token reservations whose settle failed every retry (left to their window).",
             |s| s.settle_failures.load(Relaxed),
         ),
+        (
+            "ibex_proxy_tokens_redis_calls_total",
+            "Script calls the token limiter sent to Redis (reservations carrying settles, month seeds, settle flushes).",
+            |s| s.calls.load(Relaxed),
+        ),
     ] {
         header(out, name, "counter", help);
         let _ = writeln!(out, "{name} {}", stats.iter().map(|s| get(s)).sum::<u64>());

@@ -6,8 +6,6 @@
 //! reports "incomplete" without consuming; the bench compares both. Not a
 //! general Redis client: no RESP3, no push frames, small replies only.
 
-use std::io::Write as _;
-
 /// Largest bulk string or error line accepted in a reply. The limiter's
 /// replies are a few bytes; anything near this is a protocol error.
 pub const MAX_BULK: usize = 64 * 1024;
@@ -75,10 +73,16 @@ pub struct ProtocolError;
 
 /// Appends one command: `*<n>\r\n` then `$<len>\r\n<arg>\r\n` per argument.
 pub fn push_command(out: &mut Vec<u8>, args: &[&[u8]]) {
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "*{}\r\n", args.len());
+    // Lengths as stack decimals, not `write!` (a formatter per argument).
+    use crate::http::ascii::Decimal;
+    out.reserve(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    out.push(b'*');
+    out.extend_from_slice(Decimal::new(args.len() as u64).as_bytes());
+    out.extend_from_slice(b"\r\n");
     for arg in args {
-        let _ = write!(out, "${}\r\n", arg.len());
+        out.push(b'$');
+        out.extend_from_slice(Decimal::new(arg.len() as u64).as_bytes());
+        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(arg);
         out.extend_from_slice(b"\r\n");
     }

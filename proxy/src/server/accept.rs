@@ -100,6 +100,7 @@ pub(super) async fn serve<S: Service + 'static>(
         // The aborted tasks run once more to drop their state.
         let _ = monoio::time::timeout(ABORT_GRACE, shared.drain.all_closed()).await;
     }
+    let _ = monoio::time::timeout(ABORT_GRACE, shared.service.drained()).await;
 }
 
 /// Accepts on one listener until the drain starts, then closes it without

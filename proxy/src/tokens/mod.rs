@@ -11,7 +11,10 @@
 //! - [`Reservation`] — handed to the request's ledger record
 //!   ([`crate::ledger::meter::Pending`]); when the record is made (the one
 //!   point where the usage is final) it is settled to the recorded tokens
-//!   and cost, returning what was not used. Dropped unsettled (never
+//!   and cost, returning what was not used: queued on the worker, the settle
+//!   rides on the org's next reservation there (the same script call), or is
+//!   flushed within `IBEX_TOKEN_SETTLE_DELAY` ([`settle`]) — one Redis round
+//!   trip per request under a token limit, not two. Dropped unsettled (never
 //!   forwarded with a meter) it keeps its worst case: the minute expires
 //!   with its window, a month keeps the over-count (conservative).
 //! - [`TokenHeaders`] — `x-ratelimit-*-tokens` on every response that passed.
@@ -20,9 +23,17 @@
 //! an org is busy; tokens do not: a lease held by one worker is budget
 //! another proxy cannot use, and a request's cost is only known at the end,
 //! so a per-worker lease either over-admits (the ceiling breaks) or strands
-//! tokens (concurrent agents starve). Every reservation and settle is one
-//! script call in Redis, which is atomic: however many proxies run, the
-//! reservations admitted in a window never exceed its limit.
+//! tokens (concurrent agents starve). Every reservation (with the settles it
+//! carries) is one script call in Redis, which is atomic: however many
+//! proxies run, the reservations admitted in a window never exceed its
+//! limit. A settle that waits a few ms for a reservation to carry it only
+//! keeps its worst case counted that much longer: conservative, the ceiling
+//! stays exact.
+//!
+//! **CPU**: the body is read once, borrowed ([`estimate`]: the same pass gives
+//! the router its `model`); a call's keys and arguments are written into one
+//! buffer ([`call`]); a reservation id is the worker's random prefix and a
+//! counter, not a fresh UUID.
 //!
 //! **Months** live in Redis for speed, the ledger is the truth: a month key
 //! missing while its budget applies (Redis restarted, failed over, flushed)
@@ -39,15 +50,19 @@
 //! answer a seed → the same (the month stays unseeded, so the next request
 //! tries again).
 
+pub mod call;
 pub mod estimate;
 pub mod month;
 pub mod script;
+pub mod settle;
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use call::{CallBuf, KeySet, Rid};
 use futures::future::LocalBoxFuture;
 use uuid::Uuid;
 
@@ -56,6 +71,7 @@ use crate::clock::Clock;
 use crate::ledger::meter::Meter;
 use crate::ratelimit::eval::{Frame, Runner, Script};
 use month::Month;
+use settle::{Settle, Settles};
 
 /// `IBEX_DEFAULT_TPM` and `IBEX_DEFAULT_OUTPUT_RESERVE`.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +81,8 @@ pub struct TokenConfig {
     /// Output reserved for a request without `max_tokens` (or what
     /// remains, whichever is smaller).
     pub default_output: u64,
+    /// `IBEX_TOKEN_SETTLE_DELAY`: longest a settle waits to ride along.
+    pub settle_delay: Duration,
 }
 
 /// Month-to-date figures from the ledger.
@@ -94,6 +112,8 @@ pub struct TokenStats {
     pub seeds: AtomicU64,
     pub settled: AtomicU64,
     pub settle_failures: AtomicU64,
+    /// Script calls sent to Redis (reserve, seed, settle flush; retries too).
+    pub calls: AtomicU64,
 }
 
 /// The limits that apply to one request (0 = none).
@@ -224,8 +244,6 @@ pub enum TokenDecision {
 const RESERVATION_TTL_MS: u64 = 86_400_000;
 /// A month key outlives its month by this (clock skew between proxies).
 const MONTH_GRACE_MS: i64 = 3_600_000;
-/// Settle attempts before the reservation is left to its TTL / the ledger.
-const SETTLE_ATTEMPTS: u32 = 5;
 
 /// One worker's token limiter.
 pub struct TokenLimiter {
@@ -235,17 +253,23 @@ pub struct TokenLimiter {
     prices: Option<Rc<Meter>>,
     clock: Rc<dyn Clock>,
     stats: Arc<TokenStats>,
-    scripts: Rc<Scripts>,
-}
-
-struct Scripts {
     reserve: Script,
     seed: Script,
-    settle: Script,
+    settles: Rc<Settles>,
+    /// This worker's reservation ids: a random prefix and a counter.
+    rid_prefix: u64,
+    rid_next: Cell<u64>,
 }
 
 fn int(f: Option<&Frame>) -> i64 {
     f.and_then(Frame::as_int).unwrap_or(-1)
+}
+
+/// An org's or agent's id as key text.
+fn hyphenated(id: Uuid) -> [u8; 36] {
+    let mut text = [0u8; 36];
+    id.hyphenated().encode_lower(&mut text);
+    text
 }
 
 impl TokenLimiter {
@@ -259,18 +283,20 @@ impl TokenLimiter {
         prices: Option<Rc<Meter>>,
         clock: Rc<dyn Clock>,
     ) -> Self {
+        let stats = Arc::new(TokenStats::default());
+        let settles = Settles::new(Rc::new(runner.clone()), stats.clone(), config.settle_delay);
         Self {
             runner,
             config,
             months,
             prices,
             clock,
-            stats: Arc::new(TokenStats::default()),
-            scripts: Rc::new(Scripts {
-                reserve: Script::new(script::RESERVE),
-                seed: Script::new(script::SEED),
-                settle: Script::new(script::SETTLE),
-            }),
+            stats,
+            reserve: Script::new(script::RESERVE),
+            seed: Script::new(script::SEED),
+            settles,
+            rid_prefix: rand::random(),
+            rid_next: Cell::new(0),
         }
     }
 
@@ -278,30 +304,52 @@ impl TokenLimiter {
         self.stats.clone()
     }
 
+    /// Sends this worker's pending settles now (the worker is about to exit).
+    pub async fn flush_settles(&self) {
+        self.settles.clone().flush().await;
+    }
+
+    /// The limits that apply to `p`, if any (else no Redis call, no estimate).
+    pub fn limits(&self, p: &Principal) -> Option<Limits> {
+        Some(Limits::of(p, self.config.default_tpm)).filter(Limits::any)
+    }
+
     /// Checks and reserves the worst case of the chat request `body` for
     /// `p`'s org and agent (see the module's HOOKS).
     pub async fn reserve(&self, p: &Principal, body: &[u8]) -> TokenDecision {
-        let limits = Limits::of(p, self.config.default_tpm);
-        if !limits.any() {
+        let Some(limits) = self.limits(p) else {
             return TokenDecision::Skip;
-        }
+        };
+        self.reserve_worst(p, &limits, &estimate::worst_case(body))
+            .await
+    }
+
+    /// [`TokenLimiter::reserve`] of a body already estimated (the chat
+    /// handler's one parse, which also gave the router its model).
+    pub async fn reserve_worst(
+        &self,
+        p: &Principal,
+        limits: &Limits,
+        worst: &estimate::Worst,
+    ) -> TokenDecision {
         self.stats.checks.fetch_add(1, Relaxed);
-        let worst = estimate::worst_case(body);
         let now = self.clock.unix_ms();
         let month = Month::at(now);
         let now_u = u64::try_from(now).unwrap_or(0);
-        let minute = now_u / 60_000;
         let minute_end_ms = 60_000 - now_u % 60_000;
         let month_end_ms = u64::try_from(month.end_ms - now).unwrap_or(1).max(1);
-        let (org, agent) = (p.org().hyphenated(), p.agent().hyphenated());
-        let keys = [
-            format!("ibex:tl:{{{org}}}:m:{minute}"),
-            format!("ibex:tl:{{{org}}}:am:{agent}:{minute}"),
-            format!("ibex:tl:{{{org}}}:M:{}", month.number),
-            format!("ibex:tl:{{{org}}}:aM:{agent}:{}", month.number),
-            format!("ibex:tl:{{{org}}}:U:{}", month.number),
-            format!("ibex:tl:{{{org}}}:r:{}", Uuid::new_v4().simple()),
-        ];
+        let n = self.rid_next.get();
+        self.rid_next.set(n.wrapping_add(1));
+        let (org, org_text) = (p.org(), hyphenated(p.org()));
+        let keys = KeySet {
+            agent: p.agent(),
+            minute: now_u / 60_000,
+            month: month.number,
+            rid: Rid {
+                prefix: self.rid_prefix,
+                n,
+            },
+        };
         let (pin, pout) = match (&self.prices, worst.model.as_deref()) {
             (Some(m), Some(model)) if limits.org_usd_micros > 0 => {
                 m.micro_usd_per_mtok(model).unwrap_or((0, 0))
@@ -309,7 +357,14 @@ impl TokenLimiter {
             _ => (0, 0),
         };
         let month_ttl = (month.end_ms - now + MONTH_GRACE_MS).max(1);
-        let args: Vec<String> = [
+        // The org's pending settles ride along, applied before the decision.
+        let carried = self.settles.take(org);
+        let mut call = CallBuf::new(1 + carried.len(), 13 + 3 * carried.len());
+        call.keys(&org_text, &keys);
+        for s in &carried {
+            s.push_keys(&mut call, &org_text);
+        }
+        for arg in [
             worst.prompt,
             worst.output.unwrap_or(0),
             self.config
@@ -326,25 +381,49 @@ impl TokenLimiter {
             pin,
             pout,
             RESERVATION_TTL_MS,
-        ]
-        .iter()
-        .map(u64::to_string)
-        .collect();
-        let key_refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
-        let arg_refs: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        ] {
+            call.num(arg);
+        }
+        for s in &carried {
+            s.push_args(&mut call);
+        }
+        let parts = call.parts();
+        let (key_refs, arg_refs) = parts.split_at(call.key_count());
+        let mut carried = Some(carried);
+        // The carried settles were applied by a call that ran (whatever it
+        // decided); a call that failed leaves them to be retried.
+        let mut ran = |ok: bool| {
+            if let Some(batch) = carried.take().filter(|b| !b.is_empty()) {
+                if ok {
+                    self.settles.applied(batch.len());
+                } else {
+                    self.settles.retry(org, batch);
+                }
+            }
+        };
         for attempt in 0..2 {
-            let frame = match self
-                .runner
-                .eval(&self.scripts.reserve, &key_refs, &arg_refs)
-                .await
-            {
-                Ok(Frame::Array(Some(items))) => items,
-                Ok(_) => return self.fail_open("unexpected reply"),
-                Err(why) => return self.fail_open(why),
+            self.stats.calls.fetch_add(1, Relaxed);
+            let frame = match self.runner.eval(&self.reserve, key_refs, arg_refs).await {
+                Ok(Frame::Array(Some(items))) => {
+                    ran(true);
+                    items
+                }
+                Ok(_) => {
+                    ran(false);
+                    return self.fail_open("unexpected reply");
+                }
+                Err(why) => {
+                    ran(false);
+                    return self.fail_open(why);
+                }
             };
             match int(frame.first()) {
+                // A retried call carries the same settles again: no-ops now.
                 -1 if attempt == 0 => {
-                    if !self.seed(p, &month, &keys, &limits, month_ttl).await {
+                    if !self
+                        .seed(p, &month, &org_text, &keys, limits, month_ttl)
+                        .await
+                    {
                         return self.fail_open("month budget could not be seeded from the ledger");
                     }
                 }
@@ -382,12 +461,11 @@ impl TokenLimiter {
                             month_end_ms
                         },
                     });
-                    let mask = u64::try_from(int(frame.get(7))).unwrap_or(0);
+                    let mask = u8::try_from(int(frame.get(7))).unwrap_or(0);
                     let reservation = Reservation {
                         held: Some(Held {
-                            runner: self.runner.clone(),
-                            scripts: self.scripts.clone(),
-                            stats: self.stats.clone(),
+                            settles: self.settles.clone(),
+                            org,
                             keys,
                             mask,
                             tokens: worst.prompt + output,
@@ -407,7 +485,8 @@ impl TokenLimiter {
         &self,
         p: &Principal,
         month: &Month,
-        keys: &[String; 6],
+        org_text: &[u8],
+        keys: &KeySet,
         limits: &Limits,
         ttl_ms: i64,
     ) -> bool {
@@ -418,18 +497,27 @@ impl TokenLimiter {
             return false;
         };
         self.stats.seeds.fetch_add(1, Relaxed);
-        let value = |on: bool, v: u64| if on { v.to_string() } else { "-1".to_owned() };
-        let args = [
-            value(limits.org_month > 0, usage.org_tokens),
-            value(limits.agent_month > 0, usage.agent_tokens),
-            value(limits.org_usd_micros > 0, usage.org_usd_micros),
-            ttl_ms.to_string(),
-        ];
-        let key_refs = [keys[2].as_bytes(), keys[3].as_bytes(), keys[4].as_bytes()];
-        let arg_refs: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        let mut call = CallBuf::new(1, 4);
+        call.keys(org_text, keys);
+        for (on, v) in [
+            (limits.org_month > 0, usage.org_tokens),
+            (limits.agent_month > 0, usage.agent_tokens),
+            (limits.org_usd_micros > 0, usage.org_usd_micros),
+        ] {
+            if on {
+                call.num(v);
+            } else {
+                call.int(-1);
+            }
+        }
+        call.int(ttl_ms);
+        let parts = call.parts();
+        // The month keys (3–5 of the six), then the four arguments.
+        let (key_refs, arg_refs) = (&parts[2..5], &parts[6..]);
         tracing::info!(org = %p.org(), month = month.number, "token month re-seeded from the ledger");
+        self.stats.calls.fetch_add(1, Relaxed);
         self.runner
-            .eval(&self.scripts.seed, &key_refs, &arg_refs)
+            .eval(&self.seed, key_refs, arg_refs)
             .await
             .is_ok()
     }
@@ -448,11 +536,10 @@ pub struct Reservation {
 }
 
 struct Held {
-    runner: Runner,
-    scripts: Rc<Scripts>,
-    stats: Arc<TokenStats>,
-    keys: [String; 6],
-    mask: u64,
+    settles: Rc<Settles>,
+    org: Uuid,
+    keys: KeySet,
+    mask: u8,
     tokens: u64,
     usd_micros: u64,
 }
@@ -463,49 +550,27 @@ impl Reservation {
         self.held.as_ref().map_or(0, |h| h.tokens)
     }
 
-    /// Settles to `used` tokens and `cost_usd` (recorded figures), in a task
-    /// on this worker: retried with backoff, idempotent in Redis.
+    /// Settles to `used` tokens and `cost_usd` (recorded figures): queued on
+    /// this worker for the org's next reservation to carry, or flushed
+    /// within `IBEX_TOKEN_SETTLE_DELAY` ([`settle`]); retried with backoff,
+    /// idempotent in Redis.
     pub fn settle(mut self, used: u64, cost_usd: Option<f64>) {
         let Some(held) = self.held.take() else { return };
         let used_usd = cost_usd
             .filter(|c| c.is_finite() && *c > 0.0)
             .map_or(0, |c| (c * 1e6).ceil() as u64);
-        monoio::spawn(held.run(used, used_usd));
-    }
-}
-
-impl Held {
-    async fn run(self, used: u64, used_usd: u64) {
-        let delta = i128::from(used) - i128::from(self.tokens);
-        let delta_usd = i128::from(used_usd) - i128::from(self.usd_micros);
-        let args = [
-            delta.to_string(),
-            delta_usd.to_string(),
-            "0".to_owned(),
-            self.mask.to_string(),
-        ];
-        let keys: Vec<&[u8]> = self.keys.iter().map(|k| k.as_bytes()).collect();
-        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        let mut backoff = Duration::from_millis(100);
-        for attempt in 1..=SETTLE_ATTEMPTS {
-            match self.runner.eval(&self.scripts.settle, &keys, &args).await {
-                Ok(_) => {
-                    self.stats.settled.fetch_add(1, Relaxed);
-                    return;
-                }
-                Err(why) if attempt == SETTLE_ATTEMPTS => {
-                    self.stats.settle_failures.fetch_add(1, Relaxed);
-                    tracing::warn!(
-                        reason = why,
-                        "token settle failed; the reservation stands until its window ends"
-                    );
-                }
-                Err(_) => {
-                    monoio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-            }
-        }
+        let delta = |used: u64, held: u64| {
+            i64::try_from(i128::from(used) - i128::from(held)).unwrap_or(i64::MAX)
+        };
+        held.settles.push(
+            held.org,
+            Settle {
+                keys: held.keys,
+                mask: held.mask,
+                delta: delta(used, held.tokens),
+                delta_usd: delta(used_usd, held.usd_micros),
+            },
+        );
     }
 }
 

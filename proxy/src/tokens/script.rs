@@ -11,12 +11,47 @@
 //! 5. `ibex:tl:{<org>}:U:<M>` the org's month in micro-USD,
 //! 6. `ibex:tl:{<org>}:r:<id>` the reservation itself, alive from its
 //!    reserve to its settle.
+//!
+//! **Settles ride along** ([`super::settle`]): both scripts take, after their
+//! own keys and arguments, any number of settles of the same org — 6 keys
+//! (the reservation's keys 1–6 above) and 3 arguments each (tokens used minus
+//! reserved, the same in micro-USD, the mask of the keys the reservation
+//! counted in) — applied first, each idempotent by its reservation key.
+
+/// The settle of one reservation, shared by both scripts: its keys start
+/// after `KEYS[kb]`, its arguments after `ARGV[ab]`. Idempotent: the
+/// reservation key is deleted by the first settle, so a retried one (its
+/// reply lost) is a no-op, and so is the settle of a reservation Redis lost
+/// (restarted: its month is re-seeded from the ledger, which will hold this
+/// record). A key that expired (the minute went by) or vanished is not
+/// re-created; a count never goes below zero.
+macro_rules! settle_fn {
+    () => {
+        "\
+local function settle(kb, ab)
+  if redis.call('DEL', KEYS[kb + 6]) == 0 then return 0 end
+  local mask = tonumber(ARGV[ab + 3])
+  for i = 1, 5 do
+    local d = tonumber(ARGV[ab + 1])
+    if i == 5 then d = tonumber(ARGV[ab + 2]) end
+    if d ~= 0 and math.floor(mask / 2 ^ (i - 1)) % 2 == 1 and redis.call('EXISTS', KEYS[kb + i]) == 1 then
+      local c = redis.call('INCRBY', KEYS[kb + i], d)
+      if c < 0 then redis.call('INCRBY', KEYS[kb + i], -c) end
+    end
+  end
+  return 1
+end
+"
+    };
+}
 
 /// Check and reserve. `ARGV`: 1 prompt bound, 2 output asked (0 = not
 /// given: reserve ARGV 3, the default, or what remains, whichever is
 /// smaller), 4 minute TTL ms, 5 month TTL ms, 6–10 the limits of keys 1–5
 /// (0 = none), 11–12 input/output prices in micro-USD per million tokens
 /// (0 = unpriced), 13 the reservation key's TTL ms (key 6, created on admission).
+/// Then the settles that ride along (keys from 7, arguments from 14), applied
+/// before the decision, whatever it is.
 ///
 /// A level with a limit is checked; a level is counted when it has a limit
 /// or its key exists (a month keeps counting while its budget is off, so
@@ -26,7 +61,10 @@
 /// Admitted: `{1, output reserved, usd reserved, level, remaining, limit,
 /// pttl, mask}`: the level with the least left (0 = none with a limit), and
 /// the bit mask of the keys counted in (what the settle adjusts).
-pub const RESERVE: &str = "\
+pub const RESERVE: &str = concat!(
+    settle_fn!(),
+    "\
+for j = 0, (#KEYS - 6) / 6 - 1 do settle(6 + 6 * j, 13 + 3 * j) end
 local prompt = tonumber(ARGV[1])
 local out = tonumber(ARGV[2])
 local ttl = {ARGV[4], ARGV[4], ARGV[5], ARGV[5], ARGV[5]}
@@ -75,7 +113,8 @@ end
 redis.call('SET', KEYS[6], mask, 'PX', ARGV[13])
 if best == 0 then return {1, out, usd, 0, 0, 0, 0, mask} end
 return {1, out, usd, best, left, lim[best], redis.call('PTTL', KEYS[best]), mask}
-";
+"
+);
 
 /// Seed missing month keys from the ledger. `KEYS` 1–3: the org's month,
 /// the agent's month, the org's USD month; `ARGV` 1–3 their values (-1 =
@@ -89,24 +128,14 @@ end
 return 1
 ";
 
-/// Settle a reservation to what was recorded. `KEYS` 1–6 as reserved.
-/// `ARGV`: 1 tokens used minus reserved, 2 the same in micro-USD, 3 unused,
-/// 4 a bit mask of the keys the reservation counted in. Idempotent: the
-/// reservation key is deleted by the first settle, so a retried one (its
-/// reply lost) is a no-op, and so is the settle of a reservation Redis lost
-/// (restarted: its month is re-seeded from the ledger, which will hold this
-/// record). A key that expired (the minute went by) or vanished is not
-/// re-created; a count never goes below zero.
-pub const SETTLE: &str = "\
-if redis.call('DEL', KEYS[6]) == 0 then return 0 end
-local mask = tonumber(ARGV[4])
-for i = 1, 5 do
-  local d = tonumber(ARGV[1])
-  if i == 5 then d = tonumber(ARGV[2]) end
-  if d ~= 0 and math.floor(mask / 2 ^ (i - 1)) % 2 == 1 and redis.call('EXISTS', KEYS[i]) == 1 then
-    local c = redis.call('INCRBY', KEYS[i], d)
-    if c < 0 then redis.call('INCRBY', KEYS[i], -c) end
-  end
-end
-return 1
-";
+/// Settle reservations to what was recorded, any number of one org: 6
+/// `KEYS` and 3 `ARGV` each (see the module doc and `settle_fn!`). Returns
+/// how many were applied (a retried one counts 0).
+pub const SETTLE: &str = concat!(
+    settle_fn!(),
+    "\
+local n = 0
+for j = 0, #KEYS / 6 - 1 do n = n + settle(6 * j, 3 * j) end
+return n
+"
+);

@@ -198,6 +198,24 @@ impl Router {
         route: UpstreamRoute,
         policy: &dyn ModelPolicy,
     ) -> Result<Prepared, ApiError> {
+        let found = if route == UpstreamRoute::Models {
+            None
+        } else {
+            request_model(&req.body)
+        };
+        let found = found.as_ref().map(|(m, span)| (m.as_str(), span.clone()));
+        self.prepare_with(req, route, policy, found)
+    }
+
+    /// [`Router::prepare`] with the body's `model` and its span already read (as
+    /// [`request_model`] reads them: the token limiter's estimate reads them in its one pass).
+    pub fn prepare_with(
+        &self,
+        req: &Request,
+        route: UpstreamRoute,
+        policy: &dyn ModelPolicy,
+        found: Option<(&str, Range<usize>)>,
+    ) -> Result<Prepared, ApiError> {
         let set = self.current();
         if route == UpstreamRoute::Models {
             if !set.table.legacy {
@@ -210,8 +228,7 @@ impl Router {
                 body: req.body.clone(),
             }));
         }
-        let found = request_model(&req.body);
-        let model = found.as_ref().map_or("", |(m, _)| m.as_str());
+        let model = found.as_ref().map_or("", |(m, _)| *m);
         // The client's name first: a refused name is 403 whether or not a route serves it, so
         // the answer says nothing about the routes a caller may not use.
         if !policy.allows(model) {
