@@ -28,6 +28,10 @@
 //! |------------|--------|-------|---------------------|----------------------|
 //! | 2026-12-01 | 283–381 ns | 0.75–1.37 µs | 142 ns | 775–823 ns |
 //! | 2026-12-02 | 2.6 µs (load 8.5: noise, see perf/RESULTS.md §12) | 1.6–2.2 µs (same) | 145–152 ns | 727–800 ns |
+//! | 2026-12-02 07:10, pinned, load 1.25 | 1.26 µs [0.60–2.22] (bimodal: buffer growth) | 651 ns | 93 ns | 366 ns |
+//!
+//! Same run: `frame_siphash` 111 ns, `frame_sha256` 227 ns, `ship_1000` 152.7 µs (0.153 µs per
+//! record).
 
 #![expect(
     clippy::expect_used,
