@@ -59,24 +59,28 @@ fn check_sha256(key: &Key, len: [u8; 4], payload: &[u8]) -> [u8; 8] {
 
 /// Appends one frame holding `payload` to `out`.
 pub fn frame(key: &Key, payload: &[u8], out: &mut Vec<u8>) {
-    let len = u32::try_from(payload.len())
-        .unwrap_or(u32::MAX)
-        .to_le_bytes();
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&check(key, len, payload));
-    out.extend_from_slice(payload);
+    frame_as(MAGIC, check, key, payload, out);
 }
 
 /// A frame of the first format (SHA-256 check), as a spool written before the upgrade holds
 /// (for the tests and the bench; the writer makes [`frame`]s).
 pub fn frame_sha256(key: &Key, payload: &[u8], out: &mut Vec<u8>) {
+    frame_as(MAGIC_SHA256, check_sha256, key, payload, out);
+}
+
+fn frame_as(
+    magic: [u8; 4],
+    check: fn(&Key, [u8; 4], &[u8]) -> [u8; 8],
+    key: &Key,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
     let len = u32::try_from(payload.len())
         .unwrap_or(u32::MAX)
         .to_le_bytes();
-    out.extend_from_slice(&MAGIC_SHA256);
+    out.extend_from_slice(&magic);
     out.extend_from_slice(&len);
-    out.extend_from_slice(&check_sha256(key, len, payload));
+    out.extend_from_slice(&check(key, len, payload));
     out.extend_from_slice(payload);
 }
 
