@@ -2,7 +2,7 @@
 # Where the proxy's CPU goes, per thread (issue 13: the usage ledger's writer and shipper beside
 # the worker): one release ibex-proxy (1 worker, the whole process on SERVER_CPU) forwarding
 # non-streamed chat to an nginx fake upstream, wrk at peak (-t1 -c32) on LOAD_CPU for DUR
-# seconds, ROUNDS times; after each round, every thread's utime+stime from /proc/<pid>/task per
+# seconds — or loadgen at a fixed RATE req/s when RATE is set — ROUNDS times; after each round, every thread's utime+stime from /proc/<pid>/task per
 # request. PERFREC=1 also records round 2 with `perf record -e cpu-clock -g` into
 # $PERF_DATA (default /tmp/ibex-ledger-threads.perf.data).
 #
@@ -67,10 +67,18 @@ for round in $(seq "$ROUNDS"); do
   if [ -n "${PERFREC:-}" ] && [ "$round" = 2 ]; then
     (sleep 1; perf record -q -e cpu-clock -F 2000 -g -p "$PROXY_PID" -o "$PERF_DATA" -- sleep $((DUR - 3)) >/dev/null 2>&1) &
   fi
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c32 -d"${DUR}s" -s "$work/post-auth.lua" \
-        "http://127.0.0.1:$PROXY_PORT/v1/chat/completions")
+  if [ -n "${RATE:-}" ]; then
+    out=$(taskset -c "$LOAD_CPU" target/release/loadgen --addr "127.0.0.1:$PROXY_PORT" \
+          --path /v1/chat/completions --method POST --body "$BODY" -H "Content-Type: application/json" \
+          -H "Authorization: Bearer $TOKEN" -H "X-IBEX-Agent-ID: $AGENT" \
+          --rate "$RATE" --duration "$DUR" --connections 32)
+    rps=$(echo "$out" | sed -E 's/.*"requests":([0-9]+).*/\1/' | awk -v d="$DUR" '{print $1 / d}')
+  else
+    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c32 -d"${DUR}s" -s "$work/post-auth.lua" \
+          "http://127.0.0.1:$PROXY_PORT/v1/chat/completions")
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  fi
   snap > "$work/after"
-  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   echo "round $round: $rps req/s $(echo "$out" | grep -E 'Non-2xx' || true)"
   join "$work/before" "$work/after" | awk -v r="$rps" -v d="$DUR" -v t="$TCK" '
     { split($1, nm, "#"); by[nm[1]] += $3 - $2; all += $3 - $2 }
