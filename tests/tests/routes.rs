@@ -1045,22 +1045,38 @@ async fn reload_under_load(fx: &Fx) -> Result<()> {
     Ok(())
 }
 
-/// A token with `--models`, bound to the fixture's agent.
-async fn token_with_models(fx: &Fx, authd: &Authd, org: &str, models: &str) -> Result<String> {
-    let v = authd
-        .ibexctl_json(&[
-            "token",
-            "create",
-            "--org",
-            org,
-            "--agent",
-            &fx.agent,
-            "--permissions",
-            "read,chat",
-            "--models",
-            models,
-        ])
-        .await?;
+/// A token (operator key) bound to the fixture's agent: `read,chat`, with `--models` if given.
+async fn token_with_models(
+    fx: &Fx,
+    authd: &Authd,
+    org: &str,
+    models: Option<&str>,
+) -> Result<String> {
+    operator_token(fx, authd, org, "read,chat", models).await
+}
+
+/// A token made with the operator key, bound to the fixture's agent.
+async fn operator_token(
+    fx: &Fx,
+    authd: &Authd,
+    org: &str,
+    permissions: &str,
+    models: Option<&str>,
+) -> Result<String> {
+    let mut args = vec![
+        "token",
+        "create",
+        "--org",
+        org,
+        "--agent",
+        &fx.agent,
+        "--permissions",
+        permissions,
+    ];
+    if let Some(m) = models {
+        args.extend(["--models", m]);
+    }
+    let v = authd.ibexctl_json(&args).await?;
     ibex_e2e::procs::json_str(&v, "token")
 }
 
@@ -1099,7 +1115,7 @@ async fn models_of(fx: &Fx, pat: &str) -> Result<Vec<String>> {
 
 async fn allow_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
     // An allowed alias to an allowed target passes; the provider gets the target.
-    let both = token_with_models(fx, authd, org, "fast, GPT-4o-mini").await?;
+    let both = token_with_models(fx, authd, org, Some("fast, GPT-4o-mini")).await?;
     let resp = chat_as(fx, &both, "fast").await?;
     expect_ok(&resp, "oa-1")?;
     let last = fx.oa1.seen().pop().ok_or_else(|| anyhow!("nothing seen"))?;
@@ -1108,7 +1124,7 @@ async fn allow_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
         "alias target not sent"
     );
     // An allowed alias to a refused target is refused: the alias cannot bypass the list.
-    let alias_only = token_with_models(fx, authd, org, "fast").await?;
+    let alias_only = token_with_models(fx, authd, org, Some("fast")).await?;
     let before = fx.oa1.seen_count();
     refused(
         &chat_as(fx, &alias_only, "fast").await?,
@@ -1253,19 +1269,7 @@ async fn inherited_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
             "gpt-4o*, fast",
         ])
         .await?;
-    let plain = authd
-        .ibexctl_json(&[
-            "token",
-            "create",
-            "--org",
-            org,
-            "--agent",
-            &fx.agent,
-            "--permissions",
-            "read,chat",
-        ])
-        .await?;
-    let plain = ibex_e2e::procs::json_str(&plain, "token")?;
+    let plain = token_with_models(fx, authd, org, None).await?;
     // The token was made after the list: the first validation already carries it.
     let before = fx.oa1.seen_count() + fx.oa2.seen_count();
     refused(
@@ -1284,7 +1288,7 @@ async fn inherited_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
     expect_ok(&chat_as(fx, &plain, "gpt-4o-mini").await?, "oa-1")?;
 
     // Its own list and the org's: only what both allow.
-    let own = token_with_models(fx, authd, org, "gpt-4o-mini, gpt-3.5").await?;
+    let own = token_with_models(fx, authd, org, Some("gpt-4o-mini, gpt-3.5")).await?;
     expect_ok(&chat_as(fx, &own, "gpt-4o-mini").await?, "oa-1")?;
     refused(&chat_as(fx, &own, "gpt-3.5").await?, "own list only")?;
     refused(&chat_as(fx, &own, "gpt-4o").await?, "org list only")?;
@@ -1295,21 +1299,14 @@ async fn inherited_lists(fx: &Fx, authd: &Authd, org: &str) -> Result<()> {
     );
 
     // A token made with a PAT: no --models is the PAT's list, not "every model".
-    let manager = authd
-        .ibexctl_json(&[
-            "token",
-            "create",
-            "--org",
-            org,
-            "--agent",
-            &fx.agent,
-            "--permissions",
-            "read,chat,tokens:manage",
-            "--models",
-            "gpt-4o-mini,fast",
-        ])
-        .await?;
-    let manager = ibex_e2e::procs::json_str(&manager, "token")?;
+    let manager = operator_token(
+        fx,
+        authd,
+        org,
+        "read,chat,tokens:manage",
+        Some("gpt-4o-mini,fast"),
+    )
+    .await?;
     let child = token_by_pat(authd, &manager, org, &fx.agent, None)
         .await?
         .json()?;
