@@ -511,6 +511,15 @@ impl AuthService for Service {
         ledger::rpc::record_usage(&self.validator.pool, request.into_inner()).await
     }
 
+    async fn ship_usage(
+        &self,
+        request: Request<pb::ShipUsageRequest>,
+    ) -> Result<Response<pb::RecordUsageResponse>, Status> {
+        // Internal: the proxies' shippers, with the service key (SPEC §6).
+        self.internal(&request)?;
+        ledger::rpc::ship_usage(&self.validator.pool, request.into_inner()).await
+    }
+
     async fn get_usage(
         &self,
         request: Request<pb::GetUsageRequest>,

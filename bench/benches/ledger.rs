@@ -20,7 +20,9 @@
 //! - `ledger/frame_siphash` / `ledger/frame_sha256`: the writer framing one record, with the
 //!   check it makes now (SipHash-2-4) and the first format's (SHA-256).
 //! - `ledger/ship_1000`: the shipper turning 1,000 spooled frames of its own process into one
-//!   `RecordUsage` body (scan + protobuf encode, no allocation per record); divide by 1,000.
+//!   `ShipUsage` body (scan + the encodings copied as they are); divide by 1,000.
+//! - `ledger/ship_1000_pb`: the same into a `RecordUsage` body (scan + protobuf encode: the
+//!   shipper before `ShipUsage`, and its fallback for an older authd).
 //!
 //! Results (wall time per call, criterion's mean; 2 vCPU VM, release, thin LTO; ±15 %):
 //!
@@ -46,7 +48,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use ibex_proxy::ledger::meter::MeterFactory;
 use ibex_proxy::ledger::prices::{PriceBook, Prices};
 use ibex_proxy::ledger::stream_usage::ask_for_usage;
-use ibex_proxy::ledger::{segment, Ledger, LedgerConfig, UsageRecord};
+use ibex_proxy::ledger::{segment, shipper, Ledger, LedgerConfig, UsageRecord};
 use uuid::Uuid;
 
 // The proxy's allocator (proxy/src/main.rs), so allocations cost here what they cost there.
@@ -143,11 +145,12 @@ fn bench(c: &mut Criterion) {
     }
     let mut body = Vec::with_capacity(1 << 20);
     let mut one = Vec::with_capacity(512);
-    g.bench_function("ship_1000", |b| {
+    // Before ShipUsage: each record decoded and re-encoded as protobuf for RecordUsage.
+    g.bench_function("ship_1000_pb", |b| {
         b.iter(|| {
             body.clear();
             for item in segment::Scan::trusted(&key, black_box(&framed), 0) {
-                if let segment::Item::Record(r, _) = item {
+                if let segment::Item::Record(r, _, _) = item {
                     one.clear();
                     r.encode_pb(&mut one);
                     prost::encoding::encode_key(
@@ -160,6 +163,15 @@ fn bench(c: &mut Criterion) {
                 }
             }
             body.len()
+        })
+    });
+    // ShipUsage: the spool's encodings copied as they are.
+    let mut entries = bytes::BytesMut::with_capacity(1 << 20);
+    g.bench_function("ship_1000", |b| {
+        b.iter(|| {
+            entries.clear();
+            let scan = segment::Scan::trusted(&key, black_box(&framed), 0);
+            shipper::fill(scan, 0, &mut entries).records
         })
     });
     g.finish();

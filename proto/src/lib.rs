@@ -1,9 +1,11 @@
 //! What ibex-proxy, ibex-authd and ibexctl share: the generated types and
 //! client/server stubs for `ibex.auth.v1` (SPEC §6), and the permission bits
-//! of a PAT ([`perms`], SPEC §2) that authd grants and the proxy checks.
+//! of a PAT ([`perms`], SPEC §2) that authd grants and the proxy checks, and the usage record's
+//! compact encoding ([`usage`], SPEC §10) that the proxy spools and ships and authd decodes.
 
 pub mod models;
 pub mod perms;
+pub mod usage;
 
 #[allow(
     clippy::all,

@@ -1,7 +1,10 @@
 //! The usage ledger end to end (issue 13, SPEC §10, §7 `ibexctl usage`): a real Postgres
-//! (migrated) and `ibex-authd`; records sent with `RecordUsage` as a proxy's shipper sends them.
+//! (migrated) and `ibex-authd`; records sent with `ShipUsage` as a proxy's shipper sends them
+//! (and with `RecordUsage`, its fallback for an older authd).
 //!
-//! Cases, in order on one stack: a batch stored once however often it is sent; RLS between two
+//! Cases, in order on one stack: a batch stored once however often it is sent (both calls);
+//! a `ShipUsage` body with a record that does not decode, a cut entry or a wrong count refused
+//! whole; RLS between two
 //! orgs and the runtime role's append-only grants; `GetUsage` for a tenant `read` PAT (own org:
 //! totals; other org: PERMISSION_DENIED); `ibexctl usage` (json, csv), `usage export` (JSONL)
 //! and `usage verify` (intact, then one row edited with maintenance on: named).
@@ -72,6 +75,40 @@ fn record(
         cost_usd: (model == "priced").then_some(0.25),
         ..Default::default()
     }
+}
+
+/// `records` as a `ShipUsage` body: each in the spool's compact encoding after its length.
+fn ship(records: &[pb::UsageRecord]) -> Result<pb::ShipUsageRequest> {
+    use ibex_proto::usage::{put_entry, UsageRecord};
+    let mut body = Vec::new();
+    for r in records {
+        let r = UsageRecord {
+            request_id: r.request_id.clone(),
+            org_id: r.org_id.parse()?,
+            agent_id: r.agent_id.parse()?,
+            token_id: r.token_id.parse()?,
+            model: r.model.clone(),
+            route: r.route.clone(),
+            status: u16::try_from(r.status)?,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            total_tokens: r.total_tokens,
+            cache_read_tokens: r.cache_read_tokens,
+            cache_creation_tokens: r.cache_creation_tokens,
+            estimated: r.usage_source == pb::UsageSource::Estimated as i32,
+            streamed: r.streamed,
+            started_at_ms: r.started_at_unix_ms,
+            duration_ms: r.duration_ms,
+            cost_usd: r.cost_usd,
+            provider: r.provider.clone(),
+            attempts: r.attempts,
+        };
+        put_entry(&r.borrowed(), &mut body);
+    }
+    Ok(pb::ShipUsageRequest {
+        records: body,
+        count: u32::try_from(records.len())?,
+    })
 }
 
 async fn client(authd: &Authd) -> Result<AuthServiceClient<Channel>> {
@@ -162,7 +199,7 @@ async fn ledger_store_read_and_verify() -> Result<()> {
     ensure!(count(&pg, &a.id).await? == 300 && count(&pg, &b.id).await? == 20);
     // Half stored before, half new (authd's slow path: its plain insert hits the unique key and
     // is redone `ON CONFLICT DO NOTHING`): only the new half is stored, and the org's chain
-    // over both batches verifies below.
+    // over both batches (and the ShipUsage one below) verifies below.
     let c = org(&authd, "ledger-c").await?;
     let half: Vec<_> = (0..10)
         .map(|i| record(&c, &format!("c-{i}"), "free", 10, 5))
@@ -190,6 +227,73 @@ async fn ledger_store_read_and_verify() -> Result<()> {
         .expect_err("invalid record");
     ensure!(err.code() == tonic::Code::InvalidArgument, "{err:?}");
     ensure!(count(&pg, &a.id).await? == 300);
+
+    // --- ShipUsage (the shipper's call): internal, stored once, refused whole when malformed ---
+    let more: Vec<_> = (0..15)
+        .map(|i| record(&c, &format!("c-{i}"), "priced", 10, 5))
+        .collect();
+    let denied = grpc
+        .ship_usage(ship(&more)?)
+        .await
+        .expect_err("no service key");
+    ensure!(denied.code() == tonic::Code::Unauthenticated, "{denied:?}");
+    let body = ship(&more)?;
+    let mut malformed = Vec::new();
+    let mut wrong_count = body.clone();
+    wrong_count.count += 1;
+    malformed.push(("a count one too many", wrong_count));
+    let mut fewer = body.clone();
+    fewer.count -= 1;
+    malformed.push(("a count one too few", fewer));
+    let mut cut = body.clone();
+    cut.records.pop();
+    malformed.push(("the last entry cut", cut));
+    let mut undecodable = body.clone();
+    undecodable.records[4] ^= 0xff; // the first record's version byte
+    malformed.push(("a record that does not decode", undecodable));
+    for (what, req) in malformed {
+        let err = grpc.ship_usage(internal(req)?).await.expect_err(what);
+        ensure!(
+            err.code() == tonic::Code::InvalidArgument,
+            "{what}: {err:?}"
+        );
+    }
+    ensure!(
+        count(&pg, &c.id).await? == 10,
+        "nothing stored by a refused call"
+    );
+    let got = grpc.ship_usage(internal(body.clone())?).await?.into_inner();
+    ensure!(
+        got.stored == 5 && got.duplicates == 10,
+        "ShipUsage: {got:?}"
+    );
+    let again = grpc.ship_usage(internal(body)?).await?.into_inner();
+    ensure!(
+        again.stored == 0 && again.duplicates == 15,
+        "ShipUsage again: {again:?}"
+    );
+    ensure!(count(&pg, &c.id).await? == 15);
+    // Stored as RecordUsage stores the same record: the fields the shipper's encoding carries.
+    let row = pg
+        .admin_client()
+        .await?
+        .query_one(
+            "SELECT prompt_tokens, completion_tokens, cost_usd::text, usage_source, status \
+             FROM ibex_core.usage_records WHERE org_id = $1 AND request_id = 'c-12'",
+            &[&c.id.parse::<uuid::Uuid>()?],
+        )
+        .await?;
+    let fields: (i64, i64, String, String, i32) = (
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+    );
+    ensure!(
+        fields == (10, 5, "0.2500000000".into(), "provider".into(), 200),
+        "{fields:?}"
+    );
 
     // --- RLS and append-only for the runtime role ---
     let app = pg.app_client().await?;
@@ -346,7 +450,7 @@ async fn ledger_store_read_and_verify() -> Result<()> {
     let mixed = procs::ibexctl(&db_env, &["usage", "verify", "--org", &c.id])
         .await?
         .json()?;
-    ensure!(mixed["ok"] == true && mixed["records"] == 10, "{mixed}");
+    ensure!(mixed["ok"] == true && mixed["records"] == 15, "{mixed}");
     Ok(())
 }
 
@@ -397,7 +501,7 @@ fn stack_ticks(pg_port: u16) -> (u64, u64) {
     (pg, authd)
 }
 
-/// Sustained records per second into Postgres through `RecordUsage` (batches of 5,000, the
+/// Sustained records per second into Postgres through `ShipUsage` (batches of 5,000, the
 /// proxy shipper's size), and the CPU each record cost Postgres and authd (from /proc: on a
 /// shared machine the rate follows the load, the CPU per record much less). Measurement, not a
 /// check: run it alone, in release,
@@ -448,7 +552,7 @@ async fn throughput() -> Result<()> {
                     }
                     round += 1;
                     let resp = grpc
-                        .record_usage(internal(pb::RecordUsageRequest { records: batch })?)
+                        .ship_usage(internal(ship(&batch)?)?)
                         .await?
                         .into_inner();
                     stored += u64::from(resp.stored);

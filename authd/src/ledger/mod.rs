@@ -1,4 +1,4 @@
-//! The usage ledger's store (SPEC §10, migration 0003): `RecordUsage` batches in, `GetUsage`
+//! The usage ledger's store (SPEC §10, migration 0003): `ShipUsage`/`RecordUsage` batches in, `GetUsage`
 //! totals and `ExportUsage` records out, and the per-org, per-batch hash chain that
 //! `ibexctl usage verify` recomputes ([`check`]).
 //!
@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::Pool;
 use ibex_proto::pb;
+use ibex_proto::usage::RecordRef;
 use sha2::{Digest, Sha256};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
@@ -22,7 +23,7 @@ use uuid::Uuid;
 
 use crate::store::{set_org, StoreError};
 
-/// Records per `RecordUsage` call; the proxy ships at most this many at once.
+/// Records per `ShipUsage`/`RecordUsage` call; the proxy ships at most this many at once.
 pub const MAX_BATCH: usize = 10_000;
 /// Groups one `GetUsage` answer may hold.
 pub const MAX_GROUPS: usize = 100_000;
@@ -112,6 +113,35 @@ impl Record {
             duration_ms: clamp_i64(r.duration_ms),
             cost_usd: r.cost_usd.and_then(cost_text),
             provider: (!r.provider.is_empty()).then(|| truncate(&r.provider, MAX_PROVIDER)),
+            attempts: (r.attempts > 0).then(|| i32::try_from(r.attempts).unwrap_or(i32::MAX)),
+        })
+    }
+
+    /// [`Record::from_pb`] for a record in the compact encoding (`ShipUsage`): the same
+    /// checks and clamps (its strings are already within their maxima, its ids UUIDs).
+    pub fn from_ref(r: &RecordRef<'_>) -> Result<Self, String> {
+        if r.request_id.is_empty() || r.request_id.len() > 128 {
+            return Err("request_id must be 1-128 bytes".into());
+        }
+        Ok(Record {
+            org_id: r.org_id,
+            request_id: r.request_id.to_owned(),
+            agent_id: r.agent_id,
+            token_id: r.token_id,
+            model: truncate(r.model, MAX_MODEL),
+            route: truncate(r.route, MAX_ROUTE),
+            status: i32::from(r.status.min(999)),
+            prompt_tokens: clamp_i64(r.prompt_tokens),
+            completion_tokens: clamp_i64(r.completion_tokens),
+            total_tokens: clamp_i64(r.total_tokens),
+            cache_read_tokens: clamp_i64(r.cache_read_tokens),
+            cache_creation_tokens: clamp_i64(r.cache_creation_tokens),
+            usage_source: if r.estimated { "estimated" } else { "provider" },
+            streamed: r.streamed,
+            started_at_ms: r.started_at_ms.max(0),
+            duration_ms: clamp_i64(r.duration_ms),
+            cost_usd: r.cost_usd.and_then(cost_text),
+            provider: (!r.provider.is_empty()).then(|| truncate(r.provider, MAX_PROVIDER)),
             attempts: (r.attempts > 0).then(|| i32::try_from(r.attempts).unwrap_or(i32::MAX)),
         })
     }

@@ -1,6 +1,6 @@
-//! The ledger's three RPCs, decoded and authorised; `service.rs` only delegates here.
+//! The ledger's RPCs, decoded and authorised; `service.rs` only delegates here.
 //!
-//! `RecordUsage` is an internal call (the proxies' shippers): `service.rs` checks the service
+//! `ShipUsage` and `RecordUsage` are internal calls (the proxies' shippers): `service.rs` checks the service
 //! key first, as for `ValidateToken`.
 //! `GetUsage` and `ExportUsage` need a PAT with `read` in the org asked for (another org:
 //! PERMISSION_DENIED) or the operator key.
@@ -10,6 +10,7 @@ use std::pin::Pin;
 use deadpool_postgres::Pool;
 use futures::Stream;
 use ibex_proto::pb;
+use ibex_proto::usage::{Entries, RecordRef};
 use tonic::{Response, Status};
 use uuid::Uuid;
 
@@ -58,6 +59,47 @@ pub async fn record_usage(
             Record::from_pb(r).map_err(|e| Status::invalid_argument(format!("record {i}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if records.is_empty() {
+        return Ok(Response::new(pb::RecordUsageResponse::default()));
+    }
+    let (stored, duplicates) = super::record(pool, records).await.map_err(db_status)?;
+    Ok(Response::new(pb::RecordUsageResponse {
+        stored,
+        duplicates,
+    }))
+}
+
+/// A batch in the spool's compact encoding. Every entry must decode and `count` must match:
+/// otherwise the whole call is refused and nothing is stored (the proxy keeps the records).
+pub async fn ship_usage(
+    pool: &Pool,
+    req: pb::ShipUsageRequest,
+) -> Result<Response<pb::RecordUsageResponse>, Status> {
+    let count = usize::try_from(req.count).unwrap_or(usize::MAX);
+    if count > MAX_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_BATCH} records per call"
+        )));
+    }
+    let mut records = Vec::with_capacity(count);
+    let mut entries = Entries::new(&req.records);
+    for (i, entry) in entries.by_ref().enumerate() {
+        if i == count {
+            return Err(Status::invalid_argument("more records than count"));
+        }
+        let record = RecordRef::decode(entry)
+            .ok_or_else(|| Status::invalid_argument(format!("record {i} does not decode")))
+            .and_then(|r| {
+                Record::from_ref(&r)
+                    .map_err(|e| Status::invalid_argument(format!("record {i}: {e}")))
+            })?;
+        records.push(record);
+    }
+    if !entries.rest().is_empty() || records.len() != count {
+        return Err(Status::invalid_argument(
+            "records end in a partial entry or hold fewer than count",
+        ));
+    }
     if records.is_empty() {
         return Ok(Response::new(pb::RecordUsageResponse::default()));
     }

@@ -84,7 +84,7 @@ impl Shared {
 /// metered requests like a full spool, so memory stays bounded.
 pub const MAX_WORKER_BUF: usize = 16 << 20;
 
-/// One worker's pending records: `u32` LE length + encoding, back to back.
+/// One worker's pending records: `u32` LE length + encoding, back to back ([`record::put_entry`]).
 #[derive(Default)]
 pub struct WorkerBuf {
     buf: Mutex<Vec<u8>>,
@@ -133,11 +133,7 @@ impl Recorder {
     /// the worker's buffer grows).
     pub fn record_ref(&self, record: &record::RecordRef<'_>) {
         let mut buf = lock(&self.buf.buf);
-        let at = buf.len();
-        buf.extend_from_slice(&[0; 4]);
-        record.encode(&mut buf);
-        let len = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
-        buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        record::put_entry(record, &mut buf);
         self.buf.len.store(buf.len(), Ordering::Relaxed);
     }
 

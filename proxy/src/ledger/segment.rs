@@ -86,8 +86,14 @@ fn frame_as(
 
 /// One step of a scan, with the offset just past what it covers.
 #[derive(Debug, Clone, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "items are taken one at a time from the scan, never stored in bulk on a hot path"
+)]
 pub enum Item<'a> {
-    Record(RecordRef<'a>, usize),
+    /// A record, the payload it was decoded from (its compact encoding), and the offset past
+    /// its frame.
+    Record(RecordRef<'a>, &'a [u8], usize),
     /// A stretch that is no valid frame (torn or corrupted), skipped.
     Skipped(usize),
 }
@@ -95,7 +101,7 @@ pub enum Item<'a> {
 /// The valid frame at the start of `bytes`: its record and length. `key: None` takes the frame
 /// as written without its check (bytes this process framed itself, read back from a frame
 /// boundary).
-fn frame_at<'a>(key: Option<&Key>, bytes: &'a [u8]) -> Option<(RecordRef<'a>, usize)> {
+fn frame_at<'a>(key: Option<&Key>, bytes: &'a [u8]) -> Option<(RecordRef<'a>, &'a [u8], usize)> {
     let head = bytes.get(..HEADER)?;
     let sha256 = match head[..4].try_into().ok()? {
         MAGIC => false,
@@ -118,7 +124,7 @@ fn frame_at<'a>(key: Option<&Key>, bytes: &'a [u8]) -> Option<(RecordRef<'a>, us
             return None;
         }
     }
-    Some((RecordRef::decode(payload)?, HEADER + len))
+    Some((RecordRef::decode(payload)?, payload, HEADER + len))
 }
 
 /// Scans `bytes` (offsets relative to `base`), in order.
@@ -134,6 +140,9 @@ pub struct Scan<'k, 'a> {
     bytes: &'a [u8],
     base: usize,
     pos: usize,
+    /// Where a frame may still start that the end of `bytes` cuts (see [`Scan::read_short`]):
+    /// nothing from here on is skipped as torn.
+    limit: usize,
 }
 
 impl<'k, 'a> Scan<'k, 'a> {
@@ -144,7 +153,17 @@ impl<'k, 'a> Scan<'k, 'a> {
             bytes,
             base,
             pos: 0,
+            limit: bytes.len(),
         }
+    }
+
+    /// The bytes end where a read stopped, not where the segment does (the shipper reads at
+    /// most a batch's bytes at a time): a frame the end cuts is not torn. The scan stops before
+    /// any position a whole frame would not fit behind, rather than skip it, so the next read,
+    /// from the offset of the last item, sees it whole.
+    pub fn read_short(mut self) -> Self {
+        self.limit = self.bytes.len().saturating_sub(HEADER + MAX_PAYLOAD);
+        self
     }
 
     /// A scan of whole frames this process's writer wrote, from a frame boundary (a segment of
@@ -172,17 +191,24 @@ impl<'a> Iterator for Scan<'_, 'a> {
         } else {
             None
         };
-        if let Some((record, len)) = fast.or_else(|| frame_at(Some(self.key), &bytes[pos..])) {
+        if let Some((record, payload, len)) =
+            fast.or_else(|| frame_at(Some(self.key), &bytes[pos..]))
+        {
             self.pos = pos + len;
-            return Some(Item::Record(record, self.base + self.pos));
+            return Some(Item::Record(record, payload, self.base + self.pos));
+        }
+        if pos >= self.limit {
+            // Perhaps a frame cut by where the read stopped: for the next read.
+            return None;
         }
         // Once anything failed to parse, check every frame from here on.
         self.trusted = false;
-        // Skip to the next position that starts a valid frame (or the end).
+        // Skip to the next position that starts a valid frame (or the end, or the limit).
+        let limit = self.limit;
         let mut next = pos + 1;
-        while next < bytes.len() {
-            match bytes[next..].iter().position(|&b| b == MAGIC[0]) {
-                None => next = bytes.len(),
+        while next < limit {
+            match bytes[next..limit].iter().position(|&b| b == MAGIC[0]) {
+                None => next = limit,
                 Some(i) => {
                     next += i;
                     if frame_at(Some(self.key), &bytes[next..]).is_some() {
@@ -192,7 +218,7 @@ impl<'a> Iterator for Scan<'_, 'a> {
                 }
             }
         }
-        self.pos = next.min(bytes.len());
+        self.pos = next.min(limit);
         Some(Item::Skipped(self.base + self.pos))
     }
 }
@@ -242,6 +268,23 @@ pub fn read_range_into(
     buf.reserve(usize::try_from(to.saturating_sub(from)).unwrap_or(0));
     file.take(to.saturating_sub(from)).read_to_end(buf)?;
     Ok(())
+}
+
+/// At most `cap` bytes of `[from, to)` into `buf`; true when that stopped short of `to` (scan
+/// them with [`Scan::read_short`]). `cap` must exceed a whole frame ([`HEADER`] +
+/// [`MAX_PAYLOAD`]) so every read makes progress.
+pub fn read_capped_into(
+    dir: &Path,
+    id: u64,
+    from: u64,
+    to: u64,
+    cap: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<bool> {
+    debug_assert!(cap > (HEADER + MAX_PAYLOAD) as u64);
+    let end = to.min(from.saturating_add(cap));
+    read_range_into(dir, id, from, end, buf)?;
+    Ok(end < to)
 }
 
 /// The spool's key: read from `dir`, or made (random) and written durably on first use.

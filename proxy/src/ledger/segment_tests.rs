@@ -40,7 +40,7 @@ fn records(items: &[Item]) -> Vec<UsageRecord> {
     items
         .iter()
         .filter_map(|i| match i {
-            Item::Record(r, _) => Some(r.to_record()),
+            Item::Record(r, _, _) => Some(r.to_record()),
             Item::Skipped(_) => None,
         })
         .collect()
@@ -52,7 +52,7 @@ fn intact_segment_scans_back_exactly() {
     let bytes = segment(&rs);
     let items = scan(&KEY, &bytes, 10);
     assert_eq!(records(&items), rs);
-    assert!(matches!(items.last(), Some(Item::Record(_, end)) if *end == bytes.len() + 10));
+    assert!(matches!(items.last(), Some(Item::Record(_, _, end)) if *end == bytes.len() + 10));
 }
 
 #[test]
@@ -163,7 +163,7 @@ proptest! {
         // Offsets only move forward and end at the end.
         let mut last = 0;
         for i in &items {
-            let end = match i { Item::Record(_, e) | Item::Skipped(e) => *e };
+            let end = match i { Item::Record(_, _, e) | Item::Skipped(e) => *e };
             prop_assert!(end > last);
             last = end;
         }
@@ -172,5 +172,44 @@ proptest! {
         if flips.is_empty() && zero_run.is_none() && cut == segment(&rs).len() {
             prop_assert_eq!(got, rs);
         }
+    }
+
+    /// The shipper reads a segment a batch's bytes at a time: read in pieces that way, a
+    /// corrupted segment gives exactly the records one whole read gives, each once.
+    #[test]
+    fn reading_in_pieces_reads_what_one_read_does(
+        n in 400usize..1200,
+        cap in (HEADER + MAX_PAYLOAD + 1)..140_000,
+        flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..12),
+        zero_run in prop::option::of((any::<prop::sample::Index>(), 1usize..70_000)),
+    ) {
+        let rs: Vec<_> = (0..n).map(|i| record(i, &format!("model-{}", i % 3))).collect();
+        let mut bytes = segment(&rs);
+        for (at, x) in &flips {
+            let at = at.index(bytes.len());
+            bytes[at] ^= x;
+        }
+        if let Some((at, len)) = zero_run {
+            let at = at.index(bytes.len());
+            let end = (at + len).min(bytes.len());
+            bytes[at..end].fill(0);
+        }
+        let whole = records(&scan(&KEY, &bytes, 0));
+        let mut pieces = Vec::new();
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let end = bytes.len().min(offset + cap);
+            let mut piece = Scan::new(&KEY, &bytes[offset..end], offset);
+            if end < bytes.len() {
+                piece = piece.read_short();
+            }
+            let items: Vec<_> = piece.collect();
+            let last = items.last().map(|i| match i { Item::Record(_, _, e) | Item::Skipped(e) => *e });
+            pieces.extend(records(&items));
+            let last = last.expect("every read makes progress");
+            prop_assert!(last > offset);
+            offset = last;
+        }
+        prop_assert_eq!(pieces, whole);
     }
 }

@@ -1,14 +1,17 @@
 //! The shipper thread: reads durable frames back from the spool, oldest segment first, sends
-//! them to authd in batches of at most [`MAX_BATCH`] (`RecordUsage`, which answers only after
+//! them to authd in batches of at most [`MAX_BATCH`] (`ShipUsage`, which answers only after
 //! COMMIT), and deletes a segment once it is sealed and every record in it was acknowledged.
 //! A failed call is retried with the same records (authd stores a record once whatever happens),
 //! backing off up to [`MAX_BACKOFF`]. It runs on its own thread with a current-thread tokio
 //! runtime, far from the request path.
 //!
-//! A batch goes from spool bytes to the `RecordUsageRequest` body directly
-//! ([`RecordRef::encode_pb`](super::record::RecordRef::encode_pb) per frame, into one buffer):
-//! no message is built and nothing is allocated per record, and a retry resends the same bytes
-//! ([`RawCodec`]). On the wire it is the generated client's call, byte for byte.
+//! A batch is the spool's record encodings copied as they are, each after its length (the
+//! `ShipUsage` body, [`ibex_proto::usage::Entries`]): nothing is decoded, re-encoded or
+//! allocated per record, and a retry resends the same bytes. It reads at most
+//! [`READ_CAP`] bytes of a segment per batch. An authd older than `ShipUsage` answers
+//! UNIMPLEMENTED: the same batch then goes as a `RecordUsage` (protobuf records,
+//! [`RecordRef::encode_pb`](super::record::RecordRef::encode_pb)) and `ShipUsage` is tried
+//! again a minute later.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -17,9 +20,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ibex_proto::pb;
+use ibex_proto::usage::Entries;
 use prost::encoding::{encode_key, encode_varint, WireType};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
+use super::record::RecordRef;
 use super::segment::{self, Item};
 use super::stats::WARN_AGE_MS;
 use super::Shared;
@@ -33,31 +38,63 @@ const IDLE: Duration = Duration::from_millis(50);
 pub const SHIP_EVERY: Duration = Duration::from_millis(250);
 /// Spool bytes of about [`MAX_BATCH`] records: that much ready ships at once.
 const FULL_BATCH_BYTES: u64 = MAX_BATCH as u64 * 200;
+/// Most bytes read from a segment for one batch: [`MAX_BATCH`] typical records (211 bytes,
+/// perf/RESULTS.md) with room to spare; a read never copies much more than a batch needs.
+pub const READ_CAP: u64 = MAX_BATCH as u64 * 256;
+/// How long to keep to `RecordUsage` after an authd answered `ShipUsage` UNIMPLEMENTED.
+const LEGACY_FOR: Duration = Duration::from_secs(60);
 
-/// One `RecordUsage` call: the encoded `RecordUsageRequest` and how many records it holds.
+/// One call's records: their entries (length + compact encoding, back to back) and how many.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    pub body: Bytes,
+    pub entries: Bytes,
     pub records: u64,
 }
 
 impl Batch {
-    /// The request it encodes (tests and sinks that look inside).
+    /// The `ShipUsageRequest` fields before the entries (the entries follow as they are).
+    fn head(&self) -> Bytes {
+        let mut head = BytesMut::with_capacity(24);
+        encode_key(2, WireType::Varint, &mut head);
+        encode_varint(self.records, &mut head);
+        encode_key(1, WireType::LengthDelimited, &mut head);
+        encode_varint(self.entries.len() as u64, &mut head);
+        head.freeze()
+    }
+
+    /// The same records as a `RecordUsageRequest` body (for an authd without `ShipUsage`).
+    pub fn record_usage_body(&self) -> Bytes {
+        let mut body = BytesMut::with_capacity(self.entries.len() * 3 / 2);
+        let mut one = Vec::with_capacity(512);
+        for entry in Entries::new(&self.entries) {
+            if let Some(r) = RecordRef::decode(entry) {
+                one.clear();
+                r.encode_pb(&mut one);
+                encode_key(1, WireType::LengthDelimited, &mut body);
+                encode_varint(one.len() as u64, &mut body);
+                body.extend_from_slice(&one);
+            }
+        }
+        body.freeze()
+    }
+
+    /// The records it holds, as a `RecordUsageRequest` (tests and sinks that look inside).
     pub fn decode(&self) -> Result<pb::RecordUsageRequest, prost::DecodeError> {
-        prost::Message::decode(self.body.clone())
+        prost::Message::decode(self.record_usage_body())
     }
 }
 
-/// Where batches go: authd's `RecordUsage` in production ([`AuthdSink`]).
+/// Where batches go: authd's `ShipUsage` in production ([`AuthdSink`]).
 pub trait Sink {
     /// `Ok` only once every record is committed (stored now or before).
     fn send(&mut self, batch: &Batch) -> impl Future<Output = Result<(), String>>;
 }
 
+const SHIP_USAGE: &str = "/ibex.auth.v1.AuthService/ShipUsage";
 const RECORD_USAGE: &str = "/ibex.auth.v1.AuthService/RecordUsage";
 
-/// `RecordUsage` with a body already encoded: sends [`Bytes`] as they are, decodes the reply
-/// as the generated client does.
+/// A request body already encoded, in pieces sent one after the other (the `ShipUsage` head,
+/// then the entries as the spool held them); the reply decoded as the generated client does.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawCodec;
 
@@ -68,7 +105,7 @@ pub struct RawEncoder;
 pub struct ReplyDecoder;
 
 impl Codec for RawCodec {
-    type Encode = Bytes;
+    type Encode = [Bytes; 2];
     type Decode = pb::RecordUsageResponse;
     type Encoder = RawEncoder;
     type Decoder = ReplyDecoder;
@@ -83,11 +120,13 @@ impl Codec for RawCodec {
 }
 
 impl Encoder for RawEncoder {
-    type Item = Bytes;
+    type Item = [Bytes; 2];
     type Error = tonic::Status;
 
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put(item);
+    fn encode(&mut self, item: [Bytes; 2], dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        let [head, rest] = item;
+        dst.put(head);
+        dst.put(rest);
         Ok(())
     }
 }
@@ -115,6 +154,8 @@ pub struct AuthdSink {
         &'static str,
         tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     )>,
+    /// Until when to call `RecordUsage` (an authd answered `ShipUsage` UNIMPLEMENTED).
+    legacy_until: Option<tokio::time::Instant>,
 }
 
 impl AuthdSink {
@@ -142,13 +183,37 @@ impl AuthdSink {
             endpoints,
             client: None,
             metadata,
+            legacy_until: None,
         })
     }
 }
 
 impl Sink for AuthdSink {
     async fn send(&mut self, batch: &Batch) -> Result<(), String> {
-        let mut request = tonic::Request::new(batch.body.clone());
+        let legacy = self
+            .legacy_until
+            .is_some_and(|t| tokio::time::Instant::now() < t);
+        if !legacy {
+            match self
+                .call(SHIP_USAGE, [batch.head(), batch.entries.clone()])
+                .await
+            {
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::warn!("authd has no ShipUsage (older than this proxy); shipping usage with RecordUsage");
+                    self.legacy_until = Some(tokio::time::Instant::now() + LEGACY_FOR);
+                }
+                other => return other.map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+        self.call(RECORD_USAGE, [batch.record_usage_body(), Bytes::new()])
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+impl AuthdSink {
+    async fn call(&mut self, method: &'static str, body: [Bytes; 2]) -> Result<(), tonic::Status> {
+        let mut request = tonic::Request::new(body);
         for (k, v) in &self.metadata {
             request.metadata_mut().insert(*k, v.clone());
         }
@@ -160,13 +225,12 @@ impl Sink for AuthdSink {
         client
             .ready()
             .await
-            .map_err(|e| format!("authd not ready: {e}"))?;
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static(RECORD_USAGE);
+            .map_err(|e| tonic::Status::unavailable(format!("authd not ready: {e}")))?;
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
         client
-            .unary::<Bytes, pb::RecordUsageResponse, _>(request, path, RawCodec)
+            .unary::<[Bytes; 2], pb::RecordUsageResponse, _>(request, path, RawCodec)
             .await
             .map(|_| ())
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
     }
 }
 
@@ -196,7 +260,6 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
     // Reused from batch to batch (no fresh pages to fault in and zero for every batch).
     let mut bytes = Vec::new();
     let mut body = BytesMut::new();
-    let mut one = Vec::with_capacity(512);
     let mut last_call: Option<tokio::time::Instant> = None;
     while !shared.stop.load(Ordering::SeqCst) {
         let next = {
@@ -232,8 +295,15 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
                 continue;
             }
         }
-        match segment::read_range_into(&shared.dir, id, offset, state.durable, &mut bytes) {
-            Ok(()) => {}
+        let short = match segment::read_capped_into(
+            &shared.dir,
+            id,
+            offset,
+            state.durable,
+            READ_CAP,
+            &mut bytes,
+        ) {
+            Ok(short) => short,
             Err(err) => {
                 tracing::error!(segment = id, error = %err, "cannot read a usage spool segment");
                 tokio::time::sleep(MAX_BACKOFF).await;
@@ -241,38 +311,20 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
             }
         };
         let base = usize::try_from(offset).unwrap_or(usize::MAX);
-        // pb records run ~1.3× the spool's (ids as text).
-        body.reserve(bytes.len().min(MAX_BATCH * 512) * 3 / 2);
-        let mut n = 0u64;
-        let mut oldest = None;
-        let mut end = offset;
-        let mut torn = 0;
-        let scan = if state.ours {
+        let mut scan = if state.ours {
             segment::Scan::trusted(&shared.key, &bytes, base)
         } else {
             segment::Scan::new(&shared.key, &bytes, base)
         };
-        for item in scan {
-            if n == MAX_BATCH as u64 {
-                break;
-            }
-            match item {
-                Item::Record(r, e) => {
-                    oldest.get_or_insert(r.started_at_ms);
-                    one.clear();
-                    r.encode_pb(&mut one);
-                    encode_key(1, WireType::LengthDelimited, &mut body);
-                    encode_varint(one.len() as u64, &mut body);
-                    body.extend_from_slice(&one);
-                    n += 1;
-                    end = e as u64;
-                }
-                Item::Skipped(e) => {
-                    torn += 1;
-                    end = e as u64;
-                }
-            }
+        if short {
+            scan = scan.read_short();
         }
+        let Filled {
+            records: n,
+            oldest,
+            end,
+            torn,
+        } = fill(scan, offset, &mut body);
         if torn > 0 {
             tracing::warn!(
                 segment = id,
@@ -288,7 +340,7 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
                 .oldest_unshipped_ms
                 .store(oldest, Ordering::Relaxed);
             let batch = Batch {
-                body: body.split().freeze(),
+                entries: body.split().freeze(),
                 records: n,
             };
             let mut backoff = Duration::from_millis(50);
@@ -304,7 +356,7 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
                             last_warn = now;
                             tracing::warn!(age_s = age / 1000, error = %err, "usage records wait unshipped for over a minute");
                         } else {
-                            tracing::debug!(error = %err, "RecordUsage failed; retrying");
+                            tracing::debug!(error = %err, "ShipUsage failed; retrying");
                         }
                         if shared.stop.load(Ordering::SeqCst) {
                             return;
@@ -318,6 +370,47 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
         }
         cursor = Some((id, end));
     }
+}
+
+/// What [`fill`] put in a batch.
+pub struct Filled {
+    pub records: u64,
+    /// The first record's start (unix ms).
+    pub oldest: Option<i64>,
+    /// Segment offset just past the last item taken.
+    pub end: u64,
+    /// Torn or corrupted stretches skipped.
+    pub torn: u64,
+}
+
+/// Appends the entries of up to [`MAX_BATCH`] records from `scan` to `entries` (the spool's
+/// encodings copied as they are, each after its length). `from`: the scan's start offset.
+pub fn fill(scan: segment::Scan<'_, '_>, from: u64, entries: &mut BytesMut) -> Filled {
+    let mut filled = Filled {
+        records: 0,
+        oldest: None,
+        end: from,
+        torn: 0,
+    };
+    for item in scan {
+        if filled.records == MAX_BATCH as u64 {
+            break;
+        }
+        match item {
+            Item::Record(r, payload, e) => {
+                filled.oldest.get_or_insert(r.started_at_ms);
+                entries.put_u32_le(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+                entries.extend_from_slice(payload);
+                filled.records += 1;
+                filled.end = e as u64;
+            }
+            Item::Skipped(e) => {
+                filled.torn += 1;
+                filled.end = e as u64;
+            }
+        }
+    }
+    filled
 }
 
 /// Until the writer made something durable, or a short idle time.

@@ -278,3 +278,165 @@ fn a_metered_request_is_recorded_once_with_its_price_across_model_changes_and_re
     ledger.shutdown();
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
+
+#[test]
+fn a_segment_larger_than_one_read_ships_every_record_once() {
+    // Records of ~370 bytes (a long model name): a batch of MAX_BATCH is more than READ_CAP, so
+    // the shipper reads the segment in pieces cut inside frames.
+    let d = dir();
+    let config = LedgerConfig {
+        dir: d.clone(),
+        max_bytes: 256 << 20,
+    };
+    let mut ledger = Ledger::open(&config).expect("open");
+    let sink = Memory::default();
+    sink.stalled.store(true, Ordering::SeqCst);
+    ledger.ship(sink.clone()).expect("ship");
+    let r = ledger.recorder();
+    let n = 12_000;
+    let model = "m".repeat(250);
+    for i in 0..n {
+        r.record(&UsageRecord {
+            model: model.clone(),
+            ..rec(i)
+        });
+    }
+    poll("all durable", || {
+        ledger.shared().stats.spooled.load(Ordering::Relaxed) == n as u64
+    });
+    let bytes = ledger.shared().disk_bytes.load(Ordering::Relaxed);
+    assert!(
+        bytes > 2 * shipper::READ_CAP,
+        "{bytes} bytes: not enough for pieces"
+    );
+    assert_eq!(seg_files(&d), 1, "one segment, read in pieces");
+    sink.stalled.store(false, Ordering::SeqCst);
+    poll("all shipped", || sink.counts().len() == n);
+    assert!(sink.counts().values().all(|&c| c == 1));
+    let stats = &ledger.shared().stats;
+    assert_eq!(stats.shipped.load(Ordering::Relaxed), n as u64);
+    assert_eq!(
+        stats.torn_skipped.load(Ordering::Relaxed),
+        0,
+        "a cut frame is not torn"
+    );
+    ledger.shutdown();
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
+
+/// authd before `ShipUsage`: only `RecordUsage`; any other method UNIMPLEMENTED, as tonic
+/// answers a method it does not know.
+#[derive(Clone, Default)]
+struct OldAuthd {
+    got: Arc<Mutex<Vec<pb::UsageRecord>>>,
+    others: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tonic::server::NamedService for OldAuthd {
+    const NAME: &'static str = "ibex.auth.v1.AuthService";
+}
+
+struct OldRecordUsage(OldAuthd);
+
+impl tonic::server::UnaryService<pb::RecordUsageRequest> for OldRecordUsage {
+    type Response = pb::RecordUsageResponse;
+    type Future = tonic::codegen::BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<pb::RecordUsageRequest>) -> Self::Future {
+        let got = self.0.got.clone();
+        Box::pin(async move {
+            let records = request.into_inner().records;
+            let stored = u32::try_from(records.len()).unwrap_or(u32::MAX);
+            got.lock().expect("lock").extend(records);
+            Ok(tonic::Response::new(pb::RecordUsageResponse {
+                stored,
+                duplicates: 0,
+            }))
+        })
+    }
+}
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for OldAuthd
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            if req.uri().path() == "/ibex.auth.v1.AuthService/RecordUsage" {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                return Ok(grpc.unary(OldRecordUsage(me), req).await);
+            }
+            me.others.fetch_add(1, Ordering::SeqCst);
+            Ok(tonic::Status::unimplemented("").into_http())
+        })
+    }
+}
+
+#[test]
+fn an_authd_without_ship_usage_gets_record_usage_and_nothing_is_lost() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let old = OldAuthd::default();
+    let incoming = rt
+        .block_on(async {
+            tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().expect("addr"))
+        })
+        .expect("bind");
+    let addr = incoming.local_addr().expect("addr");
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(old.clone())
+            .serve_with_incoming(incoming),
+    );
+    let d = dir();
+    let mut ledger = Ledger::open(&LedgerConfig {
+        dir: d.clone(),
+        max_bytes: 1 << 20,
+    })
+    .expect("open");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("url");
+    ledger
+        .ship(shipper::AuthdSink::new(vec![endpoint], Vec::new()).expect("sink"))
+        .expect("ship");
+    let r = ledger.recorder();
+    for i in 0..300 {
+        r.record(&rec(i));
+    }
+    let ids = |got: &Mutex<Vec<pb::UsageRecord>>| {
+        let mut ids: Vec<_> = got
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|r| r.request_id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    poll("shipped to the old authd", || ids(&old.got).len() >= 300);
+    let mut want: Vec<_> = (0..300).map(|i| format!("r-{i}")).collect();
+    want.sort();
+    assert_eq!(ids(&old.got), want, "every record once, by RecordUsage");
+    assert!(
+        old.others.load(Ordering::SeqCst) >= 1,
+        "ShipUsage was tried first"
+    );
+    assert_eq!(ledger.shared().stats.shipped.load(Ordering::Relaxed), 300);
+    ledger.shutdown();
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
