@@ -136,7 +136,7 @@ impl Meter {
             streamed: false,
             strip_usage: false,
             tokens: None,
-            provider: String::new(),
+            provider: None,
             attempts: 0,
         }
     }
@@ -186,8 +186,8 @@ pub struct Pending {
     /// The request's token reservation (SPEC §11), settled to this record's
     /// figures when it is made: the settled figure is the recorded one.
     pub tokens: Option<crate::tokens::Reservation>,
-    /// The provider that answered ("" = not known).
-    pub provider: String,
+    /// The provider that answered (`None` = not known); shared with the upstream, not copied.
+    pub provider: Option<Rc<str>>,
     /// Attempts it took (0 = not known).
     pub attempts: u32,
 }
@@ -229,7 +229,7 @@ impl Pending {
             streamed: self.streamed,
             started_at_ms: self.started_at_ms,
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            provider: &self.provider,
+            provider: self.provider.as_deref().unwrap_or(""),
             attempts: self.attempts,
             cache_read_tokens: self.seen.cache_read_tokens,
             cache_creation_tokens: self.seen.cache_creation_tokens,

@@ -5,7 +5,7 @@
 //! Threads: a request appends its encoded record to its worker's in-memory buffer
 //! ([`Recorder::record`]: one uncontended mutex, swapped out by the writer every tick) — that is
 //! all the hot path does. The [`writer`] thread frames the buffers into the active segment and
-//! fsyncs every 50 ms ([`writer::SYNC_EVERY`] ticks), rotating segments; the [`shipper`] thread (its own
+//! fsyncs every 50 ms ([`writer::TICK`]), rotating segments; the [`shipper`] thread (its own
 //! small tokio runtime) reads durable frames back and ships them in batches. A proxy restarted
 //! on the same directory ships whatever is left. When the spool holds
 //! `IBEX_USAGE_SPOOL_MAX_BYTES`, [`Recorder::admit`] says no and forwarded routes answer 503

@@ -1,15 +1,16 @@
-//! The spool writer thread: every [`TICK`] it swaps out each worker's buffer and appends the
-//! records, framed, to the active segment (so a killed process loses at most one tick's records
-//! still in memory); every [`SYNC_EVERY`] ticks (≤ 50 ms) it fsyncs once, and only then tells the
-//! shipper the new bytes are durable. It rotates to a new segment past [`segment_max`] so shipped
-//! segments can be deleted, and keeps [`Shared::full`] up to date for the workers' admission
-//! check.
+//! The spool writer thread: every [`TICK`] (50 ms, the fsync bound) it swaps out each
+//! worker's buffer, appends the records, framed, to the active segment and fsyncs once, and only
+//! then tells the shipper the new bytes are durable — so a killed process or a lost machine loses
+//! at most one tick's records, those still in memory. It rotates to a new segment past
+//! [`segment_max`] so shipped segments can be deleted, and keeps [`Shared::full`] up to date for
+//! the workers' admission check.
 //!
 //! Framed bytes stay in memory until their fsync succeeded: a failed write is rolled back (the
 //! file truncated to what it held before), a failed fsync to the last durable length, and the
 //! same bytes are written again on the next tick, with the spool marked full meanwhile: records
-//! are never dropped and never written twice. (Fewer fsyncs is the point: each is a flush
-//! through the block device, the writer's main cost per tick — perf/RESULTS.md §12.)
+//! are never dropped and never written twice. (One tick, one write, one fsync: the writer's cost
+//! is mostly per tick — the wake-up, the swap, the syscalls — not per record; perf/RESULTS.md
+//! §12 and §15.)
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -20,10 +21,8 @@ use std::time::Duration;
 use super::segment::{self, frame};
 use super::{SegmentState, Shared};
 
-/// How often the workers' buffers are written to the segment.
-pub const TICK: Duration = Duration::from_millis(10);
-/// fsync every this many ticks: 50 ms, the bound.
-pub const SYNC_EVERY: u32 = 5;
+/// How often the workers' buffers are written to the segment and fsynced: the bound.
+pub const TICK: Duration = Duration::from_millis(50);
 
 pub fn segment_max(max_bytes: u64) -> u64 {
     (max_bytes / 16).clamp(4 << 10, 8 << 20)
@@ -73,7 +72,6 @@ fn run(shared: &Shared, mut active: Active) {
     let mut pending_records = 0u64;
     let mut written = 0usize;
     let mut failing = false;
-    let mut ticks = 0u32;
     loop {
         let stopping = shared.stop.load(Ordering::SeqCst);
         let workers: Vec<_> = shared
@@ -98,7 +96,6 @@ fn run(shared: &Shared, mut active: Active) {
             }
             buffered += u64::try_from(w.len()).unwrap_or(0);
         }
-        ticks += 1;
         let mut ok = true;
         if written < pending.len() {
             match append(&mut active, written, &pending[written..]) {
@@ -114,9 +111,7 @@ fn run(shared: &Shared, mut active: Active) {
         // acknowledged and free the space even when the bound is smaller than a segment).
         let rotate = size >= segment_max(shared.max_bytes)
             || (size > 0 && shared.full.load(Ordering::Relaxed));
-        let sync_due = ticks >= SYNC_EVERY || rotate || stopping || failing;
-        if ok && written > 0 && sync_due {
-            ticks = 0;
+        if ok && written > 0 {
             match active.file.sync_data() {
                 Ok(()) => {
                     if failing {

@@ -81,19 +81,6 @@ impl Drop for Record {
     fn drop(&mut self) {
         let events = self.scanner.events();
         let found = self.scanner.take();
-        if let Some(mut p) = self.ledger.take() {
-            p.seen.usage = found
-                .usage
-                .map(|u| (u.prompt_tokens, u.completion_tokens, u.total_tokens));
-            (p.seen.cache_read_tokens, p.seen.cache_creation_tokens) = found
-                .usage
-                .map_or((0, 0), |u| (u.cache_read_tokens, u.cache_creation_tokens));
-            p.seen.events = events;
-            p.seen.body_bytes = self.bytes;
-            p.model = found.model.clone();
-            p.streamed = self.streamed;
-            p.finish();
-        }
         let model = found.model.as_deref().unwrap_or("unknown");
         if let Some(u) = found.usage {
             self.stats.usage(self.org, model, u);
@@ -117,6 +104,20 @@ impl Drop for Record {
             total_tokens = usage.total_tokens,
             "forwarded"
         );
+        if let Some(mut p) = self.ledger.take() {
+            p.seen.usage = found
+                .usage
+                .map(|u| (u.prompt_tokens, u.completion_tokens, u.total_tokens));
+            (p.seen.cache_read_tokens, p.seen.cache_creation_tokens) = found
+                .usage
+                .map_or((0, 0), |u| (u.cache_read_tokens, u.cache_creation_tokens));
+            p.seen.events = events;
+            p.seen.body_bytes = self.bytes;
+            // Moved, not copied: the log line above was the last to read it.
+            p.model = found.model;
+            p.streamed = self.streamed;
+            p.finish();
+        }
     }
 }
 

@@ -125,6 +125,8 @@ pub struct Upstream {
     heads: Vec<HeadPrefix>,
     /// The usage ledger (SPEC §10): one record per forwarded request.
     meter: Option<Rc<Meter>>,
+    /// `config.name`, shared with the usage records that name this provider.
+    name: Rc<str>,
 }
 
 impl Upstream {
@@ -175,6 +177,7 @@ impl Upstream {
             pool: Rc::new(Pool::new(stats.clone(), clock.clone())),
             stats,
             heads,
+            name: Rc::from(config.name.as_str()),
             config,
             meter: None,
             clock,
@@ -225,7 +228,7 @@ impl Upstream {
             p.tokens = tokens;
         }
         if let Some(p) = pending.as_mut() {
-            p.provider = self.name().to_owned();
+            p.provider = Some(self.name.clone());
             p.attempts = 1;
             if route.asks_for_usage() {
                 if let Some(asked) = crate::ledger::stream_usage::ask_for_usage(&body) {
@@ -242,7 +245,12 @@ impl Upstream {
 
     /// The provider's name (`x-ibex-provider`, the usage record).
     pub fn name(&self) -> &str {
-        &self.config.name
+        &self.name
+    }
+
+    /// [`Upstream::name`] for a usage record to hold (no copy).
+    pub fn provider(&self) -> Rc<str> {
+        self.name.clone()
     }
 
     /// Extra attempts on this provider before the next one.

@@ -336,7 +336,7 @@ impl Router {
                         continue;
                     }
                     if let Some(p) = pending.as_mut() {
-                        p.provider = up.name().to_owned();
+                        p.provider = Some(up.provider());
                         p.attempts = attempts;
                     }
                     set.counters[i].answered();
@@ -364,7 +364,7 @@ impl Router {
         }
         let (up, _, err) = last.ok_or(ApiError::UpstreamUnavailable)?;
         if let Some(p) = pending.as_mut() {
-            p.provider = up.name().to_owned();
+            p.provider = Some(up.provider());
             p.attempts = attempts;
         }
         Err(ApiError::from(
