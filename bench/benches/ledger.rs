@@ -17,12 +17,15 @@
 //! - `ledger/ask_for_usage_stream`: adding `include_usage` to a 1 KiB streamed chat body.
 //!
 //! Off the request path (the spool's threads; per record):
-//! - `ledger/frame_siphash` / `ledger/frame_sha256`: the writer framing one record, with the
-//!   check it makes now (SipHash-2-4) and the first format's (SHA-256).
-//! - `ledger/ship_1000`: the shipper turning 1,000 spooled frames of its own process into one
-//!   `ShipUsage` body (scan + the encodings copied as they are); divide by 1,000.
-//! - `ledger/ship_1000_pb`: the same into a `RecordUsage` body (scan + protobuf encode: the
-//!   shipper before `ShipUsage`, and its fallback for an older authd).
+//! - `ledger/frame_batch_1000`: the writer framing a worker buffer of 1,000 records into batch
+//!   frames (keyed BLAKE3 over ≤ 64 KiB each); divide by 1,000.
+//! - `ledger/frame_siphash` / `ledger/frame_sha256`: one record in a frame of the second
+//!   (SipHash-2-4) and the first (SHA-256) format, as the writer made them before.
+//! - `ledger/ship_1000`: the shipper turning the batch frames of 1,000 records of its own
+//!   process into one `ShipUsage` body (scan + each frame's payload copied); divide by 1,000.
+//! - `ledger/ship_1000_single_frames`: the same from 1,000 one-record frames.
+//! - `ledger/ship_1000_pb`: 1,000 one-record frames into a `RecordUsage` body (scan + protobuf
+//!   encode: the shipper before `ShipUsage`, and its fallback for an older authd).
 //!
 //! Results (wall time per call, criterion's mean; 2 vCPU VM, release, thin LTO; ±15 %):
 //!
@@ -139,6 +142,17 @@ fn bench(c: &mut Criterion) {
             segment::frame_sha256(&key, black_box(&payload), &mut framed);
         })
     });
+    // The writer now: one worker buffer of 1,000 records into batch frames (divide by 1,000).
+    let mut entries_in = Vec::new();
+    for _ in 0..1000 {
+        ibex_proxy::ledger::record::put_entry(&record.borrowed(), &mut entries_in);
+    }
+    g.bench_function("frame_batch_1000", |b| {
+        b.iter(|| {
+            framed.clear();
+            segment::frame_entries(&key, black_box(&entries_in), &mut framed)
+        })
+    });
     framed.clear();
     for _ in 0..1000 {
         segment::frame(&key, &payload, &mut framed);
@@ -165,8 +179,18 @@ fn bench(c: &mut Criterion) {
             body.len()
         })
     });
-    // ShipUsage: the spool's encodings copied as they are.
+    // ShipUsage from one-record frames (the second format): each payload copied after its length.
     let mut entries = bytes::BytesMut::with_capacity(1 << 20);
+    g.bench_function("ship_1000_single_frames", |b| {
+        b.iter(|| {
+            entries.clear();
+            let scan = segment::Scan::trusted(&key, black_box(&framed), 0);
+            shipper::fill(scan, 0, &mut entries).records
+        })
+    });
+    // ShipUsage from the writer's batch frames: a frame's payload copied as it is.
+    framed.clear();
+    segment::frame_entries(&key, &entries_in, &mut framed);
     g.bench_function("ship_1000", |b| {
         b.iter(|| {
             entries.clear();

@@ -36,14 +36,87 @@ fn segment(records: &[UsageRecord]) -> Vec<u8> {
     out
 }
 
+/// `records` in batch frames of `per` records each (what the writer makes, in smaller frames);
+/// `per == 0`: one-record frames of the second format.
+fn batched(records: &[UsageRecord], per: usize) -> Vec<u8> {
+    if per == 0 {
+        return segment(records);
+    }
+    let mut out = Vec::new();
+    for group in records.chunks(per) {
+        let mut entries = Vec::new();
+        for r in group {
+            crate::ledger::record::put_entry(&r.borrowed(), &mut entries);
+        }
+        assert_eq!(frame_entries(&KEY, &entries, &mut out), group.len() as u64);
+    }
+    out
+}
+
 fn records(items: &[Item]) -> Vec<UsageRecord> {
-    items
-        .iter()
-        .filter_map(|i| match i {
-            Item::Record(r, _, _) => Some(r.to_record()),
-            Item::Skipped(_) => None,
-        })
-        .collect()
+    let mut out = Vec::new();
+    for i in items {
+        match i {
+            Item::Record(r, _, _) => out.push(r.to_record()),
+            Item::Batch(b, _) => {
+                assert_eq!(b.records().count() as u64, b.count);
+                out.extend(b.records().map(|r| r.to_record()));
+            }
+            Item::Skipped(_) => {}
+        }
+    }
+    out
+}
+
+fn end(item: &Item) -> usize {
+    match item {
+        Item::Record(_, _, e) | Item::Batch(_, e) | Item::Skipped(e) => *e,
+    }
+}
+
+#[test]
+fn batch_frames_scan_back_exactly_and_a_torn_one_is_lost_whole() {
+    let rs: Vec<_> = (0..50).map(|i| record(i, "m")).collect();
+    let bytes = batched(&rs, 10);
+    assert_eq!(&bytes[..4], &MAGIC_BATCH);
+    let items = scan(&KEY, &bytes, 10);
+    assert_eq!(items.len(), 5);
+    assert_eq!(records(&items), rs);
+    assert_eq!(items.last().map(end), Some(bytes.len() + 10));
+    // Torn inside the last frame: its ten records are gone, the forty before it are not.
+    let cut = bytes.len() - 100;
+    let items = scan(&KEY, &bytes[..cut], 0);
+    assert_eq!(records(&items), rs[..40].to_vec());
+    assert_eq!(items.last(), Some(&Item::Skipped(cut)));
+    // What the trusted scan (this process's own frames) reads is the same.
+    let trusted: Vec<_> = Scan::trusted(&KEY, &bytes, 0).collect();
+    assert_eq!(records(&trusted), rs);
+}
+
+#[test]
+fn a_worker_buffer_is_cut_into_frames_of_at_most_64_kib_at_record_boundaries() {
+    let rs: Vec<_> = (0..1000).map(|i| record(i, &"m".repeat(250))).collect();
+    let mut entries = Vec::new();
+    for r in &rs {
+        crate::ledger::record::put_entry(&r.borrowed(), &mut entries);
+    }
+    let mut bytes = Vec::new();
+    assert_eq!(frame_entries(&KEY, &entries, &mut bytes), 1000);
+    let items = scan(&KEY, &bytes, 0);
+    assert!(items.len() >= 6, "{} frames for ~370 KB", items.len());
+    let mut last = 0;
+    for i in &items {
+        assert!(matches!(i, Item::Batch(..)), "{i:?}");
+        assert!(end(i) - last <= HEADER + MAX_PAYLOAD);
+        last = end(i);
+    }
+    assert_eq!(records(&items), rs);
+    // A cut entry at the end of a buffer is left out, never framed half.
+    let mut out = Vec::new();
+    assert_eq!(
+        frame_entries(&KEY, &entries[..entries.len() - 3], &mut out),
+        999
+    );
 }
 
 #[test]
@@ -94,6 +167,29 @@ fn a_frame_smuggled_in_a_model_name_is_never_read_as_a_record() {
 }
 
 #[test]
+fn a_batch_frame_smuggled_in_a_model_name_is_never_read() {
+    // Whatever bytes a client gets into the spool (a model name is written as it came), a batch
+    // frame it made cannot carry our key: placed whole between two real frames, it is skipped.
+    let mut forged_entries = Vec::new();
+    crate::ledger::record::put_entry(&record(999, "x").borrowed(), &mut forged_entries);
+    let rs = [record(1, "m"), record(2, "m")];
+    for (key, read) in [([0; 32], false), (KEY, true)] {
+        let mut bytes = batched(&rs[..1], 1);
+        frame_entries(&key, &forged_entries, &mut bytes);
+        bytes.extend(batched(&rs[1..], 1));
+        let items = scan(&KEY, &bytes, 0);
+        let got = records(&items);
+        if read {
+            // The same frame under the spool's key is read: the key is all that kept it out.
+            assert_eq!(got.len(), 3);
+        } else {
+            assert_eq!(got, rs.to_vec());
+            assert!(items.iter().any(|i| matches!(i, Item::Skipped(_))));
+        }
+    }
+}
+
+#[test]
 fn frames_of_the_first_format_are_still_read_beside_the_new_ones() {
     // A spool written before the upgrade (SHA-256 checks), then appended to by the new writer.
     let rs: Vec<_> = (0..6).map(|i| record(i, "m")).collect();
@@ -110,6 +206,11 @@ fn frames_of_the_first_format_are_still_read_beside_the_new_ones() {
     }
     assert_eq!(&bytes[..4], &MAGIC_SHA256);
     assert_eq!(records(&scan(&KEY, &bytes, 0)), rs);
+    // And the writer's batch frames after both.
+    let more: Vec<_> = (6..12).map(|i| record(i, "m")).collect();
+    bytes.extend(batched(&more, 4));
+    let all: Vec<_> = rs.iter().chain(&more).cloned().collect();
+    assert_eq!(records(&scan(&KEY, &bytes, 0)), all);
     // Either format under another key: nothing.
     assert!(records(&scan(&[8; 32], &bytes, 0)).is_empty());
 }
@@ -134,12 +235,13 @@ proptest! {
     #[test]
     fn corruption_never_duplicates_invents_or_halves(
         n in 1usize..40,
+        per in 0usize..6,
         cut in any::<prop::sample::Index>(),
         flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..12),
         zero_run in prop::option::of((any::<prop::sample::Index>(), 1usize..300)),
     ) {
         let rs: Vec<_> = (0..n).map(|i| record(i, &format!("model-{}", i % 3))).collect();
-        let mut bytes = segment(&rs);
+        let mut bytes = batched(&rs, per);
         let cut = cut.index(bytes.len() + 1);
         bytes.truncate(cut);
         if !bytes.is_empty() {
@@ -163,13 +265,12 @@ proptest! {
         // Offsets only move forward and end at the end.
         let mut last = 0;
         for i in &items {
-            let end = match i { Item::Record(_, _, e) | Item::Skipped(e) => *e };
-            prop_assert!(end > last);
-            last = end;
+            prop_assert!(end(i) > last);
+            last = end(i);
         }
         prop_assert_eq!(last, bytes.len());
         // Untouched input loses nothing.
-        if flips.is_empty() && zero_run.is_none() && cut == segment(&rs).len() {
+        if flips.is_empty() && zero_run.is_none() && cut == batched(&rs, per).len() {
             prop_assert_eq!(got, rs);
         }
     }
@@ -179,12 +280,13 @@ proptest! {
     #[test]
     fn reading_in_pieces_reads_what_one_read_does(
         n in 400usize..1200,
+        per in prop::sample::select(vec![0usize, 1, 7, 300]),
         cap in (HEADER + MAX_PAYLOAD + 1)..140_000,
         flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..12),
         zero_run in prop::option::of((any::<prop::sample::Index>(), 1usize..70_000)),
     ) {
         let rs: Vec<_> = (0..n).map(|i| record(i, &format!("model-{}", i % 3))).collect();
-        let mut bytes = segment(&rs);
+        let mut bytes = batched(&rs, per);
         for (at, x) in &flips {
             let at = at.index(bytes.len());
             bytes[at] ^= x;
@@ -198,13 +300,13 @@ proptest! {
         let mut pieces = Vec::new();
         let mut offset = 0;
         while offset < bytes.len() {
-            let end = bytes.len().min(offset + cap);
-            let mut piece = Scan::new(&KEY, &bytes[offset..end], offset);
-            if end < bytes.len() {
+            let stop = bytes.len().min(offset + cap);
+            let mut piece = Scan::new(&KEY, &bytes[offset..stop], offset);
+            if stop < bytes.len() {
                 piece = piece.read_short();
             }
             let items: Vec<_> = piece.collect();
-            let last = items.last().map(|i| match i { Item::Record(_, _, e) | Item::Skipped(e) => *e });
+            let last = items.last().map(end);
             pieces.extend(records(&items));
             let last = last.expect("every read makes progress");
             prop_assert!(last > offset);

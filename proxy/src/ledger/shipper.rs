@@ -384,7 +384,8 @@ pub struct Filled {
 }
 
 /// Appends the entries of up to [`MAX_BATCH`] records from `scan` to `entries` (the spool's
-/// encodings copied as they are, each after its length). `from`: the scan's start offset.
+/// encodings copied as they are, each after its length: a batch frame's payload in one copy).
+/// `from`: the scan's start offset.
 pub fn fill(scan: segment::Scan<'_, '_>, from: u64, entries: &mut BytesMut) -> Filled {
     let mut filled = Filled {
         records: 0,
@@ -402,6 +403,16 @@ pub fn fill(scan: segment::Scan<'_, '_>, from: u64, entries: &mut BytesMut) -> F
                 entries.put_u32_le(u32::try_from(payload.len()).unwrap_or(u32::MAX));
                 entries.extend_from_slice(payload);
                 filled.records += 1;
+                filled.end = e as u64;
+            }
+            Item::Batch(b, e) => {
+                // Whole frames only: the next batch starts at a frame boundary.
+                if filled.records + b.count > MAX_BATCH as u64 {
+                    break;
+                }
+                filled.oldest.get_or_insert(b.first_started_at_ms);
+                entries.extend_from_slice(b.entries);
+                filled.records += b.count;
                 filled.end = e as u64;
             }
             Item::Skipped(e) => {

@@ -1,9 +1,9 @@
 //! The spool writer thread: every [`TICK`] (50 ms, the fsync bound) it swaps out each
-//! worker's buffer, appends the records, framed, to the active segment and fsyncs once, and only
-//! then tells the shipper the new bytes are durable — so a killed process or a lost machine loses
-//! at most one tick's records, those still in memory. It rotates to a new segment past
-//! [`segment_max`] so shipped segments can be deleted, and keeps [`Shared::full`] up to date for
-//! the workers' admission check.
+//! worker's buffer, appends its records in batch frames ([`frame_entries`]) to the active
+//! segment and fsyncs once, and only then tells the shipper the new bytes are durable — so a
+//! killed process or a lost machine loses at most one tick's records, those still in memory. It
+//! rotates to a new segment past [`segment_max`] so shipped segments can be deleted, and keeps
+//! [`Shared::full`] up to date for the workers' admission check.
 //!
 //! Framed bytes stay in memory until their fsync succeeded: a failed write is rolled back (the
 //! file truncated to what it held before), a failed fsync to the last durable length, and the
@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::segment::{self, frame};
+use super::segment::{self, frame_entries};
 use super::{SegmentState, Shared};
 
 /// How often the workers' buffers are written to the segment and fsynced: the bound.
@@ -82,18 +82,7 @@ fn run(shared: &Shared, mut active: Active) {
         let mut buffered = 0u64;
         for w in &workers {
             w.take(&mut spare);
-            let mut rest = spare.as_slice();
-            while rest.len() >= 4 {
-                let (len, tail) = rest.split_at(4);
-                let len = usize::try_from(u32::from_le_bytes([len[0], len[1], len[2], len[3]]))
-                    .unwrap_or(usize::MAX);
-                let Some(payload) = tail.get(..len) else {
-                    break;
-                };
-                frame(&shared.key, payload, &mut pending);
-                pending_records += 1;
-                rest = &tail[len..];
-            }
+            pending_records += frame_entries(&shared.key, &spare, &mut pending);
             buffered += u64::try_from(w.len()).unwrap_or(0);
         }
         let mut ok = true;
