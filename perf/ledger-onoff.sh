@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the usage ledger costs per forwarded request (issue 13's measure), interleaved so the box's
 # drift falls on every variant alike: nginx-rp, ibex-proxy with the ledger on, the same binary
-# with IBEX_USAGE_LEDGER=off, and (when BASE_BIN is set) another build with its ledger on — all
+# with IBEX_USAGE_LEDGER=off, and other builds with their ledger on (OTHERS="name=binary …") — all
 # single-threaded servers pinned to SERVER_CPU, forwarding the same non-streamed chat to an nginx
 # fake upstream; wrk -t1 -c32 at peak on LOAD_CPU for DUR seconds per variant, ROUNDS rounds, the
 # variants' order rotated each round. Per variant and round: the whole server process's CPU
@@ -12,12 +12,12 @@
 # Runs inside perf/ledger-stack.sh (Postgres, Redis, release authd that the shippers ship to):
 #
 #   flock /tmp/ibex-perf.lock perf/ledger-stack.sh perf/ledger-onoff.sh
-#   BASE_BIN=/tmp/bin-base/ibex-proxy ROUNDS=8 flock /tmp/ibex-perf.lock perf/ledger-stack.sh perf/ledger-onoff.sh
+#   OTHERS="base=/tmp/bin-base/ibex-proxy" ROUNDS=8 flock /tmp/ibex-perf.lock perf/ledger-stack.sh perf/ledger-onoff.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${PERF_STACK:-}" ] || exec perf/ledger-stack.sh "$0" "$@"
 PROXY_BIN=${PROXY_BIN:-target/release/ibex-proxy}
-BASE_BIN=${BASE_BIN:-}
+OTHERS=${OTHERS:-}
 DUR=${DUR:-10}
 ROUNDS=${ROUNDS:-6}
 SERVER_CPU=${SERVER_CPU:-0}
@@ -57,10 +57,12 @@ start_proxy() { # name binary [env...]
 variants=(nginx-rp on off)
 start_proxy on "$PROXY_BIN"
 start_proxy off "$PROXY_BIN" IBEX_USAGE_LEDGER=off
-if [ -n "$BASE_BIN" ]; then
-  start_proxy base "$BASE_BIN"
-  variants+=(base)
-fi
+others=()
+for o in $OTHERS; do
+  start_proxy "${o%%=*}" "${o#*=}"
+  others+=("${o%%=*}")
+done
+variants+=("${others[@]}")
 for _ in $(seq 100); do curl -fs -X POST "http://127.0.0.1:$RP_PORT/v1/chat/completions" >/dev/null 2>&1 && break; sleep 0.1; done
 RP_W=$(pgrep -P "$RP_PID" | head -1)
 PID[nginx-rp]=$RP_W
@@ -71,8 +73,7 @@ ORG=$("$CTL" org create --name "perf-onoff-$$" --rpm 2000000000 | sed -E 's/.*"i
 AGENT=$("$CTL" agent create --org "$ORG" --name perf | sed -E 's/.*"id": *"([^"]+)".*/\1/')
 TOKEN=$("$CTL" token create --org "$ORG" --name perf --permissions all | sed -E 's/.*"token": *"([^"]+)".*/\1/')
 BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}'
-for v in on off base; do
-  [ -n "${PORT[$v]:-}" ] || continue
+for v in on off "${others[@]}"; do
   for _ in $(seq 100); do
     curl -fsS -X POST "http://127.0.0.1:${PORT[$v]}/v1/chat/completions" -H "Authorization: Bearer $TOKEN" \
       -H "X-IBEX-Agent-ID: $AGENT" -H "Content-Type: application/json" -d "$BODY" >/dev/null 2>&1 && break
@@ -140,6 +141,6 @@ diffs() { # a b: per-round cpu(a) - cpu(b)
 }
 echo "ledger cost (on - off), median of per-round differences: $(diffs on off | median) µs/req  [$(diffs on off | sort -n | tr '\n' ' ')]"
 echo "on / nginx-rp: $(awk '$1 == "on" {print $4}' "$work/rows" | median) / $(awk '$1 == "nginx-rp" {print $4}' "$work/rows" | median)"
-if [ -n "$BASE_BIN" ]; then
-  echo "base ledger cost (base - off): $(diffs base off | median) µs/req  [$(diffs base off | sort -n | tr '\n' ' ')]"
-fi
+for o in "${others[@]}"; do
+  echo "$o ledger cost ($o - off): $(diffs "$o" off | median) µs/req  [$(diffs "$o" off | sort -n | tr '\n' ' ')]"
+done
