@@ -3,9 +3,13 @@
 # drift falls on every variant alike: nginx-rp, ibex-proxy with the ledger on, the same binary
 # with IBEX_USAGE_LEDGER=off, and other builds with their ledger on (OTHERS="name=binary …") — all
 # single-threaded servers pinned to SERVER_CPU, forwarding the same non-streamed chat to an nginx
-# fake upstream; wrk -t1 -c32 at peak on LOAD_CPU for DUR seconds per variant, ROUNDS rounds, the
+# fake upstream; wrk -t1 -c32 at peak on LOAD_CPU for DUR seconds per variant (or loadgen at a
+# fixed RATE req/s when RATE is set: every variant then does the same work per second, so the
+# difference is not also a difference in batching at different peaks), ROUNDS rounds, the
 # variants' order rotated each round. Per variant and round: the whole server process's CPU
-# (utime+stime from /proc, so the spool's writer and shipper threads are in it) per request, and
+# (the sum of its threads' run time from /proc/<pid>/task/*/schedstat, in ns — the scheduler's
+# own clock, interrupts landing on the thread included; utime+stime are sampled per 4 ms tick on
+# this kernel, coarse for a thread that runs ~1 ms every 50 ms) per request, and
 # for the ledger-on proxies the writer's and shipper's share; then medians, and the median of the
 # per-round differences on − off (the ledger's cost).
 #
@@ -92,15 +96,15 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $TOKEN"
 wrk.headers["X-IBEX-Agent-ID"] = "$AGENT"
 LUA
-TCK=$(getconf CLK_TCK)
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# Ticks of the spool's threads of process $1: "writer shipper".
+# Run time (ns) of all threads of process $1.
+ticks() { cat /proc/"$1"/task/*/schedstat | awk '{ t += $1 } END { printf "%.0f\n", t }'; }
+# Run time (ns) of the spool's threads of process $1: "writer shipper".
 spool_ticks() {
   local w=0 s=0 t
   for t in /proc/"$1"/task/*; do
     case "$(cat "$t/comm")" in
-      ibex-ledger-wri*) w=$((w + $(awk '{print $14 + $15}' "$t/stat"))) ;;
-      ibex-ledger-shi*) s=$((s + $(awk '{print $14 + $15}' "$t/stat"))) ;;
+      ibex-ledger-wri*) w=$((w + $(awk '{print $1}' "$t/schedstat"))) ;;
+      ibex-ledger-shi*) s=$((s + $(awk '{print $1}' "$t/schedstat"))) ;;
     esac
   done
   echo "$w $s"
@@ -114,14 +118,25 @@ for round in $(seq "$ROUNDS"); do
     pid=${PID[$v]}
     lua=post-auth.lua; [ "$v" = nginx-rp ] && lua=post.lua
     before=$(ticks "$pid"); read -r wb sb < <(spool_ticks "$pid")
-    out=$(taskset -c "$LOAD_CPU" wrk -t1 -c32 -d"${DUR}s" -s "$work/$lua" \
-          "http://127.0.0.1:${PORT[$v]}/v1/chat/completions")
-    after=$(ticks "$pid"); read -r wa sa < <(spool_ticks "$pid")
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    bad=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-    awk -v v="$v" -v r="$round" -v rps="$rps" -v d="$DUR" -v t="$TCK" -v b="$before" -v a="$after" \
+    if [ -n "${RATE:-}" ]; then
+      auth=(-H "Authorization: Bearer $TOKEN" -H "X-IBEX-Agent-ID: $AGENT")
+      [ "$v" = nginx-rp ] && auth=()
+      out=$(taskset -c "$LOAD_CPU" target/release/loadgen --addr "127.0.0.1:${PORT[$v]}" \
+            --path /v1/chat/completions --method POST --body "$BODY" -H "Content-Type: application/json" \
+            "${auth[@]}" --rate "$RATE" --duration "$DUR" --connections 32)
+      after=$(ticks "$pid"); read -r wa sa < <(spool_ticks "$pid")
+      rps=$(echo "$out" | sed -E 's/.*"requests":([0-9]+).*/\1/' | awk -v d="$DUR" '{print $1 / d}')
+      bad=$(echo "$out" | grep -oE '"errors":[0-9]+' | cut -d: -f2 || true)
+    else
+      out=$(taskset -c "$LOAD_CPU" wrk -t1 -c32 -d"${DUR}s" -s "$work/$lua" \
+            "http://127.0.0.1:${PORT[$v]}/v1/chat/completions")
+      after=$(ticks "$pid"); read -r wa sa < <(spool_ticks "$pid")
+      rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+      bad=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+    fi
+    awk -v v="$v" -v r="$round" -v rps="$rps" -v d="$DUR" -v b="$before" -v a="$after" \
         -v wb="$wb" -v wa="$wa" -v sb="$sb" -v sa="$sa" -v bad="${bad:-0}" 'BEGIN {
-      n = rps * d; k = 1e6 / t / n
+      n = rps * d; k = 1e-3 / n
       printf "%s %d %.0f %.3f %.3f %.3f %s\n", v, r, rps, (a - b) * k, (wa - wb) * k, (sa - sb) * k, bad
     }' | tee -a "$work/rows"
   done

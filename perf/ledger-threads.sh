@@ -2,8 +2,10 @@
 # Where the proxy's CPU goes, per thread (issue 13: the usage ledger's writer and shipper beside
 # the worker): one release ibex-proxy (1 worker, the whole process on SERVER_CPU) forwarding
 # non-streamed chat to an nginx fake upstream, wrk at peak (-t1 -c32) on LOAD_CPU for DUR
-# seconds — or loadgen at a fixed RATE req/s when RATE is set — ROUNDS times; after each round, every thread's utime+stime from /proc/<pid>/task per
-# request. PERFREC=1 also records round 2 with `perf record -e cpu-clock -g` into
+# seconds — or loadgen at a fixed RATE req/s when RATE is set — ROUNDS times; after each round,
+# every thread's run time per request, from /proc/<pid>/task/*/schedstat (the scheduler's ns;
+# until 2026-12-02 utime+stime, which this kernel samples per 4 ms tick: coarse for the spool's
+# threads, which run ~1 ms at a time). PERFREC=1 also records round 2 with `perf record -e cpu-clock -g` into
 # $PERF_DATA (default /tmp/ibex-ledger-threads.perf.data).
 #
 # Runs inside perf/ledger-stack.sh (Postgres, Redis, release authd), under the measurement lock:
@@ -54,11 +56,10 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $TOKEN"
 wrk.headers["X-IBEX-Agent-ID"] = "$AGENT"
 LUA
-TCK=$(getconf CLK_TCK)
 # "name#tid ticks" per thread, sorted (thread names may repeat).
 snap() {
   for t in /proc/"$PROXY_PID"/task/*; do
-    echo "$(tr ' ' _ < "$t/comm")#$(basename "$t") $(awk '{print $14 + $15}' "$t/stat")"
+    echo "$(tr ' ' _ < "$t/comm")#$(basename "$t") $(awk '{print $1}' "$t/schedstat")"
   done | sort
 }
 uptime
@@ -80,9 +81,9 @@ for round in $(seq "$ROUNDS"); do
   fi
   snap > "$work/after"
   echo "round $round: $rps req/s $(echo "$out" | grep -E 'Non-2xx' || true)"
-  join "$work/before" "$work/after" | awk -v r="$rps" -v d="$DUR" -v t="$TCK" '
+  join "$work/before" "$work/after" | awk -v r="$rps" -v d="$DUR" '
     { split($1, nm, "#"); by[nm[1]] += $3 - $2; all += $3 - $2 }
-    END { n = r * d; for (k in by) if (by[k] > 0) printf "  %-18s %8.3f µs/req\n", k, by[k] / t * 1e6 / n
-          printf "  %-18s %8.3f µs/req\n", "all threads", all / t * 1e6 / n }'
+    END { n = r * d; for (k in by) if (by[k] > 0) printf "  %-18s %8.3f µs/req\n", k, by[k] / 1e3 / n
+          printf "  %-18s %8.3f µs/req\n", "all threads", all / 1e3 / n }'
 done
 uptime
