@@ -18,7 +18,7 @@
 //!
 //! Off the request path (the spool's threads; per record):
 //! - `ledger/frame_batch_1000`: the writer framing a worker buffer of 1,000 records into batch
-//!   frames (keyed BLAKE3 over ≤ 64 KiB each); divide by 1,000.
+//!   frames at the cuts the worker noted (keyed BLAKE3 over ≤ 64 KiB each); divide by 1,000.
 //! - `ledger/frame_siphash` / `ledger/frame_sha256`: one record in a frame of the second
 //!   (SipHash-2-4) and the first (SHA-256) format, as the writer made them before.
 //! - `ledger/ship_1000`: the shipper turning the batch frames of 1,000 records of its own
@@ -147,10 +147,19 @@ fn bench(c: &mut Criterion) {
     for _ in 0..1000 {
         ibex_proxy::ledger::record::put_entry(&record.borrowed(), &mut entries_in);
     }
+    let mut buffered = ibex_proxy::ledger::Buffered::default();
+    for _ in 0..1000 {
+        buffered.push(&record.borrowed());
+    }
     g.bench_function("frame_batch_1000", |b| {
         b.iter(|| {
             framed.clear();
-            segment::frame_entries(&key, black_box(&entries_in), &mut framed)
+            segment::frame_cut(
+                &key,
+                black_box(&buffered.bytes),
+                &buffered.cuts,
+                &mut framed,
+            );
         })
     });
     framed.clear();

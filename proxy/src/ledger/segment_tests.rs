@@ -167,6 +167,23 @@ fn a_frame_smuggled_in_a_model_name_is_never_read_as_a_record() {
 }
 
 #[test]
+fn the_cuts_a_worker_notes_are_the_frames_a_walk_would_make() {
+    // Records of many sizes: the worker's noted cuts frame the buffer exactly as walking it does.
+    let mut buffered = crate::ledger::Buffered::default();
+    let rs: Vec<_> = (0..3000).map(|i| record(i, &"m".repeat(i % 250))).collect();
+    for r in &rs {
+        buffered.push(&r.borrowed());
+    }
+    assert_eq!(buffered.records, 3000);
+    assert!(buffered.cuts.len() >= 5, "{} cuts", buffered.cuts.len());
+    let (mut walked, mut cut) = (Vec::new(), Vec::new());
+    assert_eq!(frame_entries(&KEY, &buffered.bytes, &mut walked), 3000);
+    frame_cut(&KEY, &buffered.bytes, &buffered.cuts, &mut cut);
+    assert_eq!(cut, walked);
+    assert_eq!(records(&scan(&KEY, &cut, 0)), rs);
+}
+
+#[test]
 fn a_batch_frame_smuggled_in_a_model_name_is_never_read() {
     // Whatever bytes a client gets into the spool (a model name is written as it came), a batch
     // frame it made cannot carry our key: placed whole between two real frames, it is skipped.

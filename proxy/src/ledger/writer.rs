@@ -1,5 +1,5 @@
 //! The spool writer thread: every [`TICK`] (50 ms, the fsync bound) it swaps out each
-//! worker's buffer, appends its records in batch frames ([`frame_entries`]) to the active
+//! worker's buffer, appends its records in batch frames ([`frame_cut`]) to the active
 //! segment and fsyncs once, and only then tells the shipper the new bytes are durable — so a
 //! killed process or a lost machine loses at most one tick's records, those still in memory. It
 //! rotates to a new segment past [`segment_max`] so shipped segments can be deleted, and keeps
@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::segment::{self, frame_entries};
+use super::segment::{self, frame_cut};
 use super::{SegmentState, Shared};
 
 /// How often the workers' buffers are written to the segment and fsynced: the bound.
@@ -65,7 +65,7 @@ pub fn spawn(shared: Arc<Shared>, first_id: u64) -> anyhow::Result<std::thread::
 }
 
 fn run(shared: &Shared, mut active: Active) {
-    let mut spare = Vec::new();
+    let mut spare = super::Buffered::default();
     // Framed bytes not yet durable, how many records they hold, and how many of them are in
     // the file already (after `active.durable`).
     let mut pending: Vec<u8> = Vec::new();
@@ -82,7 +82,8 @@ fn run(shared: &Shared, mut active: Active) {
         let mut buffered = 0u64;
         for w in &workers {
             w.take(&mut spare);
-            pending_records += frame_entries(&shared.key, &spare, &mut pending);
+            frame_cut(&shared.key, &spare.bytes, &spare.cuts, &mut pending);
+            pending_records += spare.records;
             buffered += u64::try_from(w.len()).unwrap_or(0);
         }
         let mut ok = true;
