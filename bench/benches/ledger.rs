@@ -35,8 +35,12 @@
 //! | 2026-12-02 | 2.6 µs (load 8.5: noise, see perf/RESULTS.md §12) | 1.6–2.2 µs (same) | 145–152 ns | 727–800 ns |
 //! | 2026-12-02 07:10, pinned, load 1.25 | 1.26 µs [0.60–2.22] (bimodal: buffer growth) | 651 ns | 93 ns | 366 ns |
 //!
-//! Same run: `frame_siphash` 111 ns, `frame_sha256` 227 ns, `ship_1000` 152.7 µs (0.153 µs per
-//! record).
+//! | 2026-12-02 17:32, pinned, load 0.4 | 0.99 µs [0.38–1.92] (bimodal) | 1.03 µs [0.30–2.70] (bimodal) | 49 ns | 289 ns |
+//!
+//! Same run as 07:10: `frame_siphash` 111 ns, `frame_sha256` 227 ns, `ship_1000` (then the
+//! protobuf path) 152.7 µs (0.153 µs per record). At 17:32: `frame_batch_1000` 56.3 µs,
+//! `frame_siphash` 87 ns, `ship_1000` 8.9 µs, `ship_1000_single_frames` 62.8 µs, `ship_1000_pb`
+//! 121 µs (perf/RESULTS.md §15).
 
 #![expect(
     clippy::expect_used,
