@@ -19,6 +19,8 @@
 //! a corrupted stretch) is skipped up to the next valid frame and counted once per stretch. It
 //! never yields a partial record, the same frame twice, or a record no frame held; a batch
 //! frame is taken whole or not at all (a corrupted byte loses the frame's records, ≤ 64 KiB).
+//! Inside a checked batch frame, a record that does not decode (none does, by construction) is
+//! skipped alone by the reader.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -151,17 +153,18 @@ pub enum Item<'a> {
     Skipped(usize),
 }
 
-/// The records of one batch frame, each of which decodes.
+/// The entries of one batch frame (records as the writer framed them; the reader decodes each,
+/// and one that does not decode is the reader's to skip, never the whole frame's).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchFrame<'a> {
     /// The records as entries (length + encoding), as `ShipUsage` carries them.
     pub entries: &'a [u8],
+    /// How many entries.
     pub count: u64,
-    /// The first record's start (unix ms).
-    pub first_started_at_ms: i64,
 }
 
 impl<'a> BatchFrame<'a> {
+    /// The records that decode, in order.
     pub fn records(&self) -> impl Iterator<Item = RecordRef<'a>> + 'a {
         Entries::new(self.entries).filter_map(RecordRef::decode)
     }
@@ -172,22 +175,13 @@ enum Frame<'a> {
     Batch(BatchFrame<'a>),
 }
 
-/// The entries of a batch frame's payload: all of them must decode (`check`), or only their
-/// lengths must add up (a frame this process wrote, read back from a frame boundary).
-fn batch_at(payload: &[u8], check: bool) -> Option<BatchFrame<'_>> {
+/// A batch frame's payload: at least one entry, and the entries' lengths add up to it.
+fn batch_at(payload: &[u8]) -> Option<BatchFrame<'_>> {
     let mut walk = Entries::new(payload);
-    let first = RecordRef::decode(walk.next()?)?;
-    let mut count = 1;
-    for entry in walk.by_ref() {
-        if check {
-            RecordRef::decode(entry)?;
-        }
-        count += 1;
-    }
-    walk.rest().is_empty().then_some(BatchFrame {
+    let count = walk.by_ref().count() as u64;
+    (count > 0 && walk.rest().is_empty()).then_some(BatchFrame {
         entries: payload,
         count,
-        first_started_at_ms: first.started_at_ms,
     })
 }
 
@@ -215,7 +209,7 @@ fn frame_at<'a>(key: Option<&Key>, bytes: &'a [u8]) -> Option<(Frame<'a>, usize)
         }
     }
     let frame = if batch {
-        Frame::Batch(batch_at(payload, key.is_some())?)
+        Frame::Batch(batch_at(payload)?)
     } else {
         Frame::One(RecordRef::decode(payload)?, payload)
     };

@@ -59,7 +59,7 @@ fn records(items: &[Item]) -> Vec<UsageRecord> {
         match i {
             Item::Record(r, _, _) => out.push(r.to_record()),
             Item::Batch(b, _) => {
-                assert_eq!(b.records().count() as u64, b.count);
+                assert_eq!(b.records().count() as u64, b.count, "all decode here");
                 out.extend(b.records().map(|r| r.to_record()));
             }
             Item::Skipped(_) => {}
@@ -181,6 +181,40 @@ fn the_cuts_a_worker_notes_are_the_frames_a_walk_would_make() {
     frame_cut(&KEY, &buffered.bytes, &buffered.cuts, &mut cut);
     assert_eq!(cut, walked);
     assert_eq!(records(&scan(&KEY, &cut, 0)), rs);
+}
+
+#[test]
+fn a_record_that_does_not_decode_is_skipped_alone_never_shipped() {
+    // An empty request id encodes but does not decode (authd would refuse the whole call).
+    let rs: Vec<_> = (0..5).map(|i| record(i, "m")).collect();
+    let mut entries = Vec::new();
+    for (i, r) in rs.iter().enumerate() {
+        crate::ledger::record::put_entry(&r.borrowed(), &mut entries);
+        if i == 2 {
+            let bad = UsageRecord {
+                request_id: String::new(),
+                ..record(99, "m")
+            };
+            crate::ledger::record::put_entry(&bad.borrowed(), &mut entries);
+        }
+    }
+    let mut bytes = Vec::new();
+    frame_entries(&KEY, &entries, &mut bytes);
+    for trusted in [false, true] {
+        let scan = if trusted {
+            Scan::trusted(&KEY, &bytes, 0)
+        } else {
+            Scan::new(&KEY, &bytes, 0)
+        };
+        let mut body = bytes::BytesMut::new();
+        let filled = crate::ledger::shipper::fill(scan, 0, &mut body);
+        assert_eq!((filled.records, filled.torn), (5, 1));
+        assert_eq!(filled.end, bytes.len() as u64);
+        let shipped: Vec<_> = crate::ledger::record::Entries::new(&body)
+            .map(|e| UsageRecord::decode(e).expect("every shipped entry decodes"))
+            .collect();
+        assert_eq!(shipped, rs);
+    }
 }
 
 #[test]
