@@ -516,7 +516,10 @@ mod tests {
         let back: Vec<_> = entries.by_ref().filter_map(UsageRecord::decode).collect();
         assert_eq!(back, (0..3).map(sample).collect::<Vec<_>>());
         assert!(entries.rest().is_empty());
-        for cut in [1, 4, 5, body.len() - 1] {
+        let mut one = Vec::new();
+        put_entry(&sample(2).borrowed(), &mut one);
+        let last = one.len();
+        for cut in [1, 4, 5, last - 4, last - 1] {
             let mut entries = Entries::new(&body[..body.len() - cut]);
             assert_eq!(entries.by_ref().count(), 2, "cut {cut}");
             assert!(!entries.rest().is_empty(), "cut {cut}");
