@@ -90,35 +90,32 @@ impl Record {
         let id = |field: &str, v: &str| {
             Uuid::try_parse(v).map_err(|_| format!("{field} must be a UUID"))
         };
-        let request_id = r.request_id.as_str();
-        if request_id.is_empty() || request_id.len() > 128 {
-            return Err("request_id must be 1-128 bytes".into());
-        }
-        Ok(Record {
+        Self::from_ref(&RecordRef {
+            request_id: &r.request_id,
             org_id: id("org_id", &r.org_id)?,
-            request_id: request_id.to_owned(),
             agent_id: id("agent_id", &r.agent_id)?,
             token_id: id("token_id", &r.token_id)?,
-            model: truncate(&r.model, MAX_MODEL),
-            route: truncate(&r.route, MAX_ROUTE),
-            status: i32::try_from(r.status.min(999)).unwrap_or(999),
-            prompt_tokens: clamp_i64(r.prompt_tokens),
-            completion_tokens: clamp_i64(r.completion_tokens),
-            total_tokens: clamp_i64(r.total_tokens),
-            cache_read_tokens: clamp_i64(r.cache_read_tokens),
-            cache_creation_tokens: clamp_i64(r.cache_creation_tokens),
-            usage_source: usage_source_name(r.usage_source),
+            model: &r.model,
+            route: &r.route,
+            status: u16::try_from(r.status.min(999)).unwrap_or(999),
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            total_tokens: r.total_tokens,
+            cache_read_tokens: r.cache_read_tokens,
+            cache_creation_tokens: r.cache_creation_tokens,
+            estimated: usage_source_name(r.usage_source) == "estimated",
             streamed: r.streamed,
-            started_at_ms: r.started_at_unix_ms.max(0),
-            duration_ms: clamp_i64(r.duration_ms),
-            cost_usd: r.cost_usd.and_then(cost_text),
-            provider: (!r.provider.is_empty()).then(|| truncate(&r.provider, MAX_PROVIDER)),
-            attempts: (r.attempts > 0).then(|| i32::try_from(r.attempts).unwrap_or(i32::MAX)),
+            started_at_ms: r.started_at_unix_ms,
+            duration_ms: r.duration_ms,
+            cost_usd: r.cost_usd,
+            provider: &r.provider,
+            attempts: r.attempts,
         })
     }
 
-    /// [`Record::from_pb`] for a record in the compact encoding (`ShipUsage`): the same
-    /// checks and clamps (its strings are already within their maxima, its ids UUIDs).
+    /// A record in the compact encoding (`ShipUsage`; [`Record::from_pb`] comes here with its
+    /// ids parsed): the request id must be 1–128 bytes; strings are cut to their maxima,
+    /// numbers clamped to what Postgres holds.
     pub fn from_ref(r: &RecordRef<'_>) -> Result<Self, String> {
         if r.request_id.is_empty() || r.request_id.len() > 128 {
             return Err("request_id must be 1-128 bytes".into());

@@ -117,7 +117,7 @@ impl Buffered {
         let at = self.bytes.len();
         record::put_entry(record, &mut self.bytes);
         let start = self.cuts.last().copied().unwrap_or(0);
-        if self.bytes.len() - start > segment::MAX_PAYLOAD && at > start {
+        if segment::starts_frame(start, at, self.bytes.len()) {
             self.cuts.push(at);
         }
         self.records += 1;

@@ -80,22 +80,24 @@ fn check_sha256(key: &Key, len: [u8; 4], payload: &[u8]) -> [u8; 8] {
 /// (never made by `put_entry`) is left out.
 pub fn frame_entries(key: &Key, entries: &[u8], out: &mut Vec<u8>) -> u64 {
     let mut records = 0;
-    let mut start = 0;
+    let mut cuts = Vec::new();
     let mut end = 0;
-    let mut walk = Entries::new(entries);
-    for entry in walk.by_ref() {
-        let next = end + 4 + entry.len();
-        if next - start > MAX_PAYLOAD && end > start {
-            frame_as(MAGIC_BATCH, check_batch, key, &entries[start..end], out);
-            start = end;
+    for entry in Entries::new(entries) {
+        let start = cuts.last().copied().unwrap_or(0);
+        if starts_frame(start, end, end + 4 + entry.len()) {
+            cuts.push(end);
         }
-        end = next;
+        end += 4 + entry.len();
         records += 1;
     }
-    if end > start {
-        frame_as(MAGIC_BATCH, check_batch, key, &entries[start..end], out);
-    }
+    frame_cut(key, &entries[..end], &cuts, out);
     records
+}
+
+/// Whether the entry at `[at, end)` must start a new batch frame, the current one starting at
+/// `frame_start`: it would take that frame past [`MAX_PAYLOAD`] (and the frame holds another).
+pub fn starts_frame(frame_start: usize, at: usize, end: usize) -> bool {
+    end - frame_start > MAX_PAYLOAD && at > frame_start
 }
 
 /// [`frame_entries`] for entries whose frame boundaries are known (`cuts`: where each frame

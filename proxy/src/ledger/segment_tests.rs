@@ -68,6 +68,26 @@ fn records(items: &[Item]) -> Vec<UsageRecord> {
     out
 }
 
+/// Flips the bytes `flips` names and zeroes the run `zero_run` names (indexes into `bytes`).
+fn corrupt(
+    bytes: &mut [u8],
+    flips: &[(prop::sample::Index, u8)],
+    zero_run: Option<(prop::sample::Index, usize)>,
+) {
+    if bytes.is_empty() {
+        return;
+    }
+    for (at, x) in flips {
+        let at = at.index(bytes.len());
+        bytes[at] ^= x;
+    }
+    if let Some((at, len)) = zero_run {
+        let at = at.index(bytes.len());
+        let end = (at + len).min(bytes.len());
+        bytes[at..end].fill(0);
+    }
+}
+
 fn end(item: &Item) -> usize {
     match item {
         Item::Record(_, _, e) | Item::Batch(_, e) | Item::Skipped(e) => *e,
@@ -295,17 +315,7 @@ proptest! {
         let mut bytes = batched(&rs, per);
         let cut = cut.index(bytes.len() + 1);
         bytes.truncate(cut);
-        if !bytes.is_empty() {
-            for (at, x) in &flips {
-                let at = at.index(bytes.len());
-                bytes[at] ^= x;
-            }
-            if let Some((at, len)) = zero_run {
-                let at = at.index(bytes.len());
-                let end = (at + len).min(bytes.len());
-                bytes[at..end].fill(0);
-            }
-        }
+        corrupt(&mut bytes, &flips, zero_run);
         let items = scan(&KEY, &bytes, 0);
         let got = records(&items);
         // In order and each at most once: `got` is a subsequence of `rs`.
@@ -338,15 +348,7 @@ proptest! {
     ) {
         let rs: Vec<_> = (0..n).map(|i| record(i, &format!("model-{}", i % 3))).collect();
         let mut bytes = batched(&rs, per);
-        for (at, x) in &flips {
-            let at = at.index(bytes.len());
-            bytes[at] ^= x;
-        }
-        if let Some((at, len)) = zero_run {
-            let at = at.index(bytes.len());
-            let end = (at + len).min(bytes.len());
-            bytes[at..end].fill(0);
-        }
+        corrupt(&mut bytes, &flips, zero_run);
         let whole = records(&scan(&KEY, &bytes, 0));
         let mut pieces = Vec::new();
         let mut offset = 0;
