@@ -91,7 +91,7 @@ impl Record {
             Uuid::try_parse(v).map_err(|_| format!("{field} must be a UUID"))
         };
         Self::from_ref(&RecordRef {
-            request_id: &r.request_id,
+            request_id: r.request_id.as_str().into(),
             org_id: id("org_id", &r.org_id)?,
             agent_id: id("agent_id", &r.agent_id)?,
             token_id: id("token_id", &r.token_id)?,
@@ -122,7 +122,7 @@ impl Record {
         }
         Ok(Record {
             org_id: r.org_id,
-            request_id: r.request_id.to_owned(),
+            request_id: r.request_id.to_string(),
             agent_id: r.agent_id,
             token_id: r.token_id,
             model: truncate(r.model, MAX_MODEL),

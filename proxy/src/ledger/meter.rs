@@ -219,7 +219,7 @@ impl Pending {
             }
         };
         let mut r = RecordRef {
-            request_id: self.request_id.as_str(),
+            request_id: self.request_id.as_str().into(),
             org_id: self.org,
             agent_id: self.agent,
             token_id: self.token,

@@ -9,9 +9,10 @@
 //! `ShipUsage` body, [`ibex_proto::usage::Entries`]): nothing is decoded, re-encoded or
 //! allocated per record, and a retry resends the same bytes. It reads at most
 //! [`READ_CAP`] bytes of a segment per batch. An authd older than `ShipUsage` answers
-//! UNIMPLEMENTED: the same batch then goes as a `RecordUsage` (protobuf records,
-//! [`RecordRef::encode_pb`](super::record::RecordRef::encode_pb)) and `ShipUsage` is tried
-//! again a minute later.
+//! UNIMPLEMENTED, and one older than the version 2 record encoding INVALID_ARGUMENT (every
+//! record sent decoded here first): the same batch then goes as a `RecordUsage` (protobuf
+//! records, [`RecordRef::encode_pb`](super::record::RecordRef::encode_pb)) and `ShipUsage` is
+//! tried again a minute later.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -37,11 +38,12 @@ const IDLE: Duration = Duration::from_millis(50);
 /// wake-ups, whatever its size), for records reaching Postgres ≤ this much later.
 pub const SHIP_EVERY: Duration = Duration::from_millis(250);
 /// Spool bytes of about [`MAX_BATCH`] records: that much ready ships at once.
-const FULL_BATCH_BYTES: u64 = MAX_BATCH as u64 * 200;
-/// Most bytes read from a segment for one batch: [`MAX_BATCH`] typical records (199 bytes,
+const FULL_BATCH_BYTES: u64 = MAX_BATCH as u64 * 113;
+/// Most bytes read from a segment for one batch: [`MAX_BATCH`] typical records (113 bytes,
 /// perf/RESULTS.md) with room to spare; a read never copies much more than a batch needs.
-pub const READ_CAP: u64 = MAX_BATCH as u64 * 256;
-/// How long to keep to `RecordUsage` after an authd answered `ShipUsage` UNIMPLEMENTED.
+pub const READ_CAP: u64 = MAX_BATCH as u64 * 160;
+/// How long to keep to `RecordUsage` after an authd answered `ShipUsage` UNIMPLEMENTED or
+/// INVALID_ARGUMENT.
 const LEGACY_FOR: Duration = Duration::from_secs(60);
 
 /// One call's records: their entries (length + compact encoding, back to back) and how many.
@@ -200,6 +202,12 @@ impl Sink for AuthdSink {
             {
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
                     tracing::warn!("authd has no ShipUsage (older than this proxy); shipping usage with RecordUsage");
+                    self.legacy_until = Some(tokio::time::Instant::now() + LEGACY_FOR);
+                }
+                // Every record in a batch decoded here (`fill`): an authd that cannot read one
+                // is older than its encoding (version 2 came after `ShipUsage`).
+                Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                    tracing::warn!(error = %status.message(), "authd refused this proxy's usage records (older than this proxy?); shipping usage with RecordUsage");
                     self.legacy_until = Some(tokio::time::Instant::now() + LEGACY_FOR);
                 }
                 other => return other.map_err(|s| format!("{:?}: {}", s.code(), s.message())),

@@ -325,11 +325,44 @@ fn a_segment_larger_than_one_read_ships_every_record_once() {
 }
 
 /// authd before `ShipUsage`: only `RecordUsage`; any other method UNIMPLEMENTED, as tonic
-/// answers a method it does not know.
+/// answers a method it does not know. With `v1_only`, an authd between the two: `ShipUsage`
+/// that reads only version 1 records and refuses a call holding any other (INVALID_ARGUMENT,
+/// as its `ship_usage` did).
 #[derive(Clone, Default)]
 struct OldAuthd {
     got: Arc<Mutex<Vec<pb::UsageRecord>>>,
     others: Arc<std::sync::atomic::AtomicUsize>,
+    v1_only: bool,
+}
+
+struct V1ShipUsage(OldAuthd);
+
+impl tonic::server::UnaryService<pb::ShipUsageRequest> for V1ShipUsage {
+    type Response = pb::RecordUsageResponse;
+    type Future = tonic::codegen::BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<pb::ShipUsageRequest>) -> Self::Future {
+        let got = self.0.got.clone();
+        Box::pin(async move {
+            let body = request.into_inner();
+            let mut records = Vec::new();
+            for (i, entry) in ibex_proto::usage::Entries::new(&body.records).enumerate() {
+                if entry.first() != Some(&1) {
+                    return Err(tonic::Status::invalid_argument(format!(
+                        "record {i} does not decode"
+                    )));
+                }
+                let r = UsageRecord::decode(entry).expect("a v1 record");
+                records.push(r.to_pb());
+            }
+            let stored = u32::try_from(records.len()).unwrap_or(u32::MAX);
+            got.lock().expect("lock").extend(records);
+            Ok(tonic::Response::new(pb::RecordUsageResponse {
+                stored,
+                duplicates: 0,
+            }))
+        })
+    }
 }
 
 impl tonic::server::NamedService for OldAuthd {
@@ -380,6 +413,10 @@ where
                 return Ok(grpc.unary(OldRecordUsage(me), req).await);
             }
             me.others.fetch_add(1, Ordering::SeqCst);
+            if me.v1_only && req.uri().path() == "/ibex.auth.v1.AuthService/ShipUsage" {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                return Ok(grpc.unary(V1ShipUsage(me), req).await);
+            }
             Ok(tonic::Status::unimplemented("").into_http())
         })
     }
@@ -387,12 +424,25 @@ where
 
 #[test]
 fn an_authd_without_ship_usage_gets_record_usage_and_nothing_is_lost() {
+    falls_back_to_record_usage(OldAuthd::default());
+}
+
+/// An authd that has `ShipUsage` but reads only version 1 records refuses this proxy's calls;
+/// the shipper then sends the same records by `RecordUsage`, request ids as the text they were.
+#[test]
+fn an_authd_that_reads_only_version_1_records_gets_record_usage_and_nothing_is_lost() {
+    falls_back_to_record_usage(OldAuthd {
+        v1_only: true,
+        ..OldAuthd::default()
+    });
+}
+
+fn falls_back_to_record_usage(old: OldAuthd) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    let old = OldAuthd::default();
     let incoming = rt
         .block_on(async {
             tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().expect("addr"))
@@ -415,8 +465,16 @@ fn an_authd_without_ship_usage_gets_record_usage_and_nothing_is_lost() {
         .ship(shipper::AuthdSink::new(vec![endpoint], Vec::new()).expect("sink"))
         .expect("ship");
     let r = ledger.recorder();
+    // Half the ids are UUIDs, which the spool holds as 16 bytes.
+    let id = |i: usize| match i % 2 {
+        0 => format!("r-{i}"),
+        _ => Uuid::from_u128(0xabc << 64 | i as u128).to_string(),
+    };
     for i in 0..300 {
-        r.record(&rec(i));
+        r.record(&UsageRecord {
+            request_id: id(i),
+            ..rec(i)
+        });
     }
     let ids = |got: &Mutex<Vec<pb::UsageRecord>>| {
         let mut ids: Vec<_> = got
@@ -429,7 +487,7 @@ fn an_authd_without_ship_usage_gets_record_usage_and_nothing_is_lost() {
         ids
     };
     poll("shipped to the old authd", || ids(&old.got).len() >= 300);
-    let mut want: Vec<_> = (0..300).map(|i| format!("r-{i}")).collect();
+    let mut want: Vec<_> = (0..300).map(id).collect();
     want.sort();
     assert_eq!(ids(&old.got), want, "every record once, by RecordUsage");
     assert!(
