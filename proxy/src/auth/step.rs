@@ -187,10 +187,13 @@ impl<B: AuthBackend> Authenticator<B> {
         }
     }
 
-    /// Expiry is re-checked on every use, cached or fresh.
-    fn grant(&self, token: ValidToken, now: Instant) -> Result<TokenGrant, ApiError> {
+    /// Expiry is re-checked on every use, cached or fresh, against the wall clock itself: the
+    /// time derived from the request's monotonic instant ([`Clock::unix_ms_at`]) can trail the
+    /// wall clock authd's expiry is in (millisecond flooring, and the two clocks drift apart
+    /// over a process's life), and a token must not be admitted for as long as it trails.
+    fn grant(&self, token: ValidToken, _now: Instant) -> Result<TokenGrant, ApiError> {
         match token.expires_at_ms {
-            Some(exp) if self.core.clock.unix_ms_at(now) >= exp => Err(ApiError::TokenExpired),
+            Some(exp) if self.core.clock.unix_ms() >= exp => Err(ApiError::TokenExpired),
             _ => Ok(TokenGrant { token }),
         }
     }
