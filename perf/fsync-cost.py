@@ -7,7 +7,7 @@
 # leave out the fdatasync. The file lives in DIR (default /tmp) and is removed afterwards.
 #
 #   python3 perf/fsync-cost.py append 60 28000
-#   python3 perf/fsync-cost.py prezero 60 28000
+#   python3 perf/fsync-cost.py prezero 60 28000 /var/lib/ibex   # MODE N SIZE [DIR]
 import os, sys, time
 
 mode = sys.argv[1]; n = int(sys.argv[2]); size = int(sys.argv[3])
