@@ -3,7 +3,8 @@
 # thread's CPU time (thread_time_ns) for one write() of SIZE bytes and one fdatasync(), N ticks
 # 50 ms apart, as the writer does (perf/RESULTS.md §15.1). MODE is "append" (a fresh file grown
 # by each write, as the spool does), "prezero" (a file written with zeros and fsynced first,
-# then overwritten in place — what recycling segments would give), either with "-nosync" to
+# then overwritten in place — what recycling segments would give) or "fallocate" (the file's
+# blocks reserved with posix_fallocate first, then written in place), each with "-nosync" to
 # leave out the fdatasync. The file lives in DIR (default /tmp) and is removed afterwards.
 #
 #   python3 perf/fsync-cost.py append 60 28000
@@ -17,8 +18,10 @@ if os.path.exists(path): os.unlink(path)
 fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
 if mode.startswith("prezero"):
     os.write(fd, b"\0" * (n * size + 4096)); os.fsync(fd); os.lseek(fd, 0, 0)
+elif mode.startswith("fallocate"):
+    os.posix_fallocate(fd, 0, n * size + 4096); os.fsync(fd)
 tw = ts = 0
-for i in range(n):
+for _ in range(n):
     a = time.thread_time_ns()
     os.write(fd, buf)
     b = time.thread_time_ns()
