@@ -96,6 +96,15 @@ fn bench(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("ledger");
     g.bench_function("record", |b| b.iter(|| recorder.record(black_box(&record))));
+    // The encoding alone (a UUID request id, as the proxy's own ids are), into a reused buffer.
+    let mut encoded = Vec::with_capacity(512);
+    g.bench_function("encode", |b| {
+        b.iter(|| {
+            encoded.clear();
+            black_box(&record).borrowed().encode(&mut encoded);
+            encoded.len()
+        })
+    });
 
     let prices =
         Prices::parse(r#"{"gpt-4o-mini": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}"#)
@@ -198,17 +207,25 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             entries.clear();
             let scan = segment::Scan::trusted(&key, black_box(&framed), 0);
-            shipper::fill(scan, 0, &mut entries).records
+            shipper::fill(scan, 0, &mut entries, true).records
         })
     });
-    // ShipUsage from the writer's batch frames: a frame's payload copied as it is.
+    // ShipUsage from the writer's batch frames of a previous process: each record decoded.
     framed.clear();
     segment::frame_entries(&key, &entries_in, &mut framed);
+    g.bench_function("ship_1000_checked", |b| {
+        b.iter(|| {
+            entries.clear();
+            let scan = segment::Scan::new(&key, black_box(&framed), 0);
+            shipper::fill(scan, 0, &mut entries, true).records
+        })
+    });
+    // … and of this process: a frame's payload copied as it is.
     g.bench_function("ship_1000", |b| {
         b.iter(|| {
             entries.clear();
             let scan = segment::Scan::trusted(&key, black_box(&framed), 0);
-            shipper::fill(scan, 0, &mut entries).records
+            shipper::fill(scan, 0, &mut entries, false).records
         })
     });
     g.finish();

@@ -92,36 +92,37 @@ pub fn clip(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Each byte's value as a lowercase hex digit; `0xFF` for any other byte.
+static HEX: [u8; 256] = {
+    let mut t = [0xFF; 256];
+    let mut i = 0;
+    while i < 16 {
+        t[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Where the two hex digits of each of a UUID's 16 bytes start in its hyphenated form.
+const HEX_AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+
 /// The UUID whose lowercase hyphenated form is exactly `s` (so it gives `s` back), or `None`.
+/// (Every record the proxy makes takes this path with its own request id: a table look-up per
+/// digit and one test at the end, no branch per character.)
 fn canonical_uuid(s: &str) -> Option<Uuid> {
-    let b = s.as_bytes();
-    if b.len() != uuid::fmt::Hyphenated::LENGTH {
+    let b: &[u8; uuid::fmt::Hyphenated::LENGTH] = s.as_bytes().try_into().ok()?;
+    if [b[8], b[13], b[18], b[23]] != [b'-'; 4] {
         return None;
     }
     let mut out = [0u8; 16];
-    let mut n = 0;
-    let mut high = None;
-    for (i, &c) in b.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if c != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let v = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => c - b'a' + 10,
-            _ => return None,
-        };
-        match high.take() {
-            None => high = Some(v),
-            Some(h) => {
-                out[n] = h << 4 | v;
-                n += 1;
-            }
-        }
+    let mut bad = 0u8;
+    for (o, &at) in out.iter_mut().zip(&HEX_AT) {
+        let (high, low) = (HEX[usize::from(b[at])], HEX[usize::from(b[at + 1])]);
+        bad |= high | low;
+        *o = high << 4 | low;
     }
-    Some(Uuid::from_bytes(out))
+    // A digit that was none has its high bits set.
+    (bad < 16).then(|| Uuid::from_bytes(out))
 }
 
 /// A record's request id: borrowed text, or a UUID (what version 2 decodes the proxy's own ids
@@ -819,6 +820,26 @@ mod tests {
             let mut v2 = Vec::new();
             r.encode(&mut v2);
             assert!(v2.len() < v1.len(), "{} < {}", v2.len(), v1.len());
+        }
+    }
+
+    proptest::proptest! {
+        /// A request id is taken as a UUID exactly when it is one's lowercase hyphenated form
+        /// (which it then gives back), whatever else it is: uppercase, simple, hex and hyphens
+        /// in the wrong places, a digit replaced by any other byte.
+        #[test]
+        fn only_a_canonical_id_is_taken_as_a_uuid(
+            id in request_ids(),
+            n in proptest::prelude::any::<u128>(),
+            at in 0usize..36, byte in proptest::prelude::any::<u8>(),
+        ) {
+            let canonical = |s: &str| Uuid::try_parse(s).is_ok_and(|u| u.to_string() == s);
+            proptest::prop_assert_eq!(canonical_uuid(&id).map(|u| u.to_string()), canonical(&id).then(|| id.clone()));
+            let mut one = Uuid::from_u128(n).to_string().into_bytes();
+            one[at] = byte;
+            if let Ok(one) = std::str::from_utf8(&one) {
+                proptest::prop_assert_eq!(canonical_uuid(one).map(|u| u.to_string()), canonical(one).then(|| one.to_owned()));
+            }
         }
     }
 

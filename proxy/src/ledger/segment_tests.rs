@@ -227,7 +227,7 @@ fn a_record_that_does_not_decode_is_skipped_alone_never_shipped() {
             Scan::new(&KEY, &bytes, 0)
         };
         let mut body = bytes::BytesMut::new();
-        let filled = crate::ledger::shipper::fill(scan, 0, &mut body);
+        let filled = crate::ledger::shipper::fill(scan, 0, &mut body, true);
         assert_eq!((filled.records, filled.torn), (5, 1));
         assert_eq!(filled.end, bytes.len() as u64);
         let shipped: Vec<_> = crate::ledger::record::Entries::new(&body)
@@ -235,6 +235,13 @@ fn a_record_that_does_not_decode_is_skipped_alone_never_shipped() {
             .collect();
         assert_eq!(shipped, rs);
     }
+    // Unchecked (this process's own frames), the frame goes whole, the bad record in it: what
+    // authd then refuses, and the shipper sends again checked (ledger/tests.rs).
+    let mut body = bytes::BytesMut::new();
+    let filled = crate::ledger::shipper::fill(Scan::trusted(&KEY, &bytes, 0), 0, &mut body, false);
+    assert_eq!((filled.records, filled.torn), (6, 0));
+    assert_eq!(filled.end, bytes.len() as u64);
+    assert_eq!(&body[..], &entries[..], "the frame's payload as it is");
 }
 
 #[test]

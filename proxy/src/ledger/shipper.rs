@@ -6,13 +6,17 @@
 //! runtime, far from the request path.
 //!
 //! A batch is the spool's record encodings copied as they are, each after its length (the
-//! `ShipUsage` body, [`ibex_proto::usage::Entries`]): nothing is decoded, re-encoded or
-//! allocated per record, and a retry resends the same bytes. It reads at most
-//! [`READ_CAP`] bytes of a segment per batch. An authd older than `ShipUsage` answers
-//! UNIMPLEMENTED, and one older than the version 2 record encoding INVALID_ARGUMENT (every
-//! record sent decoded here first): the same batch then goes as a `RecordUsage` (protobuf
-//! records, [`RecordRef::encode_pb`](super::record::RecordRef::encode_pb)) and `ShipUsage` is
-//! tried again a minute later.
+//! `ShipUsage` body, [`ibex_proto::usage::Entries`]): nothing is re-encoded or allocated per
+//! record, and a retry resends the same bytes. It reads at most [`READ_CAP`] bytes of a segment
+//! per batch. Records of a previous process's segment are each decoded before they are sent (one
+//! that does not decode is skipped and counted, so authd never refuses a call for it); this
+//! process's own batch frames go whole, their records made by this process's encoder — should
+//! authd refuse such a batch (INVALID_ARGUMENT), it is rebuilt with every record decoded and sent
+//! again ([`SendError::Refused`]). An authd older than `ShipUsage` answers UNIMPLEMENTED, and
+//! one older than the version 2 record encoding INVALID_ARGUMENT to a batch whose every record
+//! decoded here: the same batch then goes as a `RecordUsage` (protobuf records,
+//! [`RecordRef::encode_pb`](super::record::RecordRef::encode_pb)) and `ShipUsage` is tried
+//! again a minute later.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -51,6 +55,8 @@ const LEGACY_FOR: Duration = Duration::from_secs(60);
 pub struct Batch {
     pub entries: Bytes,
     pub records: u64,
+    /// Every record was decoded here before it was put in (so authd can refuse none of them).
+    pub checked: bool,
 }
 
 impl Batch {
@@ -64,32 +70,58 @@ impl Batch {
         head.freeze()
     }
 
-    /// The same records as a `RecordUsageRequest` body (for an authd without `ShipUsage`).
-    pub fn record_usage_body(&self) -> Bytes {
+    /// The same records as a `RecordUsageRequest` body (for an authd without `ShipUsage`), and
+    /// how many did not decode and were left out (none in a [`Batch::checked`] one).
+    pub fn record_usage_body(&self) -> (Bytes, u64) {
         let mut body = BytesMut::with_capacity(self.entries.len() * 3 / 2);
         let mut one = Vec::with_capacity(512);
+        let mut bad = 0;
         for entry in Entries::new(&self.entries) {
-            if let Some(r) = RecordRef::decode(entry) {
-                one.clear();
-                r.encode_pb(&mut one);
-                encode_key(1, WireType::LengthDelimited, &mut body);
-                encode_varint(one.len() as u64, &mut body);
-                body.extend_from_slice(&one);
+            match RecordRef::decode(entry) {
+                Some(r) => {
+                    one.clear();
+                    r.encode_pb(&mut one);
+                    encode_key(1, WireType::LengthDelimited, &mut body);
+                    encode_varint(one.len() as u64, &mut body);
+                    body.extend_from_slice(&one);
+                }
+                None => bad += 1,
             }
         }
-        body.freeze()
+        (body.freeze(), bad)
     }
 
-    /// The records it holds, as a `RecordUsageRequest` (tests and sinks that look inside).
-    pub fn decode(&self) -> Result<pb::RecordUsageRequest, prost::DecodeError> {
-        prost::Message::decode(self.record_usage_body())
+    /// The records it holds, as a `RecordUsageRequest` (tests and sinks that look inside), and
+    /// how many did not decode.
+    pub fn decode(&self) -> Result<(pb::RecordUsageRequest, u64), prost::DecodeError> {
+        let (body, bad) = self.record_usage_body();
+        Ok((prost::Message::decode(body)?, bad))
     }
 }
 
 /// Where batches go: authd's `ShipUsage` in production ([`AuthdSink`]).
 pub trait Sink {
     /// `Ok` only once every record is committed (stored now or before).
-    fn send(&mut self, batch: &Batch) -> impl Future<Output = Result<(), String>>;
+    fn send(&mut self, batch: &Batch) -> impl Future<Output = Result<(), SendError>>;
+}
+
+/// Why a batch is not committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    /// authd refused a batch whose records were not each decoded here (INVALID_ARGUMENT): the
+    /// shipper rebuilds it with every record decoded, skipping any that does not.
+    Refused(String),
+    /// Anything else (authd down, Postgres stalled, …): the same batch is sent again.
+    Failed(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Refused(e) => write!(f, "refused: {e}"),
+            SendError::Failed(e) => f.write_str(e),
+        }
+    }
 }
 
 const SHIP_USAGE: &str = "/ibex.auth.v1.AuthService/ShipUsage";
@@ -191,7 +223,9 @@ impl AuthdSink {
 }
 
 impl Sink for AuthdSink {
-    async fn send(&mut self, batch: &Batch) -> Result<(), String> {
+    async fn send(&mut self, batch: &Batch) -> Result<(), SendError> {
+        let failed =
+            |s: tonic::Status| SendError::Failed(format!("{:?}: {}", s.code(), s.message()));
         let legacy = self
             .legacy_until
             .is_some_and(|t| tokio::time::Instant::now() < t);
@@ -204,18 +238,27 @@ impl Sink for AuthdSink {
                     tracing::warn!("authd has no ShipUsage (older than this proxy); shipping usage with RecordUsage");
                     self.legacy_until = Some(tokio::time::Instant::now() + LEGACY_FOR);
                 }
-                // Every record in a batch decoded here (`fill`): an authd that cannot read one
+                // A batch of this process's frames, sent unchecked: check it first.
+                Err(status) if status.code() == tonic::Code::InvalidArgument && !batch.checked => {
+                    return Err(SendError::Refused(status.message().to_owned()));
+                }
+                // Every record in the batch decoded here (`fill`): an authd that cannot read one
                 // is older than its encoding (version 2 came after `ShipUsage`).
                 Err(status) if status.code() == tonic::Code::InvalidArgument => {
                     tracing::warn!(error = %status.message(), "authd refused this proxy's usage records (older than this proxy?); shipping usage with RecordUsage");
                     self.legacy_until = Some(tokio::time::Instant::now() + LEGACY_FOR);
                 }
-                other => return other.map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+                other => return other.map_err(failed),
             }
         }
-        self.call(RECORD_USAGE, [batch.record_usage_body(), Bytes::new()])
+        let (body, bad) = batch.record_usage_body();
+        if bad > 0 {
+            // Only an unchecked batch has such records: never leave one out uncounted.
+            return Err(SendError::Refused(format!("{bad} records do not decode")));
+        }
+        self.call(RECORD_USAGE, [body, Bytes::new()])
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+            .map_err(failed)
     }
 }
 
@@ -319,30 +362,42 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
             }
         };
         let base = usize::try_from(offset).unwrap_or(usize::MAX);
-        body.reserve(bytes.len());
-        let mut scan = if state.ours {
-            segment::Scan::trusted(&shared.key, &bytes, base)
-        } else {
-            segment::Scan::new(&shared.key, &bytes, base)
-        };
-        if short {
-            scan = scan.read_short();
-        }
-        let Filled {
-            records: n,
-            oldest,
-            end,
-            torn,
-        } = fill(scan, offset, &mut body);
-        if torn > 0 {
-            tracing::warn!(
-                segment = id,
-                stretches = torn,
-                "usage spool: skipped torn or corrupted frames"
-            );
-            shared.stats.torn_skipped.fetch_add(torn, Ordering::Relaxed);
-        }
-        if let Some(oldest) = oldest {
+        // This process's frames go whole; a previous process's records are decoded one by one,
+        // and so are this process's once authd refused a batch of them.
+        let mut check = !state.ours;
+        let mut counted = 0;
+        let end = loop {
+            body.reserve(bytes.len());
+            let mut scan = if state.ours {
+                segment::Scan::trusted(&shared.key, &bytes, base)
+            } else {
+                segment::Scan::new(&shared.key, &bytes, base)
+            };
+            if short {
+                scan = scan.read_short();
+            }
+            let Filled {
+                records: n,
+                oldest,
+                end,
+                torn,
+            } = fill(scan, offset, &mut body, check);
+            // (A second pass over the same bytes finds what the first did, and more.)
+            if torn > counted {
+                tracing::warn!(
+                    segment = id,
+                    stretches = torn - counted,
+                    "usage spool: skipped torn or corrupted frames"
+                );
+                shared
+                    .stats
+                    .torn_skipped
+                    .fetch_add(torn - counted, Ordering::Relaxed);
+                counted = torn;
+            }
+            let Some(oldest) = oldest else {
+                break end;
+            };
             let oldest = u64::try_from(oldest).unwrap_or(0).max(1);
             shared
                 .stats
@@ -351,12 +406,17 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
             let batch = Batch {
                 entries: body.split().freeze(),
                 records: n,
+                checked: check,
             };
             let mut backoff = Duration::from_millis(50);
             last_call = Some(tokio::time::Instant::now());
-            loop {
+            let sent = loop {
                 match sink.send(&batch).await {
-                    Ok(()) => break,
+                    Ok(()) => break true,
+                    Err(SendError::Refused(err)) if !batch.checked => {
+                        tracing::warn!(segment = id, error = %err, "authd refused a batch of usage records; checking each record and sending again");
+                        break false;
+                    }
                     Err(err) => {
                         shared.stats.ship_errors.fetch_add(1, Ordering::Relaxed);
                         let now = now_ms();
@@ -374,9 +434,13 @@ pub async fn run<S: Sink>(shared: Arc<Shared>, mut sink: S) {
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
+            };
+            if sent {
+                shared.stats.shipped.fetch_add(n, Ordering::Relaxed);
+                break end;
             }
-            shared.stats.shipped.fetch_add(n, Ordering::Relaxed);
-        }
+            check = true;
+        };
         cursor = Some((id, end));
     }
 }
@@ -393,10 +457,12 @@ pub struct Filled {
 }
 
 /// Appends the entries of up to [`MAX_BATCH`] records from `scan` to `entries` (the spool's
-/// encodings copied as they are, each after its length; each decoded once, so authd never gets
-/// one it would refuse).
+/// encodings copied as they are, each after its length). `check`: decode each record once and
+/// leave out (and count) one that does not, so authd never gets one it would refuse; without it
+/// a batch frame's payload goes whole, its first record decoded for its time (for this
+/// process's own frames: their records came from this process's encoder).
 /// `from`: the scan's start offset.
-pub fn fill(scan: segment::Scan<'_, '_>, from: u64, entries: &mut BytesMut) -> Filled {
+pub fn fill(scan: segment::Scan<'_, '_>, from: u64, entries: &mut BytesMut, check: bool) -> Filled {
     let mut filled = Filled {
         records: 0,
         oldest: None,
@@ -420,10 +486,15 @@ pub fn fill(scan: segment::Scan<'_, '_>, from: u64, entries: &mut BytesMut) -> F
                 if filled.records + b.count > MAX_BATCH as u64 {
                     break;
                 }
+                filled.end = e as u64;
+                let first = Entries::new(b.entries).next().and_then(RecordRef::decode);
+                if let (false, Some(first)) = (check, first) {
+                    filled.oldest.get_or_insert(first.started_at_ms);
+                    entries.extend_from_slice(b.entries);
+                    filled.records += b.count;
+                    continue;
+                }
                 for entry in Entries::new(b.entries) {
-                    // authd refuses a whole call with one record that does not decode: such a
-                    // record (none is, by construction) is skipped and counted, never sent, so
-                    // it cannot hold back the others.
                     match RecordRef::decode(entry) {
                         Some(r) => {
                             filled.oldest.get_or_insert(r.started_at_ms);
@@ -434,7 +505,6 @@ pub fn fill(scan: segment::Scan<'_, '_>, from: u64, entries: &mut BytesMut) -> F
                         None => filled.torn += 1,
                     }
                 }
-                filled.end = e as u64;
             }
             Item::Skipped(e) => {
                 filled.torn += 1;

@@ -9,21 +9,34 @@ use std::time::{Duration, Instant};
 use ibex_proto::pb;
 use uuid::Uuid;
 
-use super::shipper::{Batch, Sink};
+use super::shipper::{Batch, SendError, Sink};
 use super::*;
 
 #[derive(Clone, Default)]
 struct Memory {
     got: Arc<Mutex<Vec<pb::UsageRecord>>>,
     stalled: Arc<AtomicBool>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Like authd: refuses a whole batch holding a record that does not decode.
 impl Sink for Memory {
-    async fn send(&mut self, batch: &Batch) -> Result<(), String> {
+    async fn send(&mut self, batch: &Batch) -> Result<(), SendError> {
         if self.stalled.load(Ordering::SeqCst) {
-            return Err("stalled".into());
+            return Err(SendError::Failed("stalled".into()));
         }
-        let records = batch.decode().map_err(|e| e.to_string())?.records;
+        let (request, bad) = batch
+            .decode()
+            .map_err(|e| SendError::Failed(e.to_string()))?;
+        if bad > 0 {
+            assert!(
+                !batch.checked,
+                "a checked batch holds only records that decode"
+            );
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(SendError::Refused(format!("{bad} records do not decode")));
+        }
+        let records = request.records;
         assert_eq!(records.len() as u64, batch.records, "the batch's count");
         self.got.lock().expect("lock").extend(records);
         Ok(())
@@ -99,6 +112,51 @@ fn every_record_is_shipped_once_and_shipped_segments_are_deleted() {
     assert_eq!(stats.spooled.load(Ordering::Relaxed), n as u64);
     assert_eq!(stats.shipped.load(Ordering::Relaxed), n as u64);
     assert_eq!(stats.torn_skipped.load(Ordering::Relaxed), 0);
+    ledger.shutdown();
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
+
+/// This process's frames are shipped without decoding each record. Should one ever hold a
+/// record authd cannot read (an empty request id encodes but does not decode; no request makes
+/// one), authd refuses the batch, and the shipper sends it again with each record checked: the
+/// bad record is left out and counted, every other arrives once, shipping goes on.
+#[test]
+fn a_batch_authd_refuses_is_sent_again_checked_and_only_the_bad_record_is_left_out() {
+    let d = dir();
+    let mut ledger = Ledger::open(&LedgerConfig {
+        dir: d.clone(),
+        max_bytes: 1 << 20,
+    })
+    .expect("open");
+    let sink = Memory::default();
+    ledger.ship(sink.clone()).expect("ship");
+    let r = ledger.recorder();
+    for i in 0..20 {
+        r.record(&rec(i));
+        if i == 9 {
+            r.record(&UsageRecord {
+                request_id: String::new(),
+                ..rec(99)
+            });
+        }
+    }
+    let stats = &ledger.shared().stats;
+    poll("the good records shipped", || {
+        stats.shipped.load(Ordering::Relaxed) == 20
+    });
+    assert_eq!(sink.counts().len(), 20);
+    assert!(sink.counts().values().all(|&c| c == 1));
+    assert_eq!(stats.torn_skipped.load(Ordering::Relaxed), 1);
+    assert!(
+        sink.refused.load(Ordering::SeqCst) >= 1,
+        "sent unchecked first"
+    );
+    assert_eq!(stats.spooled.load(Ordering::Relaxed), 21);
+    // And the next records go as usual.
+    r.record(&rec(20));
+    poll("one more shipped", || {
+        stats.shipped.load(Ordering::Relaxed) == 21
+    });
     ledger.shutdown();
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
