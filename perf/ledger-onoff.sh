@@ -11,7 +11,11 @@
 # own clock, interrupts landing on the thread included; utime+stime are sampled per 4 ms tick on
 # this kernel, coarse for a thread that runs ~1 ms every 50 ms) per request, and
 # for the ledger-on proxies the writer's and shipper's share; then medians, and the median of the
-# per-round differences on − off (the ledger's cost).
+# per-round differences on − off (the ledger's cost). A ledger-on proxy's spool threads may still
+# be writing and shipping the round's records when the load stops (at peak the shipper, whose
+# authd shares LOAD_CPU with the load, falls behind): until its metrics say every record was
+# spooled and shipped, their run time keeps being added to the round (DRAIN=0: not; what the
+# script did before 2026-12-03).
 #
 # Runs inside perf/ledger-stack.sh (Postgres, Redis, release authd that the shippers ship to):
 #
@@ -45,7 +49,8 @@ taskset -c "$SERVER_CPU" nginx -c "$work/rp.conf" -p "$work" &
 RP_PID=$!
 pids+=("$RP_PID")
 
-declare -A PID PORT
+DRAIN=${DRAIN:-1}
+declare -A PID PORT ADMIN
 start_proxy() { # name binary [env...]
   local name=$1 bin=$2 port; shift 2
   port=$(free_port)
@@ -57,6 +62,23 @@ start_proxy() { # name binary [env...]
   PORT[$name]=$port
   pids+=("$!")
   for _ in $(seq 100); do grep -q IBEX_READY "$work/$name.out" 2>/dev/null && break; sleep 0.1; done
+  ADMIN[$name]=$(sed -nE 's/.*admin=([^ ]+).*/\1/p' "$work/$name.out" | head -1)
+}
+# "spooled shipped" from the admin metrics at $1.
+usage_counts() {
+  curl -fs "http://$1/metrics" | awk '/^ibex_usage_records_spooled_total / { s = $2 }
+    /^ibex_usage_records_shipped_total / { h = $2 } END { print s + 0, h + 0 }'
+}
+# Until every record is shipped and the writer spooled nothing new for 100 ms (two ticks), ≤ 60 s.
+drain() {
+  local prev=-1 s h
+  for _ in $(seq 600); do
+    read -r s h < <(usage_counts "$1")
+    [ "$s" = "$h" ] && [ "$s" = "$prev" ] && return 0
+    prev=$s
+    sleep 0.1
+  done
+  echo "warning: $1 did not drain in 60 s" >&2
 }
 variants=(nginx-rp on off)
 start_proxy on "$PROXY_BIN"
@@ -133,6 +155,11 @@ for round in $(seq "$ROUNDS"); do
       after=$(ticks "$pid"); read -r wa sa < <(spool_ticks "$pid")
       rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
       bad=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+    fi
+    if [ "$DRAIN" = 1 ] && [ -n "${ADMIN[$v]:-}" ] && [ "$v" != off ]; then
+      drain "${ADMIN[$v]}"
+      read -r wd sd < <(spool_ticks "$pid")
+      after=$((after + wd - wa + sd - sa)); wa=$wd; sa=$sd
     fi
     awk -v v="$v" -v r="$round" -v rps="$rps" -v d="$DUR" -v b="$before" -v a="$after" \
         -v wb="$wb" -v wa="$wa" -v sb="$sb" -v sa="$sa" -v bad="${bad:-0}" 'BEGIN {
