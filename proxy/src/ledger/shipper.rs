@@ -36,7 +36,11 @@ use super::Shared;
 
 pub const MAX_BATCH: usize = 5_000;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
-const IDLE: Duration = Duration::from_millis(50);
+/// Longest wait for the writer's word (`Shared::durable`) when caught up: a safety net only,
+/// as the writer notifies after every fsync, rotation and stop. Each wake-up of an idle thread
+/// costs ≈ 0.1 ms of CPU on these VMs (perf/RESULTS.md §15.2): at 50 ms (until 2026-12-03) an
+/// idle shipper burnt ≈ 4 ms a second.
+const IDLE: Duration = Duration::from_secs(1);
 /// A batch smaller than [`FULL_BATCH_BYTES`] of the active segment waits until this long after
 /// the last call: fewer, larger calls (each costs the proxy a few hundred µs of gRPC and
 /// wake-ups, whatever its size), for records reaching Postgres ≤ this much later.

@@ -85,6 +85,19 @@ fn poll(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A ledger on a fresh 1 MiB spool, shipping to a [`Memory`] sink.
+fn shipping_to_memory() -> (std::path::PathBuf, Ledger, Memory) {
+    let d = dir();
+    let mut ledger = Ledger::open(&LedgerConfig {
+        dir: d.clone(),
+        max_bytes: 1 << 20,
+    })
+    .expect("open");
+    let sink = Memory::default();
+    ledger.ship(sink.clone()).expect("ship");
+    (d, ledger, sink)
+}
+
 fn seg_files(d: &std::path::Path) -> usize {
     segment::list(d).expect("list").len()
 }
@@ -122,14 +135,7 @@ fn every_record_is_shipped_once_and_shipped_segments_are_deleted() {
 /// bad record is left out and counted, every other arrives once, shipping goes on.
 #[test]
 fn a_batch_authd_refuses_is_sent_again_checked_and_only_the_bad_record_is_left_out() {
-    let d = dir();
-    let mut ledger = Ledger::open(&LedgerConfig {
-        dir: d.clone(),
-        max_bytes: 1 << 20,
-    })
-    .expect("open");
-    let sink = Memory::default();
-    ledger.ship(sink.clone()).expect("ship");
+    let (d, ledger, sink) = shipping_to_memory();
     let r = ledger.recorder();
     for i in 0..20 {
         r.record(&rec(i));
@@ -248,14 +254,7 @@ fn a_metered_request_is_recorded_once_with_its_price_across_model_changes_and_re
     use super::meter::MeterFactory;
     use super::prices::{PriceBook, Prices};
 
-    let d = dir();
-    let mut ledger = Ledger::open(&LedgerConfig {
-        dir: d.clone(),
-        max_bytes: 1 << 20,
-    })
-    .expect("open");
-    let sink = Memory::default();
-    ledger.ship(sink.clone()).expect("ship");
+    let (d, ledger, sink) = shipping_to_memory();
     let price = |a: f64, b: f64| {
         Prices::parse(&format!(
             r#"{{"m1": {{"input_per_mtok": {a}, "output_per_mtok": {b}}}}}"#
