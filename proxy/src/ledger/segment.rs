@@ -333,7 +333,12 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, u64)>> {
         else {
             continue;
         };
-        out.push((id, entry.metadata()?.len()));
+        // A segment the shipper deleted since the directory was read is simply gone.
+        match entry.metadata() {
+            Ok(m) => out.push((id, m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
     out.sort_unstable();
     Ok(out)
