@@ -491,8 +491,8 @@ pub fn fill(scan: segment::Scan<'_, '_>, from: u64, entries: &mut BytesMut, chec
                     break;
                 }
                 filled.end = e as u64;
-                let first = Entries::new(b.entries).next().and_then(RecordRef::decode);
-                if let (false, Some(first)) = (check, first) {
+                let first = || Entries::new(b.entries).next().and_then(RecordRef::decode);
+                if let Some(first) = (!check).then(first).flatten() {
                     filled.oldest.get_or_insert(first.started_at_ms);
                     entries.extend_from_slice(b.entries);
                     filled.records += b.count;
